@@ -1,0 +1,635 @@
+//! The vCPU: state, memory access paths, the block cache and the run loop.
+
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction};
+
+use crate::bus::Bus;
+use crate::exception::{Fault, XResult};
+use crate::exec::{self, Handler};
+use crate::mem::GuestRam;
+use crate::mmu::{Access, AccessKind, Tlb, TLB_SIZE};
+use crate::state::{flags, CpuState, CS, SS};
+
+/// Why [`Cpu::run`] returned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// HLT with interrupts that cannot currently wake it; the VMM should wait
+    /// for an interrupt (or the next timer deadline) and call `run` again.
+    Halted,
+    /// The instruction budget ran out.
+    Budget,
+    /// Another thread asked this vCPU to stop (`kick`).
+    Kicked,
+    /// Triple fault or unrecoverable state: the VM must be stopped or reset.
+    Shutdown(String),
+}
+
+/// Static configuration of a vCPU.
+#[derive(Clone, Debug)]
+pub struct CpuConfig {
+    pub apic_id: u32,
+    pub cpu_count: u32,
+    /// Advertised (constant, invariant) TSC frequency.
+    pub tsc_hz: u64,
+}
+
+impl Default for CpuConfig {
+    fn default() -> Self {
+        CpuConfig {
+            apic_id: 0,
+            cpu_count: 1,
+            tsc_hz: 2_000_000_000,
+        }
+    }
+}
+
+/// Counters for tuning and the `--stats` output.
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    pub instructions: u64,
+    pub blocks_decoded: u64,
+    pub block_invalidations: u64,
+    pub exceptions: u64,
+    pub interrupts: u64,
+    pub unimplemented: u64,
+}
+
+/// A decoded instruction and the handler chosen for it at decode time.
+pub struct DInsn {
+    pub insn: Instruction,
+    pub handler: Handler,
+}
+
+/// A run of decoded instructions that ends at a control transfer, a
+/// system instruction, or the end of a guest page.
+pub struct Block {
+    pub lin_pc: u64,
+    pub phys_pc: u64,
+    pub bitness: u32,
+    /// (page number, generation) of each guest page the block's bytes came from.
+    pub pages: [(u64, u32); 2],
+    pub insns: Box<[DInsn]>,
+}
+
+const FAST_CACHE: usize = 4096;
+const MAX_BLOCK_INSNS: usize = 64;
+
+pub struct Cpu {
+    pub s: CpuState,
+    pub ram: Arc<GuestRam>,
+    pub bus: Box<dyn Bus>,
+    pub config: CpuConfig,
+    pub stats: Stats,
+    /// Set from any thread to make `run` return `Exit::Kicked` soon.
+    pub kick: Arc<AtomicBool>,
+    pub(crate) tlb: Box<Tlb>,
+    blocks: HashMap<(u64, u64, u32), Rc<Block>>,
+    fast: Vec<Option<Rc<Block>>>,
+    /// RIP of the instruction after the current one; branches overwrite it.
+    pub(crate) next_rip: u64,
+    /// A handler changed state that the rest of the block was decoded under.
+    pub(crate) end_block: bool,
+    /// An exception is being delivered (for #DF / triple-fault detection).
+    pub(crate) delivering: Option<u8>,
+    pub(crate) shutdown: Option<String>,
+    /// Unimplemented mnemonics seen (reported once each).
+    pub(crate) unimpl_seen: std::collections::HashSet<String>,
+}
+
+impl Cpu {
+    pub fn new(ram: Arc<GuestRam>, bus: Box<dyn Bus>, config: CpuConfig) -> Self {
+        Cpu {
+            s: CpuState::reset(),
+            ram,
+            bus,
+            config,
+            stats: Stats::default(),
+            kick: Arc::new(AtomicBool::new(false)),
+            tlb: Box::default(),
+            blocks: HashMap::new(),
+            fast: vec![None; FAST_CACHE],
+            next_rip: 0,
+            end_block: false,
+            delivering: None,
+            shutdown: None,
+            unimpl_seen: Default::default(),
+        }
+    }
+
+    /// Replace the architectural state (boot setup, snapshot restore).
+    pub fn set_state(&mut self, s: CpuState) {
+        self.s = s;
+        self.flush_tlb_all();
+    }
+
+    #[inline]
+    pub fn user_mode(&self) -> bool {
+        self.s.cpl() == 3
+    }
+
+    pub fn flush_tlb_all(&mut self) {
+        self.tlb.flush_all();
+    }
+
+    pub fn flush_tlb_nonglobal(&mut self) {
+        self.tlb.flush_nonglobal();
+    }
+
+    pub fn flush_tlb_page(&mut self, lin: u64) {
+        self.tlb.flush_page(lin);
+    }
+
+    /// Drop all decoded code (e.g. after restoring memory).
+    pub fn flush_code(&mut self) {
+        self.blocks.clear();
+        self.fast.iter_mut().for_each(|e| *e = None);
+    }
+
+    // ---------------------------------------------------------------
+    // Linear memory access.
+    // ---------------------------------------------------------------
+
+    #[inline(always)]
+    fn tlb_host(&self, lin: u64, len: usize, kind: AccessKind) -> Option<*mut u8> {
+        let vpn = lin >> 12;
+        if (lin & 0xfff) as usize + len > 4096 {
+            return None;
+        }
+        let e = &self.tlb.e[self.user_mode() as usize][(vpn as usize) & (TLB_SIZE - 1)];
+        let tag = match kind {
+            AccessKind::Read => e.read_tag,
+            AccessKind::Write => e.write_tag,
+            AccessKind::Exec => e.exec_tag,
+        };
+        if tag == vpn {
+            if kind == AccessKind::Write && self.ram.is_code_page(e.ppn) {
+                return None;
+            }
+            Some(e.addend.wrapping_add(lin) as *mut u8)
+        } else {
+            None
+        }
+    }
+
+    /// Read `buf.len()` bytes at a linear address (any alignment, may cross pages).
+    pub fn read_bytes(&mut self, lin: u64, buf: &mut [u8]) -> XResult<()> {
+        self.read_bytes_as(lin, buf, self.access(AccessKind::Read))
+    }
+
+    pub fn read_bytes_as(&mut self, lin: u64, buf: &mut [u8], acc: Access) -> XResult<()> {
+        let lin = self.mask_lin(lin);
+        let first = (4096 - (lin & 0xfff) as usize).min(buf.len());
+        // Translate every page before touching anything.
+        let p0 = self.translate_fill(lin, acc)?;
+        let p1 = if first < buf.len() {
+            Some(self.translate_fill(self.mask_lin(lin.wrapping_add(first as u64)), acc)?)
+        } else {
+            None
+        };
+        self.phys_read(p0, &mut buf[..first]);
+        if let Some(p1) = p1 {
+            self.phys_read(p1, &mut buf[first..]);
+        }
+        Ok(())
+    }
+
+    pub fn write_bytes(&mut self, lin: u64, buf: &[u8]) -> XResult<()> {
+        self.write_bytes_as(lin, buf, self.access(AccessKind::Write))
+    }
+
+    pub fn write_bytes_as(&mut self, lin: u64, buf: &[u8], acc: Access) -> XResult<()> {
+        let lin = self.mask_lin(lin);
+        let first = (4096 - (lin & 0xfff) as usize).min(buf.len());
+        let p0 = self.translate_fill(lin, acc)?;
+        let p1 = if first < buf.len() {
+            Some(self.translate_fill(self.mask_lin(lin.wrapping_add(first as u64)), acc)?)
+        } else {
+            None
+        };
+        self.phys_write(p0, &buf[..first]);
+        if let Some(p1) = p1 {
+            self.phys_write(p1, &buf[first..]);
+        }
+        Ok(())
+    }
+
+    /// Physical read: RAM or MMIO.
+    pub fn phys_read(&mut self, gpa: u64, buf: &mut [u8]) {
+        if !self.ram.read(gpa, buf) {
+            self.bus.mmio_read(gpa, buf);
+        }
+    }
+
+    /// Physical write: RAM (invalidating decoded code) or MMIO.
+    pub fn phys_write(&mut self, gpa: u64, buf: &[u8]) {
+        if self.ram.is_code_page(gpa >> 12) || self.ram.is_code_page((gpa + buf.len() as u64 - 1) >> 12) {
+            // Self-modifying code: the current block may be stale now.
+            self.end_block = true;
+            self.stats.block_invalidations += 1;
+        }
+        if !self.ram.write(gpa, buf) {
+            self.bus.mmio_write(gpa, buf);
+        }
+    }
+
+    /// Outside long mode linear addresses are 32 bits.
+    #[inline(always)]
+    pub fn mask_lin(&self, lin: u64) -> u64 {
+        if self.s.long_mode() {
+            lin
+        } else {
+            lin & 0xffff_ffff
+        }
+    }
+}
+
+macro_rules! mem_access {
+    ($read:ident, $write:ident, $t:ty) => {
+        impl Cpu {
+            #[inline(always)]
+            pub fn $read(&mut self, lin: u64) -> XResult<$t> {
+                const N: usize = std::mem::size_of::<$t>();
+                if let Some(p) = self.tlb_host(lin, N, AccessKind::Read) {
+                    // SAFETY: the TLB entry maps this page to live guest RAM
+                    // and the access does not cross the page.
+                    return Ok(unsafe { (p as *const $t).read_unaligned() });
+                }
+                let mut b = [0u8; N];
+                self.read_bytes(lin, &mut b)?;
+                Ok(<$t>::from_le_bytes(b))
+            }
+            #[inline(always)]
+            pub fn $write(&mut self, lin: u64, v: $t) -> XResult<()> {
+                const N: usize = std::mem::size_of::<$t>();
+                if let Some(p) = self.tlb_host(lin, N, AccessKind::Write) {
+                    // SAFETY: as above; the write tag is only set for RAM
+                    // pages that are writable and already dirty.
+                    unsafe { (p as *mut $t).write_unaligned(v) };
+                    return Ok(());
+                }
+                self.write_bytes(lin, &v.to_le_bytes())
+            }
+        }
+    };
+}
+mem_access!(read_u8, write_u8, u8);
+mem_access!(read_u16, write_u16, u16);
+mem_access!(read_u32, write_u32, u32);
+mem_access!(read_u64, write_u64, u64);
+mem_access!(read_u128, write_u128, u128);
+
+impl Cpu {
+    /// Read `size` (1, 2, 4, 8) bytes zero-extended.
+    #[inline(always)]
+    pub fn read_sized(&mut self, lin: u64, size: usize) -> XResult<u64> {
+        Ok(match size {
+            1 => self.read_u8(lin)? as u64,
+            2 => self.read_u16(lin)? as u64,
+            4 => self.read_u32(lin)? as u64,
+            _ => self.read_u64(lin)?,
+        })
+    }
+
+    #[inline(always)]
+    pub fn write_sized(&mut self, lin: u64, size: usize, v: u64) -> XResult<()> {
+        match size {
+            1 => self.write_u8(lin, v as u8),
+            2 => self.write_u16(lin, v as u16),
+            4 => self.write_u32(lin, v as u32),
+            _ => self.write_u64(lin, v),
+        }
+    }
+
+    /// Host pointer for an atomic read-modify-write of `size` bytes at `lin`,
+    /// when the location is aligned RAM within one page.
+    pub fn atomic_host_ptr(&mut self, lin: u64, size: usize) -> XResult<Option<*mut u8>> {
+        let lin = self.mask_lin(lin);
+        if (lin & 0xfff) as usize + size > 4096 {
+            return Ok(None);
+        }
+        let acc = self.access(AccessKind::Write);
+        let phys = self.translate_fill(lin, acc)?;
+        if self.ram.is_code_page(phys >> 12) {
+            self.ram.note_write(phys, size as u64);
+            self.end_block = true;
+        }
+        if lin as usize % size != 0 {
+            return Ok(None);
+        }
+        Ok(self.ram.host_ptr(phys, size as u64))
+    }
+
+    // ---------------------------------------------------------------
+    // Stack.
+    // ---------------------------------------------------------------
+
+    /// Stack address size in bytes (8 in 64-bit mode, else SS.B).
+    #[inline]
+    pub fn stack_addr_size(&self) -> usize {
+        if self.s.mode64() {
+            8
+        } else if self.s.protected() && self.s.seg[SS].default_big() && !self.s.v86() {
+            4
+        } else {
+            2
+        }
+    }
+
+    #[inline]
+    fn sp_mask(&self) -> u64 {
+        match self.stack_addr_size() {
+            8 => u64::MAX,
+            4 => 0xffff_ffff,
+            _ => 0xffff,
+        }
+    }
+
+    /// Push `size` bytes.
+    pub fn push(&mut self, size: usize, v: u64) -> XResult<()> {
+        let mask = self.sp_mask();
+        let sp = self.s.gpr[4];
+        let new_sp = (sp.wrapping_sub(size as u64)) & mask;
+        let lin = self.seg_base(SS).wrapping_add(new_sp);
+        self.write_sized(lin, size, v)?;
+        self.s.gpr[4] = (sp & !mask) | new_sp;
+        Ok(())
+    }
+
+    /// Pop `size` bytes.
+    pub fn pop(&mut self, size: usize) -> XResult<u64> {
+        let v = self.peek(size, 0)?;
+        let mask = self.sp_mask();
+        let sp = self.s.gpr[4];
+        self.s.gpr[4] = (sp & !mask) | (sp.wrapping_add(size as u64) & mask);
+        Ok(v)
+    }
+
+    /// Read the stack at RSP + offset without popping.
+    pub fn peek(&mut self, size: usize, offset: u64) -> XResult<u64> {
+        let mask = self.sp_mask();
+        let sp = self.s.gpr[4].wrapping_add(offset) & mask;
+        let lin = self.seg_base(SS).wrapping_add(sp);
+        self.read_sized(lin, size)
+    }
+
+    /// Segment base used for address generation (FS/GS only in 64-bit mode).
+    #[inline(always)]
+    pub fn seg_base(&self, seg: usize) -> u64 {
+        if self.s.mode64() && seg < 4 {
+            0
+        } else {
+            self.s.seg[seg].base
+        }
+    }
+
+    // ---------------------------------------------------------------
+    // Decoding and the block cache.
+    // ---------------------------------------------------------------
+
+    fn fetch_block(&mut self) -> XResult<Rc<Block>> {
+        let bitness = self.s.bitness();
+        let lin_pc = self.mask_lin(self.seg_base(CS).wrapping_add(self.s.rip));
+        let acc = self.access(AccessKind::Exec);
+        let vpn = lin_pc >> 12;
+        let e = &self.tlb.e[acc.user as usize][(vpn as usize) & (TLB_SIZE - 1)];
+        let phys_pc = if e.exec_tag == vpn {
+            (e.ppn << 12) | (lin_pc & 0xfff)
+        } else {
+            self.translate_fill(lin_pc, acc)?
+        };
+        let slot = ((lin_pc ^ (lin_pc >> 12)) as usize) & (FAST_CACHE - 1);
+        if let Some(b) = &self.fast[slot] {
+            if b.lin_pc == lin_pc && b.phys_pc == phys_pc && b.bitness == bitness && self.block_valid(b) {
+                return Ok(b.clone());
+            }
+        }
+        let key = (phys_pc, lin_pc, bitness);
+        if let Some(b) = self.blocks.get(&key) {
+            if self.block_valid(b) {
+                let b = b.clone();
+                self.fast[slot] = Some(b.clone());
+                return Ok(b);
+            }
+            self.blocks.remove(&key);
+        }
+        let b = Rc::new(self.decode_block(lin_pc, phys_pc, bitness)?);
+        if b.pages[0].1 != u32::MAX {
+            if self.blocks.len() > 200_000 {
+                self.blocks.clear();
+            }
+            self.blocks.insert(key, b.clone());
+            self.fast[slot] = Some(b.clone());
+        }
+        Ok(b)
+    }
+
+    #[inline]
+    fn block_valid(&self, b: &Block) -> bool {
+        b.pages.iter().all(|&(ppn, gen)| ppn == u64::MAX || self.ram.page_gen(ppn) == gen)
+    }
+
+    fn decode_block(&mut self, lin_pc: u64, phys_pc: u64, bitness: u32) -> XResult<Block> {
+        self.stats.blocks_decoded += 1;
+        let ppn = phys_pc >> 12;
+        // Mark before reading so a concurrent write is never missed.
+        let gen0 = self.ram.mark_code(ppn);
+        let page_left = 4096 - (phys_pc & 0xfff) as usize;
+        let mut bytes = vec![0u8; page_left + 15];
+        self.phys_read(phys_pc, &mut bytes[..page_left]);
+        let mut pages = [(ppn, gen0), (u64::MAX, 0)];
+        let ip_mask = match bitness {
+            16 => 0xffff,
+            32 => 0xffff_ffff,
+            _ => u64::MAX,
+        };
+        let ip0 = self.s.rip;
+        let mut insns = Vec::new();
+        let mut offset = 0usize;
+        loop {
+            let at_page_tail = offset + 15 > page_left;
+            if at_page_tail && pages[1].0 == u64::MAX && offset < page_left {
+                // An instruction may straddle into the next page: fetch it
+                // only if this instruction really needs it.
+                let mut probe = Decoder::with_ip(
+                    bitness,
+                    &bytes[offset..page_left],
+                    ip0.wrapping_add(offset as u64) & ip_mask,
+                    DecoderOptions::NO_INVALID_CHECK,
+                );
+                let i = probe.decode();
+                if i.is_invalid() && probe.last_error() == iced_x86::DecoderError::NoMoreBytes {
+                    if !insns.is_empty() {
+                        break; // end the block here; the next block handles it
+                    }
+                    let next_lin = self.mask_lin((lin_pc & !0xfff).wrapping_add(4096));
+                    let acc = self.access(AccessKind::Exec);
+                    let p2 = self.translate_fill(next_lin, acc)?;
+                    let g2 = self.ram.mark_code(p2 >> 12);
+                    pages[1] = (p2 >> 12, g2);
+                    self.phys_read(p2, &mut bytes[page_left..page_left + 15]);
+                    let mut d = Decoder::with_ip(
+                        bitness,
+                        &bytes[offset..page_left + 15],
+                        ip0.wrapping_add(offset as u64) & ip_mask,
+                        DecoderOptions::NONE,
+                    );
+                    let mut insn = d.decode();
+                    insn.set_next_ip(insn.next_ip() & ip_mask);
+                    insns.push(DInsn {
+                        handler: exec::handler_for(&insn),
+                        insn,
+                    });
+                    break;
+                }
+            }
+            if offset >= page_left {
+                break;
+            }
+            let end = page_left.min(offset + 15);
+            let mut d = Decoder::with_ip(
+                bitness,
+                &bytes[offset..end],
+                ip0.wrapping_add(offset as u64) & ip_mask,
+                DecoderOptions::NONE,
+            );
+            let mut insn = d.decode();
+            if insn.is_invalid() && d.last_error() == iced_x86::DecoderError::NoMoreBytes {
+                break;
+            }
+            insn.set_next_ip(insn.next_ip() & ip_mask);
+            offset += insn.len().max(1);
+            let stop = insn.is_invalid()
+                || insn.flow_control() != FlowControl::Next
+                || exec::ends_block(&insn)
+                || insns.len() + 1 >= MAX_BLOCK_INSNS;
+            insns.push(DInsn {
+                handler: exec::handler_for(&insn),
+                insn,
+            });
+            if stop {
+                break;
+            }
+        }
+        if insns.is_empty() {
+            // Cannot happen for a valid page, but never spin on an empty block.
+            return Err(Fault::ud());
+        }
+        Ok(Block {
+            lin_pc,
+            phys_pc,
+            bitness,
+            pages,
+            insns: insns.into_boxed_slice(),
+        })
+    }
+
+    // ---------------------------------------------------------------
+    // The run loop.
+    // ---------------------------------------------------------------
+
+    /// Execute up to roughly `budget` instructions.
+    pub fn run(&mut self, budget: u64) -> Exit {
+        let stop_at = self.stats.instructions.saturating_add(budget);
+        loop {
+            if let Some(why) = self.shutdown.take() {
+                return Exit::Shutdown(why);
+            }
+            if self.kick.load(Ordering::Relaxed) {
+                self.kick.store(false, Ordering::Relaxed);
+                return Exit::Kicked;
+            }
+            if self.stats.instructions >= stop_at {
+                return Exit::Budget;
+            }
+            // STI / MOV SS shadow: no interrupt before the next instruction,
+            // which then runs alone.
+            let shadow = self.s.irq_shadow;
+            self.s.irq_shadow = false;
+            if !shadow {
+                self.check_interrupts();
+                if let Some(why) = self.shutdown.take() {
+                    return Exit::Shutdown(why);
+                }
+            }
+            if self.s.halted {
+                return Exit::Halted;
+            }
+            let block = match self.fetch_block() {
+                Ok(b) => b,
+                Err(f) => {
+                    self.raise(f);
+                    continue;
+                }
+            };
+            for di in block.insns.iter() {
+                self.next_rip = di.insn.next_ip();
+                match (di.handler)(self, &di.insn) {
+                    Ok(()) => {
+                        self.s.rip = self.next_rip;
+                        self.stats.instructions += 1;
+                    }
+                    Err(f) => {
+                        self.raise(f);
+                        break;
+                    }
+                }
+                if self.end_block || shadow {
+                    self.end_block = false;
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Execute exactly one instruction (used by the self-test and debugging).
+    /// Exceptions are delivered as usual; returns the fault, if one occurred.
+    pub fn step(&mut self) -> Option<Fault> {
+        let block = match self.fetch_block() {
+            Ok(b) => b,
+            Err(f) => return Some(f),
+        };
+        let di = &block.insns[0];
+        self.next_rip = di.insn.next_ip();
+        let r = (di.handler)(self, &di.insn);
+        self.end_block = false;
+        match r {
+            Ok(()) => {
+                self.s.rip = self.next_rip;
+                self.stats.instructions += 1;
+                None
+            }
+            Err(f) => Some(f),
+        }
+    }
+
+    /// Deliver pending external interrupts / NMIs if the CPU can take them.
+    fn check_interrupts(&mut self) {
+        if self.s.rflags & flags::IF != 0 || self.s.halted {
+            // Only poll the bus when something could be delivered or HLT could end.
+        } else if !self.s.nmi_blocked {
+            if self.bus.nmi_take() {
+                self.s.halted = false;
+                self.deliver_interrupt(crate::exception::NMI, None, true);
+            }
+            return;
+        } else {
+            return;
+        }
+        if !self.s.nmi_blocked && self.bus.nmi_take() {
+            self.s.halted = false;
+            self.deliver_interrupt(crate::exception::NMI, None, true);
+            return;
+        }
+        if self.s.rflags & flags::IF != 0 && self.bus.irq_pending() {
+            if let Some(v) = self.bus.irq_ack() {
+                self.s.halted = false;
+                self.stats.interrupts += 1;
+                self.deliver_interrupt(v, None, true);
+            }
+        }
+    }
+}

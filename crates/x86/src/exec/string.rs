@@ -1,0 +1,229 @@
+//! String instructions (MOVS, CMPS, STOS, LODS, SCAS, INS, OUTS) with
+//! REP/REPE/REPNE. Long repeats run in chunks and restart the instruction
+//! so interrupts stay responsive, as on hardware.
+
+use iced_x86::{Instruction, Mnemonic, OpKind};
+
+use super::{mask, Handler};
+use crate::cpu::Cpu;
+use crate::exception::XResult;
+use crate::hostalu as h;
+use crate::state::flags::*;
+use crate::state::{DS, ES};
+
+/// Iterations per run of a repeated string instruction before yielding.
+const CHUNK: u64 = 16384;
+
+pub fn lookup(i: &Instruction) -> Option<Handler> {
+    use Mnemonic::*;
+    Some(match i.mnemonic() {
+        Movsb | Movsw | Movsq => movs,
+        Movsd if i.op_count() == 2 && is_string_op(i.op0_kind()) => movs,
+        Cmpsb | Cmpsw | Cmpsq => cmps,
+        Cmpsd if i.op_count() == 2 && is_string_op(i.op0_kind()) => cmps,
+        Stosb | Stosw | Stosd | Stosq => stos,
+        Lodsb | Lodsw | Lodsd | Lodsq => lods,
+        Scasb | Scasw | Scasd | Scasq => scas,
+        Insb | Insw | Insd => ins,
+        Outsb | Outsw | Outsd => outs,
+        _ => return None,
+    })
+}
+
+fn is_string_op(k: OpKind) -> bool {
+    matches!(
+        k,
+        OpKind::MemorySegSI
+            | OpKind::MemorySegESI
+            | OpKind::MemorySegRSI
+            | OpKind::MemoryESDI
+            | OpKind::MemoryESEDI
+            | OpKind::MemoryESRDI
+    )
+}
+
+fn elem_size(i: &Instruction) -> usize {
+    use Mnemonic::*;
+    match i.mnemonic() {
+        Movsb | Cmpsb | Stosb | Lodsb | Scasb | Insb | Outsb => 1,
+        Movsw | Cmpsw | Stosw | Lodsw | Scasw | Insw | Outsw => 2,
+        Movsd | Cmpsd | Stosd | Lodsd | Scasd | Insd | Outsd => 4,
+        _ => 8,
+    }
+}
+
+/// Address size from the implicit string operand kinds.
+fn asize(i: &Instruction) -> usize {
+    for n in 0..i.op_count() {
+        match i.op_kind(n) {
+            OpKind::MemorySegSI | OpKind::MemoryESDI => return 2,
+            OpKind::MemorySegESI | OpKind::MemoryESEDI => return 4,
+            OpKind::MemorySegRSI | OpKind::MemoryESRDI => return 8,
+            _ => {}
+        }
+    }
+    8
+}
+
+struct Ctx {
+    size: usize,
+    asz: usize,
+    step: u64,
+    rep: bool,
+}
+
+fn ctx(cpu: &Cpu, i: &Instruction) -> Ctx {
+    let size = elem_size(i);
+    let step = if cpu.flag(DF) { (size as u64).wrapping_neg() } else { size as u64 };
+    Ctx {
+        size,
+        asz: asize(i),
+        step,
+        rep: i.has_rep_prefix() || i.has_repne_prefix(),
+    }
+}
+
+impl Cpu {
+    #[inline(always)]
+    fn str_src(&self, i: &Instruction, c: &Ctx) -> u64 {
+        let seg = if i.memory_segment() == iced_x86::Register::None {
+            DS
+        } else {
+            super::seg_index(i.memory_segment())
+        };
+        self.mask_lin(self.seg_base(seg).wrapping_add(self.reg_sized(6, c.asz)))
+    }
+    #[inline(always)]
+    fn str_dst(&self, c: &Ctx) -> u64 {
+        self.mask_lin(self.seg_base(ES).wrapping_add(self.reg_sized(7, c.asz)))
+    }
+    #[inline(always)]
+    fn adv(&mut self, reg: usize, c: &Ctx) {
+        let v = self.reg_sized(reg, c.asz).wrapping_add(c.step) & mask(c.asz);
+        self.set_reg_sized(reg, c.asz, v);
+    }
+    /// Returns false when a REP count is exhausted (instruction done).
+    #[inline(always)]
+    fn rep_begin(&self, c: &Ctx) -> bool {
+        !c.rep || self.reg_sized(1, c.asz) != 0
+    }
+    #[inline(always)]
+    fn rep_dec(&mut self, c: &Ctx) -> u64 {
+        let n = self.reg_sized(1, c.asz).wrapping_sub(1) & mask(c.asz);
+        self.set_reg_sized(1, c.asz, n);
+        n
+    }
+    /// Yield after a chunk: re-execute this instruction next time.
+    fn rep_yield(&mut self) {
+        self.next_rip = self.s.rip;
+        self.end_block = true;
+    }
+}
+
+/// Run `body` once, or repeatedly under REP. `body` returns false to stop
+/// early (REPE/REPNE condition).
+fn repeat(cpu: &mut Cpu, c: &Ctx, mut body: impl FnMut(&mut Cpu) -> XResult<bool>) -> XResult<()> {
+    if !c.rep {
+        body(cpu)?;
+        return Ok(());
+    }
+    let mut n = 0u64;
+    while cpu.rep_begin(c) {
+        let go_on = body(cpu)?;
+        let left = cpu.rep_dec(c);
+        if !go_on || left == 0 {
+            return Ok(());
+        }
+        n += 1;
+        if n >= CHUNK {
+            cpu.rep_yield();
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+fn movs(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
+    let c = ctx(cpu, i);
+    repeat(cpu, &c, |cpu| {
+        let v = cpu.read_sized(cpu.str_src(i, &c), c.size)?;
+        cpu.write_sized(cpu.str_dst(&c), c.size, v)?;
+        cpu.adv(6, &c);
+        cpu.adv(7, &c);
+        Ok(true)
+    })
+}
+
+fn stos(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
+    let c = ctx(cpu, i);
+    let v = cpu.reg_sized(0, c.size);
+    repeat(cpu, &c, |cpu| {
+        cpu.write_sized(cpu.str_dst(&c), c.size, v)?;
+        cpu.adv(7, &c);
+        Ok(true)
+    })
+}
+
+fn lods(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
+    let c = ctx(cpu, i);
+    repeat(cpu, &c, |cpu| {
+        let v = cpu.read_sized(cpu.str_src(i, &c), c.size)?;
+        cpu.set_reg_sized(0, c.size, v);
+        cpu.adv(6, &c);
+        Ok(true)
+    })
+}
+
+fn cmps(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
+    let c = ctx(cpu, i);
+    let repe = i.has_repe_prefix();
+    repeat(cpu, &c, |cpu| {
+        let a = cpu.read_sized(cpu.str_src(i, &c), c.size)?;
+        let b = cpu.read_sized(cpu.str_dst(&c), c.size)?;
+        let (_, fl) = h::sub(c.size, a, b);
+        cpu.set_flags(STATUS, fl);
+        cpu.adv(6, &c);
+        cpu.adv(7, &c);
+        Ok((fl & ZF != 0) == repe)
+    })
+}
+
+fn scas(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
+    let c = ctx(cpu, i);
+    let repe = i.has_repe_prefix();
+    let a = cpu.reg_sized(0, c.size);
+    repeat(cpu, &c, |cpu| {
+        let b = cpu.read_sized(cpu.str_dst(&c), c.size)?;
+        let (_, fl) = h::sub(c.size, a, b);
+        cpu.set_flags(STATUS, fl);
+        cpu.adv(7, &c);
+        Ok((fl & ZF != 0) == repe)
+    })
+}
+
+fn ins(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
+    let c = ctx(cpu, i);
+    let port = cpu.reg_sized(2, 2) as u16;
+    cpu.check_io(port, c.size)?;
+    repeat(cpu, &c, |cpu| {
+        let dst = cpu.str_dst(&c);
+        // Probe the destination before the (side-effecting) port read.
+        cpu.translate_fill(dst, cpu.access(crate::mmu::AccessKind::Write))?;
+        let v = cpu.bus.io_read(port, c.size as u8) as u64;
+        cpu.write_sized(dst, c.size, v)?;
+        cpu.adv(7, &c);
+        Ok(true)
+    })
+}
+
+fn outs(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
+    let c = ctx(cpu, i);
+    let port = cpu.reg_sized(2, 2) as u16;
+    cpu.check_io(port, c.size)?;
+    repeat(cpu, &c, |cpu| {
+        let v = cpu.read_sized(cpu.str_src(i, &c), c.size)?;
+        cpu.bus.io_write(port, c.size as u8, v as u32);
+        cpu.adv(6, &c);
+        Ok(true)
+    })
+}
