@@ -1,1 +1,202 @@
-fn main() {}
+//! `matryoshka` — the command-line front end. Thin: parses flags and hands
+//! off to the VMM crate (or the CPU self-test / micro-benchmark).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "matryoshka",
+    version,
+    about = "A virtual machine monitor with a software x86-64 CPU"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Boot a Linux guest (with no arguments: the default guest from guest/build.sh).
+    Run(RunArgs),
+    /// Built-in self-tests.
+    Selftest {
+        #[command(subcommand)]
+        what: SelftestCmd,
+    },
+    /// Micro-benchmarks of the CPU engine.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCmd,
+    },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Kernel image (bzImage).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Guest memory size, e.g. 512M or 2G.
+    #[arg(long, default_value = "512M")]
+    memory: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    cpus: u8,
+    /// Exit when the guest reboots instead of restarting it.
+    #[arg(long)]
+    no_reboot: bool,
+    /// Print CPU statistics when the VM stops.
+    #[arg(long)]
+    stats: bool,
+    /// Load the compressed bzImage and run the kernel's own decompressor.
+    #[arg(long)]
+    guest_decompress: bool,
+}
+
+#[derive(Subcommand)]
+enum SelftestCmd {
+    /// Differential test of the CPU against the host processor.
+    Cpu {
+        #[arg(long, default_value_t = 100_000)]
+        cases: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Instruction classes, comma separated (e.g. int,sse).
+        #[arg(long)]
+        class: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Emulated instructions per second on a tight and a mixed loop.
+    Cpu {
+        #[arg(long, default_value_t = 200_000_000)]
+        insns: u64,
+    },
+}
+
+fn guest_dir() -> PathBuf {
+    std::env::var_os("MATRYOSHKA_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("guest"))
+}
+
+/// Build the default guest if it is missing (the script caches its output).
+fn ensure_default_guest() -> anyhow::Result<PathBuf> {
+    let dir = guest_dir();
+    let out = dir.join("out");
+    if !(out.join("vmlinuz").exists() && out.join("initramfs.cpio.gz").exists()) {
+        let script = dir.join("build.sh");
+        eprintln!(
+            "[matryoshka] building the default guest with {}",
+            script.display()
+        );
+        let st = std::process::Command::new("bash")
+            .arg(&script)
+            .status()
+            .with_context(|| format!("running {}", script.display()))?;
+        if !st.success() {
+            bail!("{} failed ({st})", script.display());
+        }
+    }
+    Ok(out)
+}
+
+fn run(args: RunArgs) -> anyhow::Result<i32> {
+    let mem_size = vmm::parse_mem_size(&args.memory).map_err(anyhow::Error::msg)?;
+    if args.cpus == 0 || args.cpus > vmm::MAX_CPUS {
+        bail!(
+            "--cpus {}: this build supports 1 to {} vCPU(s)",
+            args.cpus,
+            vmm::MAX_CPUS
+        );
+    }
+    let (kernel, initrd, cmdline) = match args.kernel {
+        Some(k) => (
+            k,
+            args.initrd,
+            args.cmdline.unwrap_or_else(|| "console=ttyS0".into()),
+        ),
+        None => {
+            let out = ensure_default_guest()?;
+            let cmdline = match args.cmdline {
+                Some(c) => c,
+                None => std::fs::read_to_string(out.join("cmdline"))
+                    .map(|s| s.trim().to_string())
+                    .unwrap_or_else(|_| "console=ttyS0".into()),
+            };
+            (
+                out.join("vmlinuz"),
+                Some(args.initrd.unwrap_or_else(|| out.join("initramfs.cpio.gz"))),
+                cmdline,
+            )
+        }
+    };
+    for (what, p) in [("kernel", Some(&kernel)), ("initrd", initrd.as_ref())] {
+        if let Some(p) = p {
+            if !p.is_file() {
+                bail!("{what} '{}' does not exist or is not a file", p.display());
+            }
+        }
+    }
+    let cfg = vmm::VmConfig {
+        kernel,
+        initrd,
+        cmdline,
+        mem_size,
+        cpus: args.cpus,
+        no_reboot: args.no_reboot,
+        stats: args.stats,
+        guest_decompress: args.guest_decompress,
+    };
+    vmm::run(&cfg)
+}
+
+fn selftest_cpu(cases: u64, seed: u64, class: Option<String>) -> anyhow::Result<i32> {
+    let _ = (cases, seed, class);
+    bail!("the CPU self-test is not built into this binary yet")
+}
+
+fn bench_cpu(insns: u64) -> anyhow::Result<i32> {
+    for (name, r) in x86::bench::run_all(insns) {
+        println!("{name:<12} {:>8.1} M instructions/s", r);
+    }
+    Ok(0)
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MATRYOSHKA_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Run(a) => run(a),
+        Cmd::Selftest {
+            what: SelftestCmd::Cpu { cases, seed, class },
+        } => selftest_cpu(cases, seed, class),
+        Cmd::Bench {
+            what: BenchCmd::Cpu { insns },
+        } => bench_cpu(insns),
+    };
+    match r {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(e) => {
+            eprintln!("matryoshka: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -6,6 +6,7 @@
 //! knows nothing of devices: port I/O, MMIO, interrupts, machine MSRs and
 //! time reach the machine through the [`bus::Bus`] trait.
 
+pub mod bench;
 pub mod bus;
 pub mod cpu;
 pub mod cpuid;

@@ -1,0 +1,244 @@
+//! bzImage setup-header parsing and host-side payload decompression.
+//!
+//! Everything here works on an in-memory copy of the kernel file and
+//! bounds-checks every access: the file is untrusted input.
+
+use std::io::Read;
+
+use linux_loader::loader::bootparam::{boot_params, setup_header};
+use vm_memory::ByteValued;
+
+use super::KernelImageError;
+
+/// Offset of the setup header inside the image (and inside boot_params).
+pub const SETUP_HEADER_OFFSET: usize = 0x1f1;
+/// "HdrS".
+pub const HDRS_MAGIC: u32 = 0x5372_6448;
+/// loadflags bits.
+pub const LOADED_HIGH: u8 = 1 << 0;
+pub const CAN_USE_HEAP: u8 = 1 << 7;
+/// xloadflags: kernel has the 64-bit entry point at load address + 0x200.
+pub const XLF_KERNEL_64: u16 = 1 << 0;
+/// Oldest boot protocol we accept (cmdline_size, 64-bit capable kernels).
+pub const MIN_PROTOCOL: u16 = 0x0206;
+/// Protocol that introduced payload_offset/payload_length.
+pub const PAYLOAD_PROTOCOL: u16 = 0x0208;
+/// Protocol that introduced xloadflags.
+pub const XLOADFLAGS_PROTOCOL: u16 = 0x020c;
+/// Upper bound on a decompressed vmlinux; guards against decompression
+/// bombs in a corrupt or malicious image (Debian's is ~63 MiB).
+pub const MAX_VMLINUX_SIZE: usize = 512 << 20;
+
+/// A parsed bzImage: the raw file plus the boot_params whose `hdr` holds
+/// the image's setup header.
+pub struct BzImage<'a> {
+    pub image: &'a [u8],
+    pub params: boot_params,
+    /// Size in bytes of the real-mode setup part ((setup_sects + 1) * 512).
+    pub setup_size: usize,
+}
+
+/// Compression of the embedded vmlinux, from the payload's magic bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    Xz,
+    Gzip,
+    Bzip2,
+    Lzma,
+    Lzo,
+    Lz4,
+    Zstd,
+    /// Payload is an uncompressed ELF (CONFIG_KERNEL_UNCOMPRESSED).
+    None,
+    Unknown,
+}
+
+impl Compression {
+    pub fn detect(payload: &[u8]) -> Self {
+        let starts = |m: &[u8]| payload.starts_with(m);
+        if starts(b"\xfd7zXZ\0") {
+            Compression::Xz
+        } else if starts(b"\x1f\x8b") {
+            Compression::Gzip
+        } else if starts(b"BZh") {
+            Compression::Bzip2
+        } else if starts(b"\x5d\x00\x00") {
+            Compression::Lzma
+        } else if starts(b"\x89LZO") {
+            Compression::Lzo
+        } else if starts(b"\x02\x21\x4c\x18") {
+            Compression::Lz4
+        } else if starts(b"\x28\xb5\x2f\xfd") {
+            Compression::Zstd
+        } else if starts(b"\x7fELF") {
+            Compression::None
+        } else {
+            Compression::Unknown
+        }
+    }
+}
+
+fn read_u16(b: &[u8], off: usize) -> Option<u16> {
+    Some(u16::from_le_bytes(b.get(off..off + 2)?.try_into().ok()?))
+}
+
+fn read_u32(b: &[u8], off: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(b.get(off..off + 4)?.try_into().ok()?))
+}
+
+impl<'a> BzImage<'a> {
+    /// Validate the setup header and copy it into a fresh boot_params.
+    pub fn parse(image: &'a [u8]) -> Result<Self, KernelImageError> {
+        let magic = read_u32(image, 0x202).ok_or(KernelImageError::Truncated {
+            len: image.len(),
+            what: "setup header",
+        })?;
+        if magic != HDRS_MAGIC {
+            return Err(KernelImageError::NotBzImage);
+        }
+        let version = read_u16(image, 0x206).ok_or(KernelImageError::Truncated {
+            len: image.len(),
+            what: "setup header",
+        })?;
+        if version < MIN_PROTOCOL {
+            return Err(KernelImageError::ProtocolTooOld(version));
+        }
+
+        // The header ends at 0x202 + the byte at 0x201 (the jump offset);
+        // copy no more than our setup_header struct has room for.
+        let jump = *image.get(0x201).ok_or(KernelImageError::Truncated {
+            len: image.len(),
+            what: "setup header",
+        })? as usize;
+        let hdr_end = (0x202 + jump).min(SETUP_HEADER_OFFSET + std::mem::size_of::<setup_header>());
+        let hdr_bytes =
+            image
+                .get(SETUP_HEADER_OFFSET..hdr_end)
+                .ok_or(KernelImageError::Truncated {
+                    len: image.len(),
+                    what: "setup header",
+                })?;
+        let mut params = boot_params::default();
+        params.as_mut_slice()[SETUP_HEADER_OFFSET..hdr_end].copy_from_slice(hdr_bytes);
+
+        if params.hdr.loadflags & LOADED_HIGH == 0 {
+            // A zImage loads at 0x10000; nobody builds those any more.
+            return Err(KernelImageError::NotBzImage);
+        }
+        let setup_sects = match params.hdr.setup_sects {
+            0 => 4, // historical meaning of 0
+            n => n as usize,
+        };
+        let setup_size = (setup_sects + 1) * 512;
+        if setup_size >= image.len() {
+            return Err(KernelImageError::Truncated {
+                len: image.len(),
+                what: "protected-mode kernel",
+            });
+        }
+        Ok(BzImage {
+            image,
+            params,
+            setup_size,
+        })
+    }
+
+    pub fn version(&self) -> u16 {
+        self.params.hdr.version
+    }
+
+    /// The 32/64-bit protected-mode part, loaded at code32_start.
+    pub fn protected_mode_code(&self) -> &'a [u8] {
+        // setup_size < image.len() was checked in parse().
+        &self.image[self.setup_size..]
+    }
+
+    /// Requires a kernel that advertises the 64-bit entry point.
+    pub fn check_64bit_entry(&self) -> Result<(), KernelImageError> {
+        let version = self.version();
+        if version < XLOADFLAGS_PROTOCOL || self.params.hdr.xloadflags & XLF_KERNEL_64 == 0 {
+            return Err(KernelImageError::No64BitEntry(version));
+        }
+        Ok(())
+    }
+
+    /// Memory the kernel needs from its load address while it boots
+    /// (decompressed image + bss + brk), per the header's init_size.
+    pub fn init_size(&self) -> u64 {
+        if self.version() >= 0x020a {
+            self.params.hdr.init_size as u64
+        } else {
+            0
+        }
+    }
+
+    /// Physical address the kernel prefers to run at (LOAD_PHYSICAL_ADDR).
+    pub fn pref_address(&self) -> u64 {
+        if self.version() >= 0x020a && self.params.hdr.pref_address != 0 {
+            self.params.hdr.pref_address
+        } else {
+            0x100_0000
+        }
+    }
+
+    /// The compressed vmlinux embedded in the protected-mode code.
+    pub fn payload(&self) -> Result<&'a [u8], KernelImageError> {
+        if self.version() < PAYLOAD_PROTOCOL {
+            return Err(KernelImageError::NoPayloadInfo(self.version()));
+        }
+        let off = self.params.hdr.payload_offset as usize;
+        let len = self.params.hdr.payload_length as usize;
+        let code = self.protected_mode_code();
+        off.checked_add(len)
+            .and_then(|end| code.get(off..end))
+            .filter(|p| !p.is_empty())
+            .ok_or(KernelImageError::PayloadOutOfBounds {
+                offset: off as u64,
+                len: len as u64,
+                avail: code.len() as u64,
+            })
+    }
+
+    /// Decompress the payload on the host, giving the vmlinux ELF image.
+    pub fn decompress_vmlinux(&self) -> Result<Vec<u8>, KernelImageError> {
+        let payload = self.payload()?;
+        match Compression::detect(payload) {
+            Compression::Xz => decompress_xz(payload),
+            Compression::None => Ok(payload.to_vec()),
+            other => Err(KernelImageError::UnsupportedCompression(other)),
+        }
+    }
+}
+
+/// Decode a kernel XZ payload. Linux appends the decompressed size as a
+/// little-endian u32 after the XZ stream; it's only used as a size hint
+/// and sanity check (the decoder stops at the end of the first stream).
+pub fn decompress_xz(payload: &[u8]) -> Result<Vec<u8>, KernelImageError> {
+    let hint = payload
+        .len()
+        .checked_sub(4)
+        .and_then(|at| read_u32(payload, at))
+        .map(|n| n as usize)
+        .filter(|&n| n <= MAX_VMLINUX_SIZE);
+    let mut out = Vec::with_capacity(hint.unwrap_or(0));
+    let reader = lzma_rust2::XzReader::new(payload, false);
+    // Read one byte past the cap so an oversized result is detectable.
+    reader
+        .take(MAX_VMLINUX_SIZE as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| KernelImageError::Decompress(e.to_string()))?;
+    if out.len() > MAX_VMLINUX_SIZE {
+        return Err(KernelImageError::Decompress(format!(
+            "decompressed kernel exceeds {MAX_VMLINUX_SIZE} bytes"
+        )));
+    }
+    if let Some(expected) = hint {
+        if expected != out.len() {
+            return Err(KernelImageError::Decompress(format!(
+                "decompressed {} bytes but the image says {expected}",
+                out.len()
+            )));
+        }
+    }
+    Ok(out)
+}
