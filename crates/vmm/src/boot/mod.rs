@@ -127,7 +127,7 @@ pub enum KernelImageError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
-    #[error("cannot read kernel image {path}: {source}")]
+    #[error("cannot read kernel image {path}")]
     KernelRead {
         path: PathBuf,
         #[source]
@@ -135,13 +135,13 @@ pub enum BootError {
     },
     #[error("kernel image {path} is too large ({size} bytes, limit {MAX_KERNEL_FILE})")]
     KernelTooLarge { path: PathBuf, size: u64 },
-    #[error("invalid kernel image {path}: {source}")]
+    #[error("invalid kernel image {path}")]
     InvalidKernel {
         path: PathBuf,
         #[source]
         source: KernelImageError,
     },
-    #[error("cannot read initrd {path}: {source}")]
+    #[error("cannot read initrd {path}")]
     InitrdRead {
         path: PathBuf,
         #[source]
