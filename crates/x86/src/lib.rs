@@ -12,6 +12,7 @@ pub mod cpu;
 pub mod cpuid;
 pub mod exception;
 pub mod exec;
+pub mod selftest;
 pub mod hostalu;
 pub mod interrupts;
 pub mod mem;

@@ -149,9 +149,13 @@ fn shift(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
     let raw = if i.op_count() > 1 { cpu.read_op(i, 1)? as u8 } else { 1 };
     let count = raw & if size == 8 { 63 } else { 31 };
     if count == 0 {
-        // Flags and destination untouched (but still a memory access check).
+        // Flags untouched (but still a memory access check); a 32-bit
+        // register destination is still written, i.e. zero-extended.
         if i.op0_kind() == OpKind::Memory {
             cpu.read_op(i, 0)?;
+        } else if size == 4 {
+            let r = i.op0_register();
+            cpu.set_gpr(r, cpu.gpr(r));
         }
         return Ok(());
     }
@@ -184,6 +188,9 @@ fn dshift(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
     if count == 0 {
         if i.op0_kind() == OpKind::Memory {
             cpu.read_op(i, 0)?;
+        } else if size == 4 {
+            let r = i.op0_register();
+            cpu.set_gpr(r, cpu.gpr(r)); // zero-extends, as hardware does
         }
         return Ok(());
     }
@@ -235,7 +242,7 @@ fn bittest(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
             _ => a,
         }
     };
-    // Flags other than CF are undefined; the host leaves them as BT does.
+    // Only CF is written: ZF is preserved, OF/SF/AF/PF are left as they were.
     let host_flags = |a: u64, bit: u64| -> u64 {
         match size {
             2 => h::bt16(a as u16, bit as u16).1,
@@ -251,7 +258,7 @@ fn bittest(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
         if m != Mnemonic::Bt {
             cpu.set_gpr(r, op(a, bit));
         }
-        cpu.set_flags(STATUS, fl);
+        cpu.set_flags(CF, fl);
         return Ok(());
     }
     // Memory form: a register bit offset addresses beyond the operand.
@@ -275,13 +282,13 @@ fn bittest(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
                         (op(old, bit), 0)
                     })
                 };
-                cpu.set_flags(STATUS, fl2);
+                cpu.set_flags(CF, fl2);
                 return Ok(());
             }
         }
         cpu.write_sized(lin, size, op(a, bit))?;
     }
-    cpu.set_flags(STATUS, fl);
+    cpu.set_flags(CF, fl);
     Ok(())
 }
 
@@ -311,9 +318,11 @@ fn bitscan(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
         (_, true) => h::bsf64(dst, src),
         (_, false) => h::bsr64(dst, src),
     };
-    // A zero source leaves the destination unchanged on real CPUs, but a
-    // 32-bit destination is still zero-extended in 64-bit mode.
-    cpu.set_gpr(r, res);
+    // A zero source leaves the whole destination unchanged on real CPUs
+    // (even a 32-bit one is not zero-extended).
+    if src & mask(size) != 0 {
+        cpu.set_gpr(r, res);
+    }
     cpu.set_flags(STATUS, fl);
     Ok(())
 }

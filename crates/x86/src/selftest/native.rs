@@ -66,7 +66,8 @@ impl NativeFault {
     pub fn vector(&self) -> u8 {
         match self.signo {
             libc::SIGFPE => {
-                if self.si_code == libc::FPE_INTDIV || self.si_code == libc::FPE_INTOVF {
+                // FPE_INTDIV, FPE_INTOVF
+                if self.si_code == 1 || self.si_code == 2 {
                     0
                 } else {
                     19
@@ -129,7 +130,7 @@ fn install_handlers() -> Result<(), String> {
     unsafe {
         for &sig in &SIGNALS {
             let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = on_signal as usize;
+            sa.sa_sigaction = on_signal as *const () as usize;
             sa.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | libc::SA_NODEFER;
             libc::sigemptyset(&mut sa.sa_mask);
             let mut old: libc::sigaction = std::mem::zeroed();
@@ -255,7 +256,7 @@ impl Native {
         // A signal frame with AVX-512 state is several KiB: give the handler
         // its own stack (the sandbox stack page is tiny and compared).
         let mut altstack = vec![0u8; 256 * 1024];
-        let ss = libc::stack_t {
+        let st = libc::stack_t {
             ss_sp: altstack.as_mut_ptr() as *mut libc::c_void,
             ss_flags: 0,
             ss_size: altstack.len(),
@@ -263,7 +264,7 @@ impl Native {
         // SAFETY: valid stack_t; the old one is restored in Drop before the
         // buffer is freed.
         let mut old: libc::stack_t = unsafe { std::mem::zeroed() };
-        if unsafe { libc::sigaltstack(&ss, &mut old) } != 0 {
+        if unsafe { libc::sigaltstack(&st, &mut old) } != 0 {
             return Err("sigaltstack failed".into());
         }
         Ok(Native {

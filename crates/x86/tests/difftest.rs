@@ -1,0 +1,57 @@
+//! Differential test: random user-level instruction sequences run natively
+//! and in the emulator must agree (see `mat_x86::selftest`).
+
+use mat_x86::selftest::{run_cases, Class, Config};
+
+fn cfg(classes: &[Class], cases: u64, seed: u64) -> Config {
+    let env = |k: &str| std::env::var(k).ok().and_then(|s| s.parse().ok());
+    let cases = env("DIFFTEST_CASES").unwrap_or(cases);
+    let seed = env("DIFFTEST_SEED").unwrap_or(seed);
+    let max_insns_per_case = env("DIFFTEST_MAX_INSNS").unwrap_or(4) as usize;
+    Config {
+        cases,
+        seed,
+        max_insns_per_case,
+        classes: classes.to_vec(),
+        max_reported: 8,
+        progress: false,
+        report_filter: std::env::var("DIFFTEST_FILTER").ok(),
+        ..Config::default()
+    }
+}
+
+#[test]
+fn integer_matches_native() {
+    let r = run_cases(&cfg(&[Class::Int, Class::Str], 20_000, 0x1234_5678));
+    println!("{r}");
+    assert!(r.error.is_none());
+    assert_eq!(r.mismatches, 0, "see the report above");
+}
+
+#[test]
+fn sse_matches_native() {
+    let r = run_cases(&cfg(&[Class::Sse], 20_000, 0x5eed_55e));
+    println!("{r}");
+    assert!(r.error.is_none());
+    assert_eq!(r.mismatches, 0, "see the report above");
+}
+
+#[test]
+fn tester_can_fail() {
+    let mut c = cfg(&[Class::Int], 200, 7);
+    c.corrupt_emulated_rax = true;
+    let r = run_cases(&c);
+    assert!(r.error.is_none(), "{r}");
+    assert_eq!(r.mismatches, r.cases, "every corrupted case must be reported");
+    assert!(r.first_mismatches[0].contains("rax: native="), "{}", r.first_mismatches[0]);
+    assert!(r.to_string().ends_with(&format!("cases={} mismatches={}", r.cases, r.mismatches)));
+}
+
+#[test]
+#[ignore]
+fn print_tables() {
+    let g = mat_x86::selftest::gen::Generator::new();
+    let t = g.tables();
+    println!("int {} codes: {:?}", t.int.len(), t.int);
+    println!("sse {} codes: {:?}", t.sse.len(), t.sse);
+}
