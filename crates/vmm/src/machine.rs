@@ -3,7 +3,7 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -277,8 +277,26 @@ fn run_once(
     waker.add_kick(cpu.kick.clone());
     cpu.set_state(booted.cpu.clone());
 
+    // Device timers are polled between CPU slices; this ticker bounds a
+    // slice to ~1 ms of host time so periodic interrupts are not lost.
+    let ticker_stop = Arc::new(AtomicBool::new(false));
+    let ticker = {
+        let kick = cpu.kick.clone();
+        let stop = ticker_stop.clone();
+        std::thread::Builder::new()
+            .name("vcpu-ticker".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(1));
+                    kick.store(true, Ordering::Relaxed);
+                }
+            })
+            .context("spawning the timer thread")?
+    };
     let started = Instant::now();
     let outcome = vcpu_loop(&mut cpu, &plat, &lapics[0], &clock, &event, waker, input);
+    ticker_stop.store(true, Ordering::Relaxed);
+    let _ = ticker.join();
     if cfg.stats {
         print_stats(&cpu, started.elapsed());
     }
@@ -295,8 +313,8 @@ fn vcpu_loop(
     waker: &Waker,
     input: &console::ConsoleInput,
 ) -> Outcome {
-    // Instructions per slice between timer/console polls (~1 ms of guest time).
-    const SLICE: u64 = 200_000;
+    // Upper bound on instructions per slice; the ticker usually ends it first.
+    const SLICE: u64 = 2_000_000;
     loop {
         // Console input.
         {

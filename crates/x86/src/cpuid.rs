@@ -72,8 +72,10 @@ pub const FEATURES_EDX1: u32 = edx1::FPU
 pub const FEATURES_ECX81: u32 = 1 | (1 << 5);
 /// CPUID.80000001:EDX — SYSCALL, NX, 1 GiB pages, RDTSCP, long mode.
 pub const FEATURES_EDX81: u32 = (1 << 11) | (1 << 20) | (1 << 26) | (1 << 27) | (1 << 29);
-/// CPUID.7.0:EBX — ERMS (fast REP MOVSB/STOSB is a hint only).
-pub const FEATURES_EBX7: u32 = 1 << 9;
+/// CPUID.7.0:EBX — TSC_ADJUST MSR, ERMS (fast REP MOVSB/STOSB is a hint only).
+/// TSC_ADJUST plus the invariant TSC lets Linux trust the TSC without a
+/// clocksource watchdog, as on current hardware.
+pub const FEATURES_EBX7: u32 = (1 << 1) | (1 << 9);
 
 fn str_regs(s: &[u8; 12]) -> [u32; 3] {
     [

@@ -7,6 +7,7 @@ use crate::exception::{Fault, XResult};
 use crate::state::{efer, FS, GS};
 
 pub const TSC: u32 = 0x10;
+pub const TSC_ADJUST: u32 = 0x3b;
 pub const APIC_BASE: u32 = 0x1b;
 pub const FEATURE_CONTROL: u32 = 0x3a;
 pub const BIOS_SIGN_ID: u32 = 0x8b;
@@ -40,6 +41,7 @@ pub fn read(cpu: &mut Cpu, msr: u32) -> XResult<u64> {
     let s = &cpu.s;
     Ok(match msr {
         TSC => return Ok(cpu.tsc()),
+        TSC_ADJUST => s.tsc_adjust as u64,
         FEATURE_CONTROL => 1, // locked, VMX off
         BIOS_SIGN_ID => 0,
         MTRRCAP => 0x508, // 8 variable ranges, fixed ranges, WC
@@ -70,8 +72,16 @@ pub fn read(cpu: &mut Cpu, msr: u32) -> XResult<u64> {
 pub fn write(cpu: &mut Cpu, msr: u32, v: u64) -> XResult<()> {
     match msr {
         TSC => {
+            // Writing the TSC moves TSC_ADJUST by the same delta (SDM 17.17.3).
+            let old = cpu.tsc();
             let now = cpu.bus.tsc();
             cpu.s.tsc_offset = v.wrapping_sub(now) as i64;
+            cpu.s.tsc_adjust = cpu.s.tsc_adjust.wrapping_add(v.wrapping_sub(old) as i64);
+        }
+        TSC_ADJUST => {
+            let delta = (v as i64).wrapping_sub(cpu.s.tsc_adjust);
+            cpu.s.tsc_adjust = v as i64;
+            cpu.s.tsc_offset = cpu.s.tsc_offset.wrapping_add(delta);
         }
         FEATURE_CONTROL | BIOS_SIGN_ID | MCG_STATUS => {}
         SYSENTER_CS => cpu.s.sysenter_cs = v & 0xffff,

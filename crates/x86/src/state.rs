@@ -218,6 +218,9 @@ pub struct CpuState {
     pub sysenter_eip: u64,
     pub pat: u64,
     pub tsc_offset: i64,
+    /// IA32_TSC_ADJUST (kept in step with `tsc_offset`).
+    #[serde(default)]
+    pub tsc_adjust: i64,
     pub tsc_aux: u64,
     pub misc_enable: u64,
     pub mtrr_def_type: u64,
@@ -283,6 +286,7 @@ impl CpuState {
             sysenter_eip: 0,
             pat: 0x0007_0406_0007_0406,
             tsc_offset: 0,
+            tsc_adjust: 0,
             tsc_aux: 0,
             misc_enable: 1, // fast strings
             mtrr_def_type: 0,

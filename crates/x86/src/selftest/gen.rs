@@ -1,8 +1,8 @@
 //! Random instruction sequences and inputs for the differential tester.
 
 use iced_x86::{
-    Code, CpuidFeature, Decoder, DecoderOptions, EncodingKind, Encoder, Instruction, MemoryOperand, Mnemonic,
-    OpCodeOperandKind as K, Register, RepPrefixKind,
+    Code, CpuidFeature, Decoder, DecoderOptions, Encoder, EncodingKind, Instruction, MemoryOperand,
+    Mnemonic, OpCodeOperandKind as K, Register, RepPrefixKind,
 };
 
 use super::native::{Regs, DATA_BASE, PAGE, SEQ_START, STACK_BASE};
@@ -55,20 +55,62 @@ pub const RBX_VALUE: u64 = DATA_BASE + 0x800;
 pub const RSP_VALUE: u64 = STACK_BASE + 0x800;
 
 const GPR64: [Register; 12] = [
-    Register::RAX, Register::RCX, Register::RDX, Register::RBP, Register::R8, Register::R9, Register::R10,
-    Register::R11, Register::R12, Register::R13, Register::R14, Register::R15,
+    Register::RAX,
+    Register::RCX,
+    Register::RDX,
+    Register::RBP,
+    Register::R8,
+    Register::R9,
+    Register::R10,
+    Register::R11,
+    Register::R12,
+    Register::R13,
+    Register::R14,
+    Register::R15,
 ];
 const GPR32: [Register; 12] = [
-    Register::EAX, Register::ECX, Register::EDX, Register::EBP, Register::R8D, Register::R9D, Register::R10D,
-    Register::R11D, Register::R12D, Register::R13D, Register::R14D, Register::R15D,
+    Register::EAX,
+    Register::ECX,
+    Register::EDX,
+    Register::EBP,
+    Register::R8D,
+    Register::R9D,
+    Register::R10D,
+    Register::R11D,
+    Register::R12D,
+    Register::R13D,
+    Register::R14D,
+    Register::R15D,
 ];
 const GPR16: [Register; 12] = [
-    Register::AX, Register::CX, Register::DX, Register::BP, Register::R8W, Register::R9W, Register::R10W,
-    Register::R11W, Register::R12W, Register::R13W, Register::R14W, Register::R15W,
+    Register::AX,
+    Register::CX,
+    Register::DX,
+    Register::BP,
+    Register::R8W,
+    Register::R9W,
+    Register::R10W,
+    Register::R11W,
+    Register::R12W,
+    Register::R13W,
+    Register::R14W,
+    Register::R15W,
 ];
 const GPR8: [Register; 15] = [
-    Register::AL, Register::CL, Register::DL, Register::BPL, Register::R8L, Register::R9L, Register::R10L,
-    Register::R11L, Register::R12L, Register::R13L, Register::R14L, Register::R15L, Register::AH, Register::CH,
+    Register::AL,
+    Register::CL,
+    Register::DL,
+    Register::BPL,
+    Register::R8L,
+    Register::R9L,
+    Register::R10L,
+    Register::R11L,
+    Register::R12L,
+    Register::R13L,
+    Register::R14L,
+    Register::R15L,
+    Register::AH,
+    Register::CH,
     Register::DH,
 ];
 
@@ -76,14 +118,104 @@ fn int_mnemonic(m: Mnemonic) -> bool {
     use Mnemonic::*;
     matches!(
         m,
-        Add | Adc | Sub | Sbb | And | Or | Xor | Cmp | Test | Inc | Dec | Neg | Not | Rol | Ror | Rcl | Rcr | Shl
-            | Sal | Shr | Sar | Shld | Shrd | Mul | Imul | Div | Idiv | Bt | Bts | Btr | Btc | Bsf | Bsr | Tzcnt
-            | Lzcnt | Popcnt | Bswap | Movbe | Xadd | Xchg | Cmpxchg | Cmpxchg8b | Cmpxchg16b | Mov | Movzx
-            | Movsx | Movsxd | Lea | Cbw | Cwde | Cdqe | Cwd | Cdq | Cqo | Lahf | Sahf | Clc | Stc | Cmc | Cld
-            | Std | Push | Pop | Nop | Xlatb | Pushf | Pushfq
-            | Cmovo | Cmovno | Cmovb | Cmovae | Cmove | Cmovne | Cmovbe | Cmova | Cmovs | Cmovns | Cmovp
-            | Cmovnp | Cmovl | Cmovge | Cmovle | Cmovg | Seto | Setno | Setb | Setae | Sete | Setne | Setbe
-            | Seta | Sets | Setns | Setp | Setnp | Setl | Setge | Setle | Setg
+        Add | Adc
+            | Sub
+            | Sbb
+            | And
+            | Or
+            | Xor
+            | Cmp
+            | Test
+            | Inc
+            | Dec
+            | Neg
+            | Not
+            | Rol
+            | Ror
+            | Rcl
+            | Rcr
+            | Shl
+            | Sal
+            | Shr
+            | Sar
+            | Shld
+            | Shrd
+            | Mul
+            | Imul
+            | Div
+            | Idiv
+            | Bt
+            | Bts
+            | Btr
+            | Btc
+            | Bsf
+            | Bsr
+            | Tzcnt
+            | Lzcnt
+            | Popcnt
+            | Bswap
+            | Movbe
+            | Xadd
+            | Xchg
+            | Cmpxchg
+            | Cmpxchg8b
+            | Cmpxchg16b
+            | Mov
+            | Movzx
+            | Movsx
+            | Movsxd
+            | Lea
+            | Cbw
+            | Cwde
+            | Cdqe
+            | Cwd
+            | Cdq
+            | Cqo
+            | Lahf
+            | Sahf
+            | Clc
+            | Stc
+            | Cmc
+            | Cld
+            | Std
+            | Push
+            | Pop
+            | Nop
+            | Xlatb
+            | Pushf
+            | Pushfq
+            | Cmovo
+            | Cmovno
+            | Cmovb
+            | Cmovae
+            | Cmove
+            | Cmovne
+            | Cmovbe
+            | Cmova
+            | Cmovs
+            | Cmovns
+            | Cmovp
+            | Cmovnp
+            | Cmovl
+            | Cmovge
+            | Cmovle
+            | Cmovg
+            | Seto
+            | Setno
+            | Setb
+            | Setae
+            | Sete
+            | Setne
+            | Setbe
+            | Seta
+            | Sets
+            | Setns
+            | Setp
+            | Setnp
+            | Setl
+            | Setge
+            | Setle
+            | Setg
     )
 }
 
@@ -91,8 +223,20 @@ fn int_feature(f: CpuidFeature) -> bool {
     use CpuidFeature::*;
     matches!(
         f,
-        INTEL8086 | INTEL186 | INTEL286 | INTEL386 | INTEL486 | X64 | CMOV | CX8 | CMPXCHG16B | MOVBE | POPCNT
-            | LZCNT | BMI1 | MULTIBYTENOP
+        INTEL8086
+            | INTEL186
+            | INTEL286
+            | INTEL386
+            | INTEL486
+            | X64
+            | CMOV
+            | CX8
+            | CMPXCHG16B
+            | MOVBE
+            | POPCNT
+            | LZCNT
+            | BMI1
+            | MULTIBYTENOP
     )
 }
 
@@ -105,8 +249,20 @@ fn sse_excluded(m: Mnemonic) -> bool {
     use Mnemonic::*;
     matches!(
         m,
-        Ldmxcsr | Prefetchnta | Prefetcht0 | Prefetcht1 | Prefetcht2 | Clflush | Monitor | Mwait | Fxsave
-            | Fxrstor | Fxsave64 | Fxrstor64 | Emms | Pause
+        Ldmxcsr
+            | Prefetchnta
+            | Prefetcht0
+            | Prefetcht1
+            | Prefetcht2
+            | Clflush
+            | Monitor
+            | Mwait
+            | Fxsave
+            | Fxrstor
+            | Fxsave64
+            | Fxrstor64
+            | Emms
+            | Pause
     )
 }
 
@@ -156,6 +312,12 @@ pub struct Tables {
     pub sse: Vec<Code>,
 }
 
+impl Default for Tables {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Tables {
     pub fn new() -> Tables {
         let mut int = Vec::new();
@@ -173,7 +335,8 @@ impl Tables {
             let feats = code.cpuid_features();
             if int_mnemonic(m) && feats.iter().all(|&f| int_feature(f)) {
                 int.push(code);
-            } else if feats.iter().all(|&f| sse_feature(f)) && !sse_excluded(m) && !feats.is_empty() {
+            } else if feats.iter().all(|&f| sse_feature(f)) && !sse_excluded(m) && !feats.is_empty()
+            {
                 sse.push(code);
             }
         }
@@ -233,9 +396,22 @@ trait FromXmm {
 impl FromXmm for Register {
     fn from_xmm(n: u64) -> Register {
         const X: [Register; 16] = [
-            Register::XMM0, Register::XMM1, Register::XMM2, Register::XMM3, Register::XMM4, Register::XMM5,
-            Register::XMM6, Register::XMM7, Register::XMM8, Register::XMM9, Register::XMM10, Register::XMM11,
-            Register::XMM12, Register::XMM13, Register::XMM14, Register::XMM15,
+            Register::XMM0,
+            Register::XMM1,
+            Register::XMM2,
+            Register::XMM3,
+            Register::XMM4,
+            Register::XMM5,
+            Register::XMM6,
+            Register::XMM7,
+            Register::XMM8,
+            Register::XMM9,
+            Register::XMM10,
+            Register::XMM11,
+            Register::XMM12,
+            Register::XMM13,
+            Register::XMM14,
+            Register::XMM15,
         ];
         X[n as usize]
     }
@@ -245,7 +421,11 @@ impl FromXmm for Register {
 /// `[rbx+rsi*scale+disp]` (RSI is 0..15), sometimes with 32-bit addressing.
 fn mem_operand(rng: &mut Rng, class: Class) -> MemoryOperand {
     let a32 = rng.chance(8);
-    let (base, index) = if a32 { (Register::EBX, Register::ESI) } else { (Register::RBX, Register::RSI) };
+    let (base, index) = if a32 {
+        (Register::EBX, Register::ESI)
+    } else {
+        (Register::RBX, Register::RSI)
+    };
     let aligned = class == Class::Sse && rng.chance(90);
     let (idx, scale) = if !aligned && class != Class::Str && rng.chance(40) {
         (index, rng.pick(&[1u32, 2, 4, 8]))
@@ -263,8 +443,10 @@ fn mem_operand(rng: &mut Rng, class: Class) -> MemoryOperand {
         0
     } else if (-128..=127).contains(&disp) {
         1
-    } else {
+    } else if a32 {
         4
+    } else {
+        8 // iced's size for a sign-extended disp32 with 64-bit addressing
     };
     MemoryOperand::with_base_index_scale_displ_size(base, idx, scale, disp, dsize)
 }
@@ -273,19 +455,43 @@ fn mem_operand(rng: &mut Rng, class: Class) -> MemoryOperand {
 fn lea_operand(rng: &mut Rng) -> MemoryOperand {
     let a32 = rng.chance(25);
     let pool64 = [
-        Register::RAX, Register::RCX, Register::RDX, Register::RBX, Register::RSP, Register::RBP, Register::RSI,
-        Register::RDI, Register::R8, Register::R12, Register::R13, Register::R15,
+        Register::RAX,
+        Register::RCX,
+        Register::RDX,
+        Register::RBX,
+        Register::RSP,
+        Register::RBP,
+        Register::RSI,
+        Register::RDI,
+        Register::R8,
+        Register::R12,
+        Register::R13,
+        Register::R15,
     ];
     let pool32 = [
-        Register::EAX, Register::ECX, Register::EDX, Register::EBX, Register::ESP, Register::EBP, Register::ESI,
-        Register::EDI, Register::R8D, Register::R12D, Register::R13D, Register::R15D,
+        Register::EAX,
+        Register::ECX,
+        Register::EDX,
+        Register::EBX,
+        Register::ESP,
+        Register::EBP,
+        Register::ESI,
+        Register::EDI,
+        Register::R8D,
+        Register::R12D,
+        Register::R13D,
+        Register::R15D,
     ];
     let pool: &[Register] = if a32 { &pool32 } else { &pool64 };
     if rng.chance(8) {
         let rip = if a32 { Register::EIP } else { Register::RIP };
         return MemoryOperand::with_base_displ(rip, rng.range_i64(-1000, 1000));
     }
-    let base = if rng.chance(15) { Register::None } else { rng.pick(pool) };
+    let base = if rng.chance(15) {
+        Register::None
+    } else {
+        rng.pick(pool)
+    };
     let index = if rng.chance(50) {
         let r = rng.pick(pool);
         if r == Register::RSP || r == Register::ESP {
@@ -303,7 +509,8 @@ fn lea_operand(rng: &mut Rng) -> MemoryOperand {
         2 => rng.next_u64() as i32 as i64,
         _ => rng.range_i64(-0x10000, 0x10000),
     };
-    let dsize = if base == Register::None && index != Register::None || disp == 0 && rng.chance(50) {
+    let dsize = if base == Register::None && index != Register::None || disp == 0 && rng.chance(50)
+    {
         if disp == 0 && base != Register::None {
             0
         } else {
@@ -315,6 +522,7 @@ fn lea_operand(rng: &mut Rng) -> MemoryOperand {
         4
     };
     let dsize = if base == Register::None { 4 } else { dsize };
+    let dsize = if dsize == 4 && !a32 { 8 } else { dsize };
     MemoryOperand::with_base_index_scale_displ_size(base, index, scale, disp, dsize)
 }
 
@@ -324,13 +532,19 @@ fn imm_for(rng: &mut Rng, k: K) -> Op {
         K::imm8_const_1 => Op::Imm(1),
         K::imm8 | K::imm8sex16 | K::imm8sex32 | K::imm8sex64 => {
             if small {
-                Op::Imm(rng.pick(&[0, 1, 2, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, -1, 127, -128]))
+                Op::Imm(rng.pick(&[
+                    0, 1, 2, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, -1, 127, -128,
+                ]))
             } else {
                 Op::Imm(rng.range_i64(-128, 127) as i32)
             }
         }
         K::imm16 => Op::Imm(rng.range_i64(-32768, 32767) as i32),
-        K::imm32 | K::imm32sex64 => Op::Imm(if small { rng.pick(&[0, 1, -1, i32::MIN, i32::MAX]) } else { rng.next_u64() as i32 }),
+        K::imm32 | K::imm32sex64 => Op::Imm(if small {
+            rng.pick(&[0, 1, -1, i32::MIN, i32::MAX])
+        } else {
+            rng.next_u64() as i32
+        }),
         _ => Op::Imm64(interesting(rng)),
     }
 }
@@ -399,8 +613,17 @@ fn fill(rng: &mut Rng, code: Code, class: Class) -> Option<Instruction> {
                     Op::Mem(mem_operand(rng, class))
                 }
             }
-            K::r8_reg | K::r8_opcode | K::r16_reg | K::r16_rm | K::r16_opcode | K::r32_reg | K::r32_rm
-            | K::r32_opcode | K::r64_reg | K::r64_rm | K::r64_opcode => Op::Reg(reg_of_size(rng, op_bits(k))),
+            K::r8_reg
+            | K::r8_opcode
+            | K::r16_reg
+            | K::r16_rm
+            | K::r16_opcode
+            | K::r32_reg
+            | K::r32_rm
+            | K::r32_opcode
+            | K::r64_reg
+            | K::r64_rm
+            | K::r64_opcode => Op::Reg(reg_of_size(rng, op_bits(k))),
             K::xmm_reg | K::xmm_rm => Op::Reg(xmm_reg(rng)),
             K::al => Op::Reg(Register::AL),
             K::cl => Op::Reg(Register::CL),
@@ -413,7 +636,10 @@ fn fill(rng: &mut Rng, code: Code, class: Class) -> Option<Instruction> {
         ops.push(op);
     }
     let mut insn = make(code, &ops)?;
-    if insn.op_count() > 0 && insn.op0_kind() == iced_x86::OpKind::Memory && oc.can_use_lock_prefix() && rng.chance(30)
+    if insn.op_count() > 0
+        && insn.op0_kind() == iced_x86::OpKind::Memory
+        && oc.can_use_lock_prefix()
+        && rng.chance(30)
     {
         insn.set_has_lock_prefix(true);
     }
@@ -433,8 +659,14 @@ fn conditioning(rng: &mut Rng, insn: &Instruction) -> Option<Instruction> {
     if matches!(m, Div | Idiv) && rng.chance(85) {
         let bits = op_bits(oc.op_kind(0));
         return Some(match (m, bits) {
-            (Div, 8) => raw(Code::Movzx_r32_rm8, &[Op::Reg(Register::EAX), Op::Reg(Register::AL)]),
-            (Div, _) => raw(Code::Xor_r32_rm32, &[Op::Reg(Register::EDX), Op::Reg(Register::EDX)]),
+            (Div, 8) => raw(
+                Code::Movzx_r32_rm8,
+                &[Op::Reg(Register::EAX), Op::Reg(Register::AL)],
+            ),
+            (Div, _) => raw(
+                Code::Xor_r32_rm32,
+                &[Op::Reg(Register::EDX), Op::Reg(Register::EDX)],
+            ),
             (_, 8) => Instruction::with(Code::Cbw),
             (_, 16) => Instruction::with(Code::Cwd),
             (_, 32) => Instruction::with(Code::Cdq),
@@ -501,9 +733,28 @@ fn string_insn(rng: &mut Rng) -> Instruction {
 }
 
 pub const F32_SPECIAL: [u32; 22] = [
-    0, 0x8000_0000, 0x3f80_0000, 0xbf80_0000, 0x3fc0_0000, 0x7f80_0000, 0xff80_0000, 0x7fc0_0000, 0x7fa0_0000,
-    0xffc0_0000, 0xff80_0001, 0x0000_0001, 0x807f_ffff, 0x7f7f_ffff, 0x0080_0000, 0x4f00_0000, 0xcf00_0000,
-    0x4eff_ffff, 0x5f00_0000, 0x3f00_0000, 0x4020_0000, 0xdf00_0000,
+    0,
+    0x8000_0000,
+    0x3f80_0000,
+    0xbf80_0000,
+    0x3fc0_0000,
+    0x7f80_0000,
+    0xff80_0000,
+    0x7fc0_0000,
+    0x7fa0_0000,
+    0xffc0_0000,
+    0xff80_0001,
+    0x0000_0001,
+    0x807f_ffff,
+    0x7f7f_ffff,
+    0x0080_0000,
+    0x4f00_0000,
+    0xcf00_0000,
+    0x4eff_ffff,
+    0x5f00_0000,
+    0x3f00_0000,
+    0x4020_0000,
+    0xdf00_0000,
 ];
 pub const F64_SPECIAL: [u64; 22] = [
     0,
@@ -563,7 +814,11 @@ fn fill_page(rng: &mut Rng, page: &mut [u8; PAGE], fp: bool) {
         }
     } else {
         for chunk in page.chunks_exact_mut(8) {
-            let v = if rng.chance(25) { interesting(rng) } else { rng.next_u64() };
+            let v = if rng.chance(25) {
+                interesting(rng)
+            } else {
+                rng.next_u64()
+            };
             chunk.copy_from_slice(&v.to_le_bytes());
         }
     }
@@ -573,7 +828,16 @@ fn fill_page(rng: &mut Rng, page: &mut [u8; PAGE], fp: bool) {
 pub fn iced_flags(b: u32) -> u64 {
     use iced_x86::RflagsBits as R;
     let mut f = 0;
-    for (i, x) in [(R::OF, 11), (R::SF, 7), (R::ZF, 6), (R::AF, 4), (R::CF, 0), (R::PF, 2), (R::DF, 10), (R::AC, 18)] {
+    for (i, x) in [
+        (R::OF, 11),
+        (R::SF, 7),
+        (R::ZF, 6),
+        (R::AF, 4),
+        (R::CF, 0),
+        (R::PF, 2),
+        (R::DF, 10),
+        (R::AC, 18),
+    ] {
         if b & i != 0 {
             f |= 1 << x;
         }
@@ -586,14 +850,21 @@ pub fn iced_flags(b: u32) -> u64 {
 fn count_may_be_zero(i: &Instruction) -> bool {
     use iced_x86::OpKind;
     use Mnemonic::*;
-    if !matches!(i.mnemonic(), Rol | Ror | Rcl | Rcr | Shl | Sal | Shr | Sar | Shld | Shrd) {
+    if !matches!(
+        i.mnemonic(),
+        Rol | Ror | Rcl | Rcr | Shl | Sal | Shr | Sar | Shld | Shrd
+    ) {
         return false;
     }
     let last = i.op_count() - 1;
     match i.op_kind(last) {
         OpKind::Register => i.op_register(last) == Register::CL,
         OpKind::Immediate8 => {
-            let m = if i.op0_register().size() == 8 || i.memory_size().size() == 8 { 63 } else { 31 };
+            let m = if i.op0_register().size() == 8 || i.memory_size().size() == 8 {
+                63
+            } else {
+                31
+            };
             i.immediate8() & m == 0
         }
         _ => false,
@@ -622,6 +893,12 @@ pub struct Generator {
     enc: Encoder,
 }
 
+impl Default for Generator {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Generator {
     pub fn new() -> Generator {
         Generator {
@@ -644,8 +921,9 @@ impl Generator {
     }
 
     /// A case, and how many candidate sequences were thrown away first.
-    pub fn generate(&mut self, rng: &mut Rng, class: Class, max_insns: usize) -> (Case, u64) {
-        let mut rejected = 0;
+    pub fn generate(&mut self, rng: &mut Rng, class: Class, max_insns: usize) -> (Case, [u64; 3]) {
+        // [operands not fillable, not encodable, reads an undefined flag]
+        let mut rejected = [0u64; 3];
         loop {
             let n = 1 + rng.below(max_insns.max(1) as u64) as usize;
             let mut seq = Vec::with_capacity(n + 2);
@@ -653,11 +931,18 @@ impl Generator {
                 let insn = match class {
                     Class::Str => string_insn(rng),
                     Class::Int | Class::Sse => {
-                        let list = if class == Class::Int { &self.tables.int } else { &self.tables.sse };
+                        let list = if class == Class::Int {
+                            &self.tables.int
+                        } else {
+                            &self.tables.sse
+                        };
                         let code = list[rng.below(list.len() as u64) as usize];
                         match fill(rng, code, class) {
                             Some(i) => i,
-                            None => continue,
+                            None => {
+                                rejected[0] += 1;
+                                continue;
+                            }
                         }
                     }
                 };
@@ -668,18 +953,23 @@ impl Generator {
             }
             let Some(code) = self.encode_seq(&seq) else {
                 let _ = self.enc.take_buffer();
-                rejected += 1;
+                rejected[1] += 1;
                 continue;
             };
             let mut dec = Decoder::with_ip(64, &code, SEQ_START, DecoderOptions::NONE);
             let insns: Vec<Instruction> = dec.iter().collect();
             if insns.iter().any(|i| i.is_invalid()) || undefined_flags(&insns).is_none() {
-                rejected += 1;
+                rejected[2] += 1;
                 continue;
             }
             let all_a32 = insns.iter().all(|i| {
-                !matches!(i.op0_kind(), iced_x86::OpKind::MemoryESRDI | iced_x86::OpKind::MemorySegRSI)
-                    && !matches!(i.op1_kind(), iced_x86::OpKind::MemoryESRDI | iced_x86::OpKind::MemorySegRSI)
+                !matches!(
+                    i.op0_kind(),
+                    iced_x86::OpKind::MemoryESRDI | iced_x86::OpKind::MemorySegRSI
+                ) && !matches!(
+                    i.op1_kind(),
+                    iced_x86::OpKind::MemoryESRDI | iced_x86::OpKind::MemorySegRSI
+                )
             });
             let input = self.inputs(rng, class, all_a32);
             let mut data = Box::new([0u8; PAGE]);
@@ -711,22 +1001,84 @@ impl Generator {
         r.gpr[7] = DATA_BASE + 0x200 + rng.below(0xc00);
         if class == Class::Str {
             r.gpr[6] = DATA_BASE + 0x200 + rng.below(0xc00);
-            r.gpr[1] = if all_a32 && rng.chance(30) { rng.next_u64() & !0xffff_ffffu64 } else { 0 } | rng.below(17);
+            r.gpr[1] = if all_a32 && rng.chance(30) {
+                rng.next_u64() & !0xffff_ffffu64
+            } else {
+                0
+            } | rng.below(17);
             if rng.chance(5) {
                 r.gpr[1] &= 0xffff_ffff;
             }
         }
         let status = rng.next_u64() & 0x8d5;
-        let df = if rng.chance(if class == Class::Str { 50 } else { 15 }) { 0x400 } else { 0 };
+        let df = if rng.chance(if class == Class::Str { 50 } else { 15 }) {
+            0x400
+        } else {
+            0
+        };
         r.rflags = 0x202 | status | df;
         let rc = (rng.below(4) as u32) << 13;
         let ftz = if rng.chance(20) { 0x8000 } else { 0 };
         let daz = if rng.chance(20) { 0x40 } else { 0 };
-        let flags = if rng.chance(20) { rng.next_u64() as u32 & 0x3f } else { 0 };
+        let flags = if rng.chance(20) {
+            rng.next_u64() as u32 & 0x3f
+        } else {
+            0
+        };
         r.mxcsr = 0x1f80 | rc | ftz | daz | flags;
         for x in r.xmm.iter_mut() {
             *x = random_xmm(rng);
         }
         r
+    }
+}
+
+impl Generator {
+    /// Forms of `class` that could not be generated in `tries` attempts
+    /// (for checking the generator's coverage).
+    pub fn unencodable(&mut self, class: Class, tries: u32) -> Vec<Code> {
+        let list = if class == Class::Int {
+            self.tables.int.clone()
+        } else {
+            self.tables.sse.clone()
+        };
+        let mut rng = Rng::new(99);
+        let mut bad = Vec::new();
+        for code in list {
+            let ok = (0..tries).any(|_| {
+                fill(&mut rng, code, class).is_some_and(|i| {
+                    let ok = self.enc.encode(&i, SEQ_START).is_ok();
+                    let _ = self.enc.take_buffer();
+                    ok
+                })
+            });
+            if !ok {
+                bad.push(code);
+            }
+        }
+        bad
+    }
+}
+
+impl Generator {
+    /// Encoder errors seen while generating `n` instructions of `class`.
+    pub fn encode_errors(&mut self, class: Class, n: u32) -> Vec<String> {
+        let mut rng = Rng::new(5);
+        let mut out = Vec::new();
+        let list = if class == Class::Int {
+            self.tables.int.clone()
+        } else {
+            self.tables.sse.clone()
+        };
+        for _ in 0..n {
+            let code = rng.pick(&list);
+            if let Some(i) = fill(&mut rng, code, class) {
+                if let Err(e) = self.enc.encode(&i, SEQ_START) {
+                    out.push(format!("{code:?} {i}: {e}"));
+                }
+                let _ = self.enc.take_buffer();
+            }
+        }
+        out
     }
 }

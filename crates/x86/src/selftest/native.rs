@@ -93,7 +93,13 @@ static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
 static PAGES_OK: AtomicBool = AtomicBool::new(false);
 static mut OLD_ACTIONS: [Option<libc::sigaction>; 32] = [None; 32];
 
-const SIGNALS: [i32; 5] = [libc::SIGSEGV, libc::SIGBUS, libc::SIGILL, libc::SIGFPE, libc::SIGTRAP];
+const SIGNALS: [i32; 5] = [
+    libc::SIGSEGV,
+    libc::SIGBUS,
+    libc::SIGILL,
+    libc::SIGFPE,
+    libc::SIGTRAP,
+];
 
 extern "C" fn on_signal(sig: i32, info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
     // SAFETY: the kernel passes valid siginfo / ucontext pointers to an
@@ -171,11 +177,16 @@ fn assemble(ip: u64, f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>
 }
 
 fn xmm(n: usize) -> AsmRegisterXmm {
-    [xmm0, xmm1, xmm2, xmm3, xmm4, xmm5, xmm6, xmm7, xmm8, xmm9, xmm10, xmm11, xmm12, xmm13, xmm14, xmm15][n]
+    [
+        xmm0, xmm1, xmm2, xmm3, xmm4, xmm5, xmm6, xmm7, xmm8, xmm9, xmm10, xmm11, xmm12, xmm13,
+        xmm14, xmm15,
+    ][n]
 }
 
 fn gpr(n: usize) -> AsmRegister64 {
-    [rax, rcx, rdx, rbx, rsp, rbp, rsi, rdi, r8, r9, r10, r11, r12, r13, r14, r15][n]
+    [
+        rax, rcx, rdx, rbx, rsp, rbp, rsi, rdi, r8, r9, r10, r11, r12, r13, r14, r15,
+    ][n]
 }
 
 fn build_trampolines() -> (Vec<u8>, Vec<u8>) {
@@ -227,7 +238,11 @@ fn build_trampolines() -> (Vec<u8>, Vec<u8>) {
 }
 
 fn setup_pages() -> Result<(), String> {
-    map_fixed(CODE_BASE, CODE_LEN as usize, libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC)?;
+    map_fixed(
+        CODE_BASE,
+        CODE_LEN as usize,
+        libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
+    )?;
     map_fixed(DATA_BASE, PAGE, libc::PROT_READ | libc::PROT_WRITE)?;
     map_fixed(STACK_BASE, PAGE, libc::PROT_READ | libc::PROT_WRITE)?;
     map_fixed(CTRL_BASE, PAGE, libc::PROT_READ | libc::PROT_WRITE)?;
@@ -276,7 +291,13 @@ impl Native {
 
     /// Run `code` (followed by a jump to the epilogue) with `input`.
     /// `data` / `stack` are copied in before and out after the run.
-    pub fn run(&mut self, code: &[u8], input: &Regs, data: &mut [u8; PAGE], stack: &mut [u8; PAGE]) -> (Regs, Option<NativeFault>) {
+    pub fn run(
+        &mut self,
+        code: &[u8],
+        input: &Regs,
+        data: &mut [u8; PAGE],
+        stack: &mut [u8; PAGE],
+    ) -> (Regs, Option<NativeFault>) {
         let end = SEQ_START + code.len() as u64;
         let jmp = assemble(end, |a| a.jmp(EPILOGUE));
         assert!(code.len() + jmp.len() < 0x1000);
@@ -307,7 +328,8 @@ impl Native {
             let mut r = Regs::default();
             for n in 0..16 {
                 r.gpr[n] = *(out.add(R_GPR as usize + 8 * n) as *const u64);
-                r.xmm[n] = std::ptr::read_unaligned(out.add(R_XMM as usize + 16 * n) as *const u128);
+                r.xmm[n] =
+                    std::ptr::read_unaligned(out.add(R_XMM as usize + 16 * n) as *const u128);
             }
             r.rflags = *(out.add(R_RFLAGS as usize) as *const u64);
             r.mxcsr = *(out.add(R_MXCSR as usize) as *const u32);
