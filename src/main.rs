@@ -177,7 +177,11 @@ fn selftest_cpu(cases: u64, seed: u64, class: Option<String>) -> anyhow::Result<
     let report = run_cases(&cfg);
     // The report's last line is `cases=N mismatches=M`.
     println!("{report}");
-    Ok(if report.mismatches == 0 && report.error.is_none() { 0 } else { 1 })
+    Ok(if report.mismatches == 0 && report.error.is_none() {
+        0
+    } else {
+        1
+    })
 }
 
 fn bench_cpu(insns: u64) -> anyhow::Result<i32> {

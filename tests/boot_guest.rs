@@ -22,7 +22,10 @@ fn ensure_guest() -> PathBuf {
             .arg(root().join("guest/build.sh"))
             .status()
             .expect("run guest/build.sh");
-        assert!(st.success(), "guest/build.sh failed: the default guest is required for this test");
+        assert!(
+            st.success(),
+            "guest/build.sh failed: the default guest is required for this test"
+        );
     }
     out
 }
@@ -59,11 +62,17 @@ impl Vm {
                     if n == 0 {
                         break;
                     }
-                    out.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+                    out.lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
                 }
             });
         }
-        Vm { child, out, cursor: 0 }
+        Vm {
+            child,
+            out,
+            cursor: 0,
+        }
     }
 
     fn text(&self) -> String {
@@ -85,11 +94,17 @@ impl Vm {
                 }
             }
             if t0.elapsed() > timeout {
-                panic!("timed out waiting for {pat:?}; console so far:\n{}", self.text());
+                panic!(
+                    "timed out waiting for {pat:?}; console so far:\n{}",
+                    self.text()
+                );
             }
             if let Ok(Some(st)) = self.child.try_wait() {
                 std::thread::sleep(Duration::from_millis(200));
-                panic!("VM exited ({st}) while waiting for {pat:?}; console:\n{}", self.text());
+                panic!(
+                    "VM exited ({st}) while waiting for {pat:?}; console:\n{}",
+                    self.text()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -129,12 +144,21 @@ fn boots_default_guest_to_shell() {
     vm.wait_for("~ # ", Duration::from_secs(60));
 
     let uname = vm.sh("uname -r", Duration::from_secs(30));
-    assert!(uname.contains(kver.trim()), "uname -r: {uname:?}, expected {kver:?}");
+    assert!(
+        uname.contains(kver.trim()),
+        "uname -r: {uname:?}, expected {kver:?}"
+    );
 
     let cpuinfo = vm.sh("cat /proc/cpuinfo", Duration::from_secs(30));
-    assert!(cpuinfo.contains("Matryoshka Virtual CPU"), "cpuinfo: {cpuinfo}");
+    assert!(
+        cpuinfo.contains("Matryoshka Virtual CPU"),
+        "cpuinfo: {cpuinfo}"
+    );
     for f in ["sse2", "sse4_1", "cx16", "lm", "nx", "tsc"] {
-        assert!(cpuinfo.split_whitespace().any(|w| w == f), "cpuinfo lacks {f}: {cpuinfo}");
+        assert!(
+            cpuinfo.split_whitespace().any(|w| w == f),
+            "cpuinfo lacks {f}: {cpuinfo}"
+        );
     }
 
     let pci = vm.sh("ls /sys/bus/pci/devices", Duration::from_secs(30));
@@ -146,20 +170,39 @@ fn boots_default_guest_to_shell() {
     let t0 = Instant::now();
     vm.wait_for("STOP", Duration::from_secs(30));
     let slept = t0.elapsed().as_secs_f64();
-    assert!((1.8..3.5).contains(&slept), "guest sleep 2 took {slept:.2}s of host time");
+    assert!(
+        (1.8..3.5).contains(&slept),
+        "guest sleep 2 took {slept:.2}s of host time"
+    );
 
     // Guest date against the host date.
     let date = vm.sh("date +%s", Duration::from_secs(30));
-    let guest: i64 = date.lines().last().unwrap_or("").trim().parse().unwrap_or_else(|_| panic!("date: {date:?}"));
-    let host = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs() as i64;
-    assert!((guest - host).abs() <= 5, "guest date {guest} vs host {host}");
+    let guest: i64 = date
+        .lines()
+        .last()
+        .unwrap_or("")
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("date: {date:?}"));
+    let host = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(
+        (guest - host).abs() <= 5,
+        "guest date {guest} vs host {host}"
+    );
 
     // The kernel log must be free of warnings caused by the platform.
     let bad = vm.sh(
         "dmesg | grep -E 'WARNING|BUG|Call Trace|timed out|Oops' ; true",
         Duration::from_secs(30),
     );
-    assert!(bad.trim().is_empty(), "kernel log has problems:\n{bad}\n--- full console:\n{}", vm.text());
+    assert!(
+        bad.trim().is_empty(),
+        "kernel log has problems:\n{bad}\n--- full console:\n{}",
+        vm.text()
+    );
 
     vm.send("poweroff -f");
     let t0 = Instant::now();
@@ -167,10 +210,18 @@ fn boots_default_guest_to_shell() {
         if let Some(st) = vm.child.try_wait().unwrap() {
             break st;
         }
-        assert!(t0.elapsed() < Duration::from_secs(60), "VM did not power off:\n{}", vm.text());
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "VM did not power off:\n{}",
+            vm.text()
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
-    assert!(status.success(), "exit status {status}; console:\n{}", vm.text());
+    assert!(
+        status.success(),
+        "exit status {status}; console:\n{}",
+        vm.text()
+    );
 }
 
 #[test]
@@ -184,10 +235,17 @@ fn bad_cli_input_gets_one_clear_error() {
         &["run", "--kernel", "/etc/hostname"],
     ];
     for args in cases {
-        let o = Command::new(bin).args(*args).stdin(Stdio::null()).output().unwrap();
+        let o = Command::new(bin)
+            .args(*args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success(), "{args:?} succeeded");
         assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
-        assert!(err.to_lowercase().contains("error"), "{args:?}: no error message: {err}");
+        assert!(
+            err.to_lowercase().contains("error"),
+            "{args:?}: no error message: {err}"
+        );
     }
 }

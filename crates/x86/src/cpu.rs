@@ -93,8 +93,6 @@ pub struct Cpu {
     pub(crate) next_rip: u64,
     /// A handler changed state that the rest of the block was decoded under.
     pub(crate) end_block: bool,
-    /// An exception is being delivered (for #DF / triple-fault detection).
-    pub(crate) delivering: Option<u8>,
     pub(crate) shutdown: Option<String>,
     /// Unimplemented mnemonics seen (reported once each).
     pub(crate) unimpl_seen: std::collections::HashSet<String>,
@@ -114,7 +112,6 @@ impl Cpu {
             fast: vec![None; FAST_CACHE],
             next_rip: 0,
             end_block: false,
-            delivering: None,
             shutdown: None,
             unimpl_seen: Default::default(),
         }
@@ -226,7 +223,9 @@ impl Cpu {
 
     /// Physical write: RAM (invalidating decoded code) or MMIO.
     pub fn phys_write(&mut self, gpa: u64, buf: &[u8]) {
-        if self.ram.is_code_page(gpa >> 12) || self.ram.is_code_page((gpa + buf.len() as u64 - 1) >> 12) {
+        if self.ram.is_code_page(gpa >> 12)
+            || self.ram.is_code_page((gpa + buf.len() as u64 - 1) >> 12)
+        {
             // Self-modifying code: the current block may be stale now.
             self.end_block = true;
             self.stats.block_invalidations += 1;
@@ -317,7 +316,7 @@ impl Cpu {
             self.ram.note_write(phys, size as u64);
             self.end_block = true;
         }
-        if lin as usize % size != 0 {
+        if !(lin as usize).is_multiple_of(size) {
             return Ok(None);
         }
         Ok(self.ram.host_ptr(phys, size as u64))
@@ -403,7 +402,11 @@ impl Cpu {
         };
         let slot = ((lin_pc ^ (lin_pc >> 12)) as usize) & (FAST_CACHE - 1);
         if let Some(b) = &self.fast[slot] {
-            if b.lin_pc == lin_pc && b.phys_pc == phys_pc && b.bitness == bitness && self.block_valid(b) {
+            if b.lin_pc == lin_pc
+                && b.phys_pc == phys_pc
+                && b.bitness == bitness
+                && self.block_valid(b)
+            {
                 return Ok(b.clone());
             }
         }
@@ -429,7 +432,9 @@ impl Cpu {
 
     #[inline]
     fn block_valid(&self, b: &Block) -> bool {
-        b.pages.iter().all(|&(ppn, gen)| ppn == u64::MAX || self.ram.page_gen(ppn) == gen)
+        b.pages
+            .iter()
+            .all(|&(ppn, gen)| ppn == u64::MAX || self.ram.page_gen(ppn) == gen)
     }
 
     fn decode_block(&mut self, lin_pc: u64, phys_pc: u64, bitness: u32) -> XResult<Block> {

@@ -46,7 +46,8 @@ pub mod edx1 {
 /// compares, CRC32) is advertised only together with its implementation.
 pub const SIMD_ECX: u32 = ecx1::SSE3 | ecx1::SSSE3 | ecx1::SSE41 | ecx1::SSE42 | ecx1::POPCNT;
 
-pub const FEATURES_ECX1: u32 = SIMD_ECX | ecx1::CX16 | ecx1::MOVBE | ecx1::TSC_DEADLINE | ecx1::HYPERVISOR;
+pub const FEATURES_ECX1: u32 =
+    SIMD_ECX | ecx1::CX16 | ecx1::MOVBE | ecx1::TSC_DEADLINE | ecx1::HYPERVISOR;
 
 pub const FEATURES_EDX1: u32 = edx1::FPU
     | edx1::DE
@@ -116,7 +117,7 @@ pub fn cpuid(cfg: &CpuConfig, leaf: u32, sub: u32) -> [u32; 4] {
             // TSC = crystal * ebx / eax: lets Linux skip TSC calibration.
             let crystal = 25_000_000u64;
             let num = (cfg.tsc_hz / crystal) as u32;
-            if num == 0 || cfg.tsc_hz % crystal != 0 {
+            if num == 0 || !cfg.tsc_hz.is_multiple_of(crystal) {
                 [1, (cfg.tsc_hz / 1000) as u32, 1000, 0]
             } else {
                 [1, num, crystal as u32, 0]

@@ -30,7 +30,12 @@ impl Cpu {
     }
 
     /// Deliver an external interrupt or NMI (`external`), or a software one.
-    pub(crate) fn deliver_interrupt(&mut self, vector: u8, error_code: Option<u32>, external: bool) {
+    pub(crate) fn deliver_interrupt(
+        &mut self,
+        vector: u8,
+        error_code: Option<u32>,
+        external: bool,
+    ) {
         let kind = if external {
             EventKind::External
         } else {
@@ -70,7 +75,8 @@ impl Cpu {
                         ));
                         return;
                     }
-                    let first_contrib = matches!(first, exc::DE | exc::TS | exc::NP | exc::SS | exc::GP);
+                    let first_contrib =
+                        matches!(first, exc::DE | exc::TS | exc::NP | exc::SS | exc::GP);
                     let double = cur.2 == EventKind::Fault
                         && ((first_contrib && f2.contributory())
                             || (first == exc::PF && (f2.contributory() || f2.vector == exc::PF)));
@@ -97,7 +103,9 @@ impl Cpu {
         if !self.s.protected() {
             return self.deliver_real(vector, return_rip);
         }
-        let ext = (kind == EventKind::External) as u32;
+        // EXT: set unless delivering a software interrupt (INT n/INT3/INTO);
+        // an earlier exception counts as external to the program (SDM 6.13).
+        let ext = (kind != EventKind::Software) as u32;
         if self.s.long_mode() {
             self.deliver_long(vector, error_code, kind, return_rip, ext)
         } else {
@@ -166,7 +174,11 @@ impl Cpu {
     /// Set the accessed bit of a descriptor in memory, as hardware does.
     pub(crate) fn mark_descriptor_accessed(&mut self, sel: u16, raw: u64) -> XResult<()> {
         if raw & (1 << 40) == 0 {
-            let base = if sel & 4 != 0 { self.s.ldtr.base } else { self.s.gdtr.base };
+            let base = if sel & 4 != 0 {
+                self.s.ldtr.base
+            } else {
+                self.s.gdtr.base
+            };
             self.write_sys_u64(base + (sel & !7) as u64, raw | (1 << 40))?;
         }
         Ok(())
@@ -175,7 +187,11 @@ impl Cpu {
     /// Read the 16-byte (system) descriptor for `sel` in long mode.
     pub(crate) fn read_descriptor16(&mut self, sel: u16) -> XResult<(u64, u64)> {
         let lo = self.read_descriptor(sel)?;
-        let base = if sel & 4 != 0 { self.s.ldtr.base } else { self.s.gdtr.base };
+        let base = if sel & 4 != 0 {
+            self.s.ldtr.base
+        } else {
+            self.s.gdtr.base
+        };
         let limit = if sel & 4 != 0 {
             self.s.ldtr.limit as u64
         } else {
@@ -277,7 +293,11 @@ impl Cpu {
                 selector: new_cpl as u16,
                 base: 0,
                 limit: 0,
-                attr: seg_attr::DB | seg_attr::P | seg_attr::S | seg_attr::WRITABLE | ((new_cpl as u16) << 5),
+                attr: seg_attr::DB
+                    | seg_attr::P
+                    | seg_attr::S
+                    | seg_attr::WRITABLE
+                    | ((new_cpl as u16) << 5),
             };
             // A NULL SS is "unusable" in 64-bit mode; keep the attributes sane.
         }
@@ -390,15 +410,23 @@ impl Cpu {
 
     /// Push with supervisor permissions (interrupt frames).
     fn push_sys(&mut self, size: usize, v: u64) -> XResult<()> {
-        let mask = if self.s.seg[SS].default_big() { 0xffff_ffff } else { 0xffff };
+        let mask = if self.s.seg[SS].default_big() {
+            0xffff_ffff
+        } else {
+            0xffff
+        };
         let sp = self.s.gpr[4];
         let new_sp = sp.wrapping_sub(size as u64) & mask;
         let lin = self.s.seg[SS].base.wrapping_add(new_sp);
         let bytes = v.to_le_bytes();
-        self.write_bytes_as(lin, &bytes[..size], Access {
-            kind: AccessKind::Write,
-            user: false,
-        })?;
+        self.write_bytes_as(
+            lin,
+            &bytes[..size],
+            Access {
+                kind: AccessKind::Write,
+                user: false,
+            },
+        )?;
         self.s.gpr[4] = (sp & !mask) | new_sp;
         Ok(())
     }

@@ -12,12 +12,12 @@ pub mod cpu;
 pub mod cpuid;
 pub mod exception;
 pub mod exec;
-pub mod selftest;
 pub mod hostalu;
 pub mod interrupts;
 pub mod mem;
 pub mod mmu;
 pub mod msr;
+pub mod selftest;
 pub mod state;
 pub mod testutil;
 

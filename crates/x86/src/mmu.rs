@@ -28,6 +28,9 @@ pub struct TlbEntry {
     pub addend: u64,
     pub ppn: u64,
     pub global: bool,
+    /// Extra linear page-number bits covered by the page this entry came
+    /// from: 0 for 4 KiB, 9 for 2 MiB, 10 for 4 MiB, 18 for 1 GiB.
+    pub large_bits: u8,
 }
 
 impl TlbEntry {
@@ -38,18 +41,22 @@ impl TlbEntry {
         addend: 0,
         ppn: 0,
         global: false,
+        large_bits: 0,
     };
 }
 
 /// Two direct-mapped arrays: index 0 for supervisor accesses, 1 for user.
 pub struct Tlb {
     pub e: [[TlbEntry; TLB_SIZE]; 2],
+    /// Some entry may come from a large page (INVLPG must then scan).
+    pub has_large: bool,
 }
 
 impl Default for Tlb {
     fn default() -> Self {
         Tlb {
             e: [[TlbEntry::EMPTY; TLB_SIZE]; 2],
+            has_large: false,
         }
     }
 }
@@ -59,6 +66,7 @@ impl Tlb {
         for m in self.e.iter_mut() {
             m.fill(TlbEntry::EMPTY);
         }
+        self.has_large = false;
     }
     pub fn flush_nonglobal(&mut self) {
         for m in self.e.iter_mut() {
@@ -70,9 +78,24 @@ impl Tlb {
         }
     }
     pub fn flush_page(&mut self, lin: u64) {
-        let idx = ((lin >> 12) as usize) & (TLB_SIZE - 1);
+        let vpn = lin >> 12;
+        let idx = (vpn as usize) & (TLB_SIZE - 1);
         self.e[0][idx] = TlbEntry::EMPTY;
         self.e[1][idx] = TlbEntry::EMPTY;
+        // INVLPG drops the whole large page containing `lin`, and the TLB
+        // holds it as separate 4 KiB entries.
+        if self.has_large {
+            for m in self.e.iter_mut() {
+                for e in m.iter_mut() {
+                    if e.large_bits != 0
+                        && e.read_tag != NO_TAG
+                        && (e.read_tag ^ vpn) >> e.large_bits == 0
+                    {
+                        *e = TlbEntry::EMPTY;
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -118,6 +141,8 @@ pub struct Translation {
     pub exec: bool,
     pub dirty: bool,
     pub global: bool,
+    /// See [`TlbEntry::large_bits`].
+    pub large_bits: u8,
 }
 
 impl Cpu {
@@ -126,7 +151,11 @@ impl Cpu {
     pub fn translate(&mut self, lin: u64, acc: Access) -> XResult<Translation> {
         let s = &self.s;
         if s.cr0 & cr0::PG == 0 {
-            let phys = if s.long_mode() { lin } else { lin & 0xffff_ffff };
+            let phys = if s.long_mode() {
+                lin
+            } else {
+                lin & 0xffff_ffff
+            };
             return Ok(Translation {
                 phys,
                 writable: true,
@@ -134,6 +163,7 @@ impl Cpu {
                 exec: true,
                 dirty: true,
                 global: false,
+                large_bits: 0,
             });
         }
         let write = acc.kind == AccessKind::Write;
@@ -157,6 +187,7 @@ impl Cpu {
         let mut depth = 0usize;
         let leaf_phys;
         let mut large = false;
+        let mut large_bits = 0u8;
         let mut user_ok = true;
         let mut write_ok = true;
         let mut nx = false;
@@ -204,6 +235,7 @@ impl Cpu {
                     let psize_mask = (1u64 << shift) - 1;
                     leaf_phys = (pte & PHYS_MASK & !psize_mask) | (lin & psize_mask);
                     large = true;
+                    large_bits = (shift - 12) as u8;
                     break;
                 }
                 table = pte & PHYS_MASK;
@@ -246,6 +278,7 @@ impl Cpu {
                 if pte & PTE_PS != 0 {
                     leaf_phys = (pte & PHYS_MASK & !0x1f_ffff) | (lin & 0x1f_ffff);
                     large = true;
+                    large_bits = 9;
                     break;
                 }
                 table = pte & PHYS_MASK;
@@ -268,6 +301,7 @@ impl Cpu {
                 let hi = ((pde >> 13) & 0xff) << 32;
                 leaf_phys = (pde & 0xffc0_0000) | hi | (lin & 0x3f_ffff);
                 large = true;
+                large_bits = 10;
             } else {
                 let pte_addr = (pde & 0xffff_f000) + ((lin >> 12) & 0x3ff) * 4;
                 let pte = self.read_phys_u32(pte_addr) as u64;
@@ -315,6 +349,7 @@ impl Cpu {
             exec: !nx,
             dirty,
             global: pge && leaf_pte & PTE_G != 0,
+            large_bits,
         })
     }
 
@@ -358,6 +393,8 @@ impl Cpu {
             e.addend = (host as u64).wrapping_sub(lin & !0xfff);
             e.ppn = page_phys >> 12;
             e.global = t.global;
+            e.large_bits = t.large_bits;
+            self.tlb.has_large |= t.large_bits != 0;
         }
         Ok(t.phys)
     }

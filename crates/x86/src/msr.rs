@@ -30,7 +30,9 @@ pub const GS_BASE: u32 = 0xc000_0101;
 pub const KERNEL_GS_BASE: u32 = 0xc000_0102;
 pub const TSC_AUX: u32 = 0xc000_0103;
 
-const FIXED_MTRRS: [u32; 11] = [0x250, 0x258, 0x259, 0x268, 0x269, 0x26a, 0x26b, 0x26c, 0x26d, 0x26e, 0x26f];
+const FIXED_MTRRS: [u32; 11] = [
+    0x250, 0x258, 0x259, 0x268, 0x269, 0x26a, 0x26b, 0x26c, 0x26d, 0x26e, 0x26f,
+];
 
 fn canonical(v: u64) -> bool {
     let top = (v as i64) >> 47;
@@ -114,7 +116,9 @@ pub fn write(cpu: &mut Cpu, msr: u32, v: u64) -> XResult<()> {
             }
         }
         STAR => cpu.s.star = v,
-        LSTAR | CSTAR | FS_BASE | GS_BASE | KERNEL_GS_BASE if !canonical(v) => return Err(Fault::gp0()),
+        LSTAR | CSTAR | FS_BASE | GS_BASE | KERNEL_GS_BASE if !canonical(v) => {
+            return Err(Fault::gp0())
+        }
         LSTAR => cpu.s.lstar = v,
         CSTAR => cpu.s.cstar = v,
         SFMASK => cpu.s.sfmask = v & 0xffff_ffff,

@@ -248,7 +248,11 @@ impl CpuState {
             selector: 0xf000,
             base: 0xffff_0000,
             limit: 0xffff,
-            attr: seg_attr::P | seg_attr::S | seg_attr::CODE | seg_attr::WRITABLE | seg_attr::ACCESSED,
+            attr: seg_attr::P
+                | seg_attr::S
+                | seg_attr::CODE
+                | seg_attr::WRITABLE
+                | seg_attr::ACCESSED,
         };
         CpuState {
             gpr: [0; 16],
@@ -265,8 +269,14 @@ impl CpuState {
                 limit: 0xffff,
                 ..Default::default()
             },
-            gdtr: DescriptorTable { base: 0, limit: 0xffff },
-            idtr: DescriptorTable { base: 0, limit: 0xffff },
+            gdtr: DescriptorTable {
+                base: 0,
+                limit: 0xffff,
+            },
+            idtr: DescriptorTable {
+                base: 0,
+                limit: 0xffff,
+            },
             cr0: cr0::ET | cr0::CD | cr0::NW,
             cr2: 0,
             cr3: 0,

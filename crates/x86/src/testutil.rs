@@ -80,7 +80,13 @@ pub fn long_mode_state(ram: &GuestRam, gib: u64) -> CpuState {
             ram.write(pd + k * 8, &(pa | 0x87).to_le_bytes());
         }
     }
-    let gdt: [u64; 5] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff, 0x00af_fb00_0000_ffff, 0x00cf_f300_0000_ffff];
+    let gdt: [u64; 5] = [
+        0,
+        0x00af_9b00_0000_ffff,
+        0x00cf_9300_0000_ffff,
+        0x00af_fb00_0000_ffff,
+        0x00cf_f300_0000_ffff,
+    ];
     for (k, d) in gdt.iter().enumerate() {
         ram.write(GDT + k as u64 * 8, &d.to_le_bytes());
     }

@@ -187,10 +187,34 @@ impl Rng {
 }
 
 const F32S: &[u32] = &[
-    0, 0x8000_0000, 0x3f80_0000, 0xbf80_0000, 0x0000_0001, 0x807f_ffff, 0x7f80_0000, 0xff80_0000, 0x7fc0_0000,
-    0x7f80_0001, 0xffc0_0001, 0x7fa0_0000, 0x7f7f_ffff, 0x0080_0000, 0x4f00_0000, 0xcf00_0000, 0x3fc0_0000,
-    0x4020_0000, 0xc020_0000, 0x3f00_0000, 0x4f32_d05e, 0x5f00_0000, 0xdf00_0000, 0x3eaa_aaab, 0x0100_0000,
-    0x4b7f_ffff, 0xcb00_0001, 0x40490fdb,
+    0,
+    0x8000_0000,
+    0x3f80_0000,
+    0xbf80_0000,
+    0x0000_0001,
+    0x807f_ffff,
+    0x7f80_0000,
+    0xff80_0000,
+    0x7fc0_0000,
+    0x7f80_0001,
+    0xffc0_0001,
+    0x7fa0_0000,
+    0x7f7f_ffff,
+    0x0080_0000,
+    0x4f00_0000,
+    0xcf00_0000,
+    0x3fc0_0000,
+    0x4020_0000,
+    0xc020_0000,
+    0x3f00_0000,
+    0x4f32_d05e,
+    0x5f00_0000,
+    0xdf00_0000,
+    0x3eaa_aaab,
+    0x0100_0000,
+    0x4b7f_ffff,
+    0xcb00_0001,
+    0x40490fdb,
 ];
 
 const F64S: &[u64] = &[
@@ -246,7 +270,9 @@ fn rand_vec(r: &mut Rng) -> u128 {
         1 => rand_f64(r) as u128 | (rand_f64(r) as u128) << 64,
         2 => {
             // Small integers and bytes that matter to string/byte ops.
-            (0..16).fold(0, |v, k| v | (((r.next() % 5) as u8 * 0x21) as u128) << (8 * k))
+            (0..16).fold(0, |v, k| {
+                v | (((r.next() % 5) as u8 * 0x21) as u128) << (8 * k)
+            })
         }
         _ => r.next() as u128 | (r.next() as u128) << 64,
     }
@@ -449,12 +475,30 @@ fn moves_vs_host() {
 fn string_compare_vs_host() {
     let mut v: Vec<(String, Emit)> = Vec::new();
     for imm in (0..128).step_by(1) {
-        v.push((format!("pcmpistri {imm:#x}"), Box::new(move |a: &mut CodeAssembler| a.pcmpistri(xmm1, xmm2, imm).unwrap())));
-        v.push((format!("pcmpistrm {imm:#x}"), Box::new(move |a: &mut CodeAssembler| a.pcmpistrm(xmm1, ptr(rsi + 1), imm).unwrap())));
-        v.push((format!("pcmpestri {imm:#x}"), Box::new(move |a: &mut CodeAssembler| a.pcmpestri(xmm1, ptr(rsi + 3), imm).unwrap())));
-        v.push((format!("pcmpestrm {imm:#x}"), Box::new(move |a: &mut CodeAssembler| a.pcmpestrm(xmm1, xmm2, imm).unwrap())));
-        v.push((format!("pcmpestri64 {imm:#x}"), Box::new(move |a: &mut CodeAssembler| a.pcmpestri64(xmm1, xmm2, imm).unwrap())));
-        v.push((format!("pcmpestrm64 {imm:#x}"), Box::new(move |a: &mut CodeAssembler| a.pcmpestrm64(xmm1, ptr(rsi), imm).unwrap())));
+        v.push((
+            format!("pcmpistri {imm:#x}"),
+            Box::new(move |a: &mut CodeAssembler| a.pcmpistri(xmm1, xmm2, imm).unwrap()),
+        ));
+        v.push((
+            format!("pcmpistrm {imm:#x}"),
+            Box::new(move |a: &mut CodeAssembler| a.pcmpistrm(xmm1, ptr(rsi + 1), imm).unwrap()),
+        ));
+        v.push((
+            format!("pcmpestri {imm:#x}"),
+            Box::new(move |a: &mut CodeAssembler| a.pcmpestri(xmm1, ptr(rsi + 3), imm).unwrap()),
+        ));
+        v.push((
+            format!("pcmpestrm {imm:#x}"),
+            Box::new(move |a: &mut CodeAssembler| a.pcmpestrm(xmm1, xmm2, imm).unwrap()),
+        ));
+        v.push((
+            format!("pcmpestri64 {imm:#x}"),
+            Box::new(move |a: &mut CodeAssembler| a.pcmpestri64(xmm1, xmm2, imm).unwrap()),
+        ));
+        v.push((
+            format!("pcmpestrm64 {imm:#x}"),
+            Box::new(move |a: &mut CodeAssembler| a.pcmpestrm64(xmm1, ptr(rsi), imm).unwrap()),
+        ));
     }
     check_all(v, 12, false);
 }
@@ -508,8 +552,10 @@ fn movss_movsd_movq_zeroing() {
 fn nan_denormal_negzero_arith() {
     let mut st = St::new();
     // -0 + -0, qNaN + 1, sNaN + 1 (quieted, IE), denormal * 1 (DE)
-    st.xmm[1] = 0x8000_0000 | (0x7fc0_1234u128 << 32) | (0x7f80_0001u128 << 64) | (0x0000_0001u128 << 96);
-    st.xmm[2] = 0x8000_0000 | (0x3f80_0000u128 << 32) | (0x3f80_0000u128 << 64) | (0x3f80_0000u128 << 96);
+    st.xmm[1] =
+        0x8000_0000 | (0x7fc0_1234u128 << 32) | (0x7f80_0001u128 << 64) | (0x0000_0001u128 << 96);
+    st.xmm[2] =
+        0x8000_0000 | (0x3f80_0000u128 << 32) | (0x3f80_0000u128 << 64) | (0x3f80_0000u128 << 96);
     let want = host_run(&bytes(&|a| a.addps(xmm1, xmm2).unwrap()), &st);
     let got = one(|a| a.addps(xmm1, xmm2).unwrap(), &st).unwrap();
     assert_eq!(got, want);
@@ -589,7 +635,7 @@ fn pcmpistri_strings() {
     let r = one(|a| a.pcmpistri(xmm1, xmm2, 0x00).unwrap(), &st).unwrap();
     assert_eq!(r.gpr[1], 4);
     assert_eq!(r.flags & 0x41, 0x41); // CF (match), ZF (xmm2 has a NUL)
-    // strcmp-like: equal each, negative polarity → first difference.
+                                      // strcmp-like: equal each, negative polarity → first difference.
     st.xmm[1] = s16(b"hello there");
     let r = one(|a| a.pcmpistri(xmm1, xmm2, 0x18).unwrap(), &st).unwrap();
     assert_eq!(r.gpr[1], 6);
@@ -602,7 +648,11 @@ fn pcmpistri_strings() {
     let r = one(|a| a.pcmpistri(xmm1, xmm2, 0x00).unwrap(), &st).unwrap();
     assert_eq!(r.gpr[1], 16);
     assert_eq!(r.flags & 1, 0);
-    diff("pcmpistri", &bytes(&|a| a.pcmpistri(xmm1, xmm2, 0x00).unwrap()), &st);
+    diff(
+        "pcmpistri",
+        &bytes(&|a| a.pcmpistri(xmm1, xmm2, 0x00).unwrap()),
+        &st,
+    );
 }
 
 #[test]
@@ -818,7 +868,10 @@ fn every_legacy_sse_code_has_a_handler() {
                 | Code::Movq2dq_xmm_mm
                 | Code::Movdq2q_mm_xmm
         );
-        if !sse || code.encoding() != iced_x86::EncodingKind::Legacy || (name.contains("_mm") && !mixed) {
+        if !sse
+            || code.encoding() != iced_x86::EncodingKind::Legacy
+            || (name.contains("_mm") && !mixed)
+        {
             continue;
         }
         let mut i = Instruction::default();
@@ -829,9 +882,12 @@ fn every_legacy_sse_code_has_a_handler() {
     }
     // Handled by other families (data.rs, alu.rs, x87: FXSAVE, FISTTP).
     missing.retain(|n| {
-        !["Prefetch", "Sfence", "Lfence", "Mfence", "Movnti", "Pause", "Fxsave", "Fxrstor", "Popcnt", "Fisttp"]
-            .iter()
-            .any(|p| n.starts_with(p))
+        ![
+            "Prefetch", "Sfence", "Lfence", "Mfence", "Movnti", "Pause", "Fxsave", "Fxrstor",
+            "Popcnt", "Fisttp",
+        ]
+        .iter()
+        .any(|p| n.starts_with(p))
     });
     assert!(missing.is_empty(), "no handler: {missing:?}");
 }

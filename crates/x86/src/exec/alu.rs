@@ -32,8 +32,9 @@ pub fn lookup(i: &Instruction) -> Option<Handler> {
         Mul => mul,
         Imul => imul,
         Div | Idiv => div,
-        Andn | Bextr | Blsi | Blsmsk | Blsr | Bzhi | Pdep | Pext | Rorx | Sarx | Shlx | Shrx | Mulx => {
-            return None // BMI is not advertised
+        Andn | Bextr | Blsi | Blsmsk | Blsr | Bzhi | Pdep | Pext | Rorx | Sarx | Shlx | Shrx
+        | Mulx => {
+            return None; // BMI is not advertised
         }
         _ => return None,
     })
@@ -41,7 +42,12 @@ pub fn lookup(i: &Instruction) -> Option<Handler> {
 
 /// Two-operand ALU op with a writable destination (op0) and source (op1).
 #[inline(always)]
-fn binop(cpu: &mut Cpu, i: &Instruction, f: fn(usize, u64, u64) -> (u64, u64), write: bool) -> XResult<()> {
+fn binop(
+    cpu: &mut Cpu,
+    i: &Instruction,
+    f: fn(usize, u64, u64) -> (u64, u64),
+    write: bool,
+) -> XResult<()> {
     let size = cpu.op_size(i, 0);
     let b = cpu.read_op(i, 1)? & mask(size);
     if i.op0_kind() == OpKind::Register {
@@ -117,7 +123,12 @@ fn sbb(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
 }
 
 #[inline(always)]
-fn unop(cpu: &mut Cpu, i: &Instruction, f: fn(usize, u64) -> (u64, u64), which: u64) -> XResult<()> {
+fn unop(
+    cpu: &mut Cpu,
+    i: &Instruction,
+    f: fn(usize, u64) -> (u64, u64),
+    which: u64,
+) -> XResult<()> {
     let size = cpu.op_size(i, 0);
     let fl = if i.op0_kind() == OpKind::Register {
         let r = i.op0_register();
@@ -144,9 +155,15 @@ fn not(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
     unop(cpu, i, |_, a| (!a, 0), 0)
 }
 
+type ShiftFn = fn(usize, u64, u8, bool) -> (u64, u64);
+
 fn shift(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
     let size = cpu.op_size(i, 0);
-    let raw = if i.op_count() > 1 { cpu.read_op(i, 1)? as u8 } else { 1 };
+    let raw = if i.op_count() > 1 {
+        cpu.read_op(i, 1)? as u8
+    } else {
+        1
+    };
     let count = raw & if size == 8 { 63 } else { 31 };
     if count == 0 {
         // Flags untouched (but still a memory access check); a 32-bit
@@ -160,7 +177,7 @@ fn shift(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
         return Ok(());
     }
     let cf = cpu.flag(CF);
-    let (f, which): (fn(usize, u64, u8, bool) -> (u64, u64), u64) = match i.mnemonic() {
+    let (f, which): (ShiftFn, u64) = match i.mnemonic() {
         Mnemonic::Rol => (h::rol, h::ROTATE_FLAGS),
         Mnemonic::Ror => (h::ror, h::ROTATE_FLAGS),
         Mnemonic::Rcl => (h::rcl, h::ROTATE_FLAGS),
@@ -264,7 +281,10 @@ fn bittest(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
     // Memory form: a register bit offset addresses beyond the operand.
     let (byte_off, bit) = if i.op1_kind() == OpKind::Register {
         let soff = super::sext(off, size) as i64;
-        ((soff >> (bits.trailing_zeros())) * size as i64, (soff as u64) & (bits - 1))
+        (
+            (soff >> (bits.trailing_zeros())) * size as i64,
+            (soff as u64) & (bits - 1),
+        )
     } else {
         (0, off & (bits - 1))
     };
@@ -389,7 +409,7 @@ fn mul_flags(cpu: &mut Cpu, ovf: bool, size: usize, lo: u64) {
     if (lo >> (size * 8 - 1)) & 1 != 0 {
         fl |= SF;
     }
-    if (lo as u8).count_ones() % 2 == 0 {
+    if (lo as u8).count_ones().is_multiple_of(2) {
         fl |= PF;
     }
     cpu.set_flags(STATUS, fl);

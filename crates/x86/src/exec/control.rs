@@ -11,7 +11,9 @@ pub fn lookup(i: &Instruction) -> Option<Handler> {
     use Mnemonic::*;
     Some(match i.mnemonic() {
         Jmp if !is_far(i) => jmp,
-        Jo | Jno | Jb | Jae | Je | Jne | Jbe | Ja | Js | Jns | Jp | Jnp | Jl | Jge | Jle | Jg => jcc,
+        Jo | Jno | Jb | Jae | Je | Jne | Jbe | Ja | Js | Jns | Jp | Jnp | Jl | Jge | Jle | Jg => {
+            jcc
+        }
         Call if !is_far(i) => call,
         Ret => ret,
         Loop | Loope | Loopne => loop_,
@@ -37,7 +39,8 @@ pub fn lookup(i: &Instruction) -> Option<Handler> {
 fn is_far(i: &Instruction) -> bool {
     use iced_x86::MemorySize::*;
     matches!(i.op0_kind(), OpKind::FarBranch16 | OpKind::FarBranch32)
-        || (i.op0_kind() == OpKind::Memory && matches!(i.memory_size(), SegPtr16 | SegPtr32 | SegPtr64))
+        || (i.op0_kind() == OpKind::Memory
+            && matches!(i.memory_size(), SegPtr16 | SegPtr32 | SegPtr64))
 }
 
 /// Operand size of a near branch target (2, 4 or 8).
@@ -70,7 +73,9 @@ fn branch_to(cpu: &mut Cpu, target: u64, size: usize) -> XResult<()> {
 
 fn target(cpu: &mut Cpu, i: &Instruction) -> XResult<u64> {
     match i.op0_kind() {
-        OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64 => Ok(i.near_branch_target()),
+        OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64 => {
+            Ok(i.near_branch_target())
+        }
         _ => cpu.read_op(i, 0),
     }
 }

@@ -27,10 +27,10 @@ pub fn lookup(i: &Instruction) -> Option<Handler> {
         Movsx | Movsxd => movsx,
         Lea => lea,
         Xchg => xchg,
-        Cmovo | Cmovno | Cmovb | Cmovae | Cmove | Cmovne | Cmovbe | Cmova | Cmovs | Cmovns | Cmovp | Cmovnp
-        | Cmovl | Cmovge | Cmovle | Cmovg => cmov,
-        Seto | Setno | Setb | Setae | Sete | Setne | Setbe | Seta | Sets | Setns | Setp | Setnp | Setl | Setge
-        | Setle | Setg => setcc,
+        Cmovo | Cmovno | Cmovb | Cmovae | Cmove | Cmovne | Cmovbe | Cmova | Cmovs | Cmovns
+        | Cmovp | Cmovnp | Cmovl | Cmovge | Cmovle | Cmovg => cmov,
+        Seto | Setno | Setb | Setae | Sete | Setne | Setbe | Seta | Sets | Setns | Setp | Setnp
+        | Setl | Setge | Setle | Setg => setcc,
         Push => {
             if i.op0_kind() == OpKind::Register && i.op0_register().is_segment_register() {
                 return None;
@@ -52,8 +52,8 @@ pub fn lookup(i: &Instruction) -> Option<Handler> {
         Cmpxchg => cmpxchg,
         Cmpxchg8b | Cmpxchg16b => cmpxchg_wide,
         Movbe => movbe,
-        Nop | Pause | Prefetchnta | Prefetcht0 | Prefetcht1 | Prefetcht2 | Prefetchw | Lfence | Sfence
-        | Mfence | Endbr64 | Endbr32 => nop,
+        Nop | Pause | Prefetchnta | Prefetcht0 | Prefetcht1 | Prefetcht2 | Prefetchw | Lfence
+        | Sfence | Mfence | Endbr64 | Endbr32 => nop,
         Lahf => lahf,
         Sahf => sahf,
         Clc => |c, _| {
@@ -183,7 +183,11 @@ fn pop(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
 }
 
 fn pusha(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
-    let size = if i.mnemonic() == Mnemonic::Pushad { 4 } else { 2 };
+    let size = if i.mnemonic() == Mnemonic::Pushad {
+        4
+    } else {
+        2
+    };
     let sp = cpu.s.gpr[4];
     for r in 0..8 {
         let v = if r == 4 { sp } else { cpu.s.gpr[r] };
@@ -196,19 +200,27 @@ fn pusha(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
 }
 
 fn popa(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
-    let size = if i.mnemonic() == Mnemonic::Popad { 4 } else { 2 };
+    let size = if i.mnemonic() == Mnemonic::Popad {
+        4
+    } else {
+        2
+    };
     let mut vals = [0u64; 8];
     for (k, v) in vals.iter_mut().enumerate() {
         *v = cpu.peek(size, (k * size) as u64)?;
     }
-    for k in 0..8 {
+    for (k, &v) in vals.iter().enumerate() {
         let r = 7 - k;
         if r != 4 {
-            cpu.set_reg_sized(r, size, vals[k]);
+            cpu.set_reg_sized(r, size, v);
         }
     }
     let sp = cpu.s.gpr[4];
-    let m = if cpu.stack_addr_size() == 4 { 0xffff_ffff } else { 0xffff };
+    let m = if cpu.stack_addr_size() == 4 {
+        0xffff_ffff
+    } else {
+        0xffff
+    };
     cpu.s.gpr[4] = (sp & !m) | (sp.wrapping_add(8 * size as u64) & m);
     Ok(())
 }
@@ -231,7 +243,11 @@ fn cwd(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
         _ => 8,
     };
     let a = cpu.reg_sized(0, size);
-    let v = if (a >> (size * 8 - 1)) & 1 != 0 { u64::MAX } else { 0 };
+    let v = if (a >> (size * 8 - 1)) & 1 != 0 {
+        u64::MAX
+    } else {
+        0
+    };
     cpu.set_reg_sized(2, size, v);
     Ok(())
 }
@@ -421,7 +437,9 @@ fn enter(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
         let mut bp_walk = bp;
         for _ in 1..level {
             bp_walk = bp_walk.wrapping_sub(size as u64);
-            let lin = cpu.seg_base(crate::state::SS).wrapping_add(bp_walk & mask(cpu.stack_addr_size()));
+            let lin = cpu
+                .seg_base(crate::state::SS)
+                .wrapping_add(bp_walk & mask(cpu.stack_addr_size()));
             let v = cpu.read_sized(cpu.mask_lin(lin), size)?;
             cpu.push(size, v)?;
         }

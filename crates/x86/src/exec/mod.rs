@@ -38,11 +38,47 @@ pub fn ends_block(i: &Instruction) -> bool {
     use Mnemonic::*;
     matches!(
         i.mnemonic(),
-        Mov | Pop | Lgdt | Lidt | Lldt | Ltr | Lmsw | Clts | Invlpg | Wrmsr | Sti | Cli | Popf | Popfd | Popfq
-            | Hlt | Cpuid | Xsetbv | Fxrstor | Fxrstor64 | Xrstor | Xrstor64 | Swapgs | Wbinvd | Invd | Rsm
-            | Lss | Lfs | Lgs | Lds | Les | In | Out | Insb | Insw | Insd | Outsb | Outsw | Outsd
+        Mov | Pop
+            | Lgdt
+            | Lidt
+            | Lldt
+            | Ltr
+            | Lmsw
+            | Clts
+            | Invlpg
+            | Wrmsr
+            | Sti
+            | Cli
+            | Popf
+            | Popfd
+            | Popfq
+            | Hlt
+            | Cpuid
+            | Xsetbv
+            | Fxrstor
+            | Fxrstor64
+            | Xrstor
+            | Xrstor64
+            | Swapgs
+            | Wbinvd
+            | Invd
+            | Rsm
+            | Lss
+            | Lfs
+            | Lgs
+            | Lds
+            | Les
+            | In
+            | Out
+            | Insb
+            | Insw
+            | Insd
+            | Outsb
+            | Outsw
+            | Outsd
     ) && (i.mnemonic() != Mov || is_sys_mov(i))
-        && (i.mnemonic() != Pop || i.op0_kind() == OpKind::Register && i.op0_register().is_segment_register())
+        && (i.mnemonic() != Pop
+            || i.op0_kind() == OpKind::Register && i.op0_register().is_segment_register())
 }
 
 fn is_sys_mov(i: &Instruction) -> bool {

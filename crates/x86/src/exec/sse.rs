@@ -651,7 +651,11 @@ fn insertps(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
     sse_check(cpu)?;
     let imm = i.immediate8() as u32;
     let b = cpu.sse_src(i, 1)?;
-    let s = if i.op1_kind() == OpKind::Register { lane(b, 32, imm >> 6) } else { b & LO32 };
+    let s = if i.op1_kind() == OpKind::Register {
+        lane(b, 32, imm >> 6)
+    } else {
+        b & LO32
+    };
     let d = xi(i.op0_register());
     let k = (imm >> 4) & 3;
     let mut r = (cpu.s.fpu.xmm[d] & !(LO32 << (32 * k))) | (s << (32 * k));
@@ -715,7 +719,9 @@ fn movmsk(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
         _ => 8,
     };
     let n = 128 / bits;
-    let m = (0..n).fold(0u64, |m, k| m | (((x >> (bits * k + bits - 1)) & 1) as u64) << k);
+    let m = (0..n).fold(0u64, |m, k| {
+        m | (((x >> (bits * k + bits - 1)) & 1) as u64) << k
+    });
     cpu.set_gpr(i.op0_register().full_register(), m);
     Ok(())
 }
@@ -737,7 +743,11 @@ fn movdq(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
     sse_check(cpu)?;
     let val = cpu.sse_src(i, 1)?;
     let val = if i.op1_kind() == OpKind::Register && i.op1_register().is_xmm() {
-        val & if matches!(i.code(), Code::Movd_rm32_xmm) { LO32 } else { LO64 }
+        val & if matches!(i.code(), Code::Movd_rm32_xmm) {
+            LO32
+        } else {
+            LO64
+        }
     } else {
         val
     };
@@ -748,7 +758,11 @@ fn movdq(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
 /// zeroes the rest, a store writes the low lane.
 fn movs_scalar(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
     sse_check(cpu)?;
-    let m = if i.mnemonic() == Mnemonic::Movss { LO32 } else { LO64 };
+    let m = if i.mnemonic() == Mnemonic::Movss {
+        LO32
+    } else {
+        LO64
+    };
     let b = cpu.sse_src(i, 1)?;
     if i.op0_kind() == OpKind::Register {
         let d = xi(i.op0_register());
@@ -838,7 +852,14 @@ unsafe fn istri<const IMM: u8>(a: V, b: V, _: u64, _: u64, mut rcx: u64, x0: V) 
     (rcx, x0, ax)
 }
 
-unsafe fn estri<const IMM: u8>(a: V, b: V, rax: u64, rdx: u64, mut rcx: u64, x0: V) -> (u64, V, u16) {
+unsafe fn estri<const IMM: u8>(
+    a: V,
+    b: V,
+    rax: u64,
+    rdx: u64,
+    mut rcx: u64,
+    x0: V,
+) -> (u64, V, u16) {
     let fl: u64;
     asm!("pcmpestri {a}, {b}, {imm}", "lahf", "seto al", a = in(xmm_reg) a, b = in(xmm_reg) b,
         imm = const IMM, inout("rax") rax => fl, in("rdx") rdx, inout("rcx") rcx, options(pure, nomem, nostack));
@@ -901,10 +922,18 @@ fn crc32(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
     // SAFETY: register-only host instruction.
     unsafe {
         match cpu.op_size(i, 1) {
-            1 => asm!("crc32 {a:e}, {b:l}", a = inout(reg) acc, b = in(reg) src, options(pure, nomem, nostack)),
-            2 => asm!("crc32 {a:e}, {b:x}", a = inout(reg) acc, b = in(reg) src, options(pure, nomem, nostack)),
-            4 => asm!("crc32 {a:e}, {b:e}", a = inout(reg) acc, b = in(reg) src, options(pure, nomem, nostack)),
-            _ => asm!("crc32 {a:r}, {b:r}", a = inout(reg) acc, b = in(reg) src, options(pure, nomem, nostack)),
+            1 => {
+                asm!("crc32 {a:e}, {b:l}", a = inout(reg) acc, b = in(reg) src, options(pure, nomem, nostack))
+            }
+            2 => {
+                asm!("crc32 {a:e}, {b:x}", a = inout(reg) acc, b = in(reg) src, options(pure, nomem, nostack))
+            }
+            4 => {
+                asm!("crc32 {a:e}, {b:e}", a = inout(reg) acc, b = in(reg) src, options(pure, nomem, nostack))
+            }
+            _ => {
+                asm!("crc32 {a:r}, {b:r}", a = inout(reg) acc, b = in(reg) src, options(pure, nomem, nostack))
+            }
         }
     }
     cpu.set_gpr(i.op0_register(), acc & 0xffff_ffff);
@@ -922,12 +951,23 @@ pub fn lookup(i: &Instruction) -> Option<Handler> {
     }
     Some(match i.code() {
         // Moves.
-        C::Movups_xmm_xmmm128 | C::Movupd_xmm_xmmm128 | C::Movups_xmmm128_xmm | C::Movupd_xmmm128_xmm => mov128,
-        C::Movaps_xmm_xmmm128 | C::Movapd_xmm_xmmm128 | C::Movaps_xmmm128_xmm | C::Movapd_xmmm128_xmm => mov128,
-        C::Movdqa_xmm_xmmm128 | C::Movdqu_xmm_xmmm128 | C::Movdqa_xmmm128_xmm | C::Movdqu_xmmm128_xmm => mov128,
+        C::Movups_xmm_xmmm128
+        | C::Movupd_xmm_xmmm128
+        | C::Movups_xmmm128_xmm
+        | C::Movupd_xmmm128_xmm => mov128,
+        C::Movaps_xmm_xmmm128
+        | C::Movapd_xmm_xmmm128
+        | C::Movaps_xmmm128_xmm
+        | C::Movapd_xmmm128_xmm => mov128,
+        C::Movdqa_xmm_xmmm128
+        | C::Movdqu_xmm_xmmm128
+        | C::Movdqa_xmmm128_xmm
+        | C::Movdqu_xmmm128_xmm => mov128,
         C::Lddqu_xmm_m128 | C::Movntdqa_xmm_m128 => mov128,
         C::Movntps_m128_xmm | C::Movntpd_m128_xmm | C::Movntdq_m128_xmm => mov128,
-        C::Movss_xmm_xmmm32 | C::Movss_xmmm32_xmm | C::Movsd_xmm_xmmm64 | C::Movsd_xmmm64_xmm => movs_scalar,
+        C::Movss_xmm_xmmm32 | C::Movss_xmmm32_xmm | C::Movsd_xmm_xmmm64 | C::Movsd_xmmm64_xmm => {
+            movs_scalar
+        }
         C::Movd_xmm_rm32 | C::Movq_xmm_rm64 | C::Movd_rm32_xmm | C::Movq_rm64_xmm => movdq,
         C::Movq_xmm_xmmm64 | C::Movq_xmmm64_xmm => movdq,
         C::Movlps_xmm_m64 | C::Movlpd_xmm_m64 | C::Movlps_m64_xmm | C::Movlpd_m64_xmm => movhl,
@@ -937,7 +977,9 @@ pub fn lookup(i: &Instruction) -> Option<Handler> {
         C::Movsldup_xmm_xmmm128 => movsldup,
         C::Movshdup_xmm_xmmm128 => movshdup,
         C::Maskmovdqu_rDI_xmm_xmm => maskmovdqu,
-        C::Movmskps_r32_xmm | C::Movmskps_r64_xmm | C::Movmskpd_r32_xmm | C::Movmskpd_r64_xmm => movmsk,
+        C::Movmskps_r32_xmm | C::Movmskps_r64_xmm | C::Movmskpd_r32_xmm | C::Movmskpd_r64_xmm => {
+            movmsk
+        }
         C::Pmovmskb_r32_xmm | C::Pmovmskb_r64_xmm => movmsk,
         C::Ldmxcsr_m32 => ldmxcsr,
         C::Stmxcsr_m32 => stmxcsr,
@@ -1190,7 +1232,11 @@ pub fn lookup(i: &Instruction) -> Option<Handler> {
         | C::Pcmpestrm64_xmm_xmmm128_imm8
         | C::Pcmpistri_xmm_xmmm128_imm8
         | C::Pcmpistrm_xmm_xmmm128_imm8 => pcmpstr,
-        C::Crc32_r32_rm8 | C::Crc32_r64_rm8 | C::Crc32_r32_rm16 | C::Crc32_r32_rm32 | C::Crc32_r64_rm64 => crc32,
+        C::Crc32_r32_rm8
+        | C::Crc32_r64_rm8
+        | C::Crc32_r32_rm16
+        | C::Crc32_r32_rm32
+        | C::Crc32_r64_rm64 => crc32,
 
         _ => return None,
     })

@@ -74,7 +74,11 @@ struct Ctx {
 
 fn ctx(cpu: &Cpu, i: &Instruction) -> Ctx {
     let size = elem_size(i);
-    let step = if cpu.flag(DF) { (size as u64).wrapping_neg() } else { size as u64 };
+    let step = if cpu.flag(DF) {
+        (size as u64).wrapping_neg()
+    } else {
+        size as u64
+    };
     Ctx {
         size,
         asz: asize(i),

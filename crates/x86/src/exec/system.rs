@@ -236,7 +236,9 @@ pub fn write_cr(cpu: &mut Cpu, n: u32, v: u64) -> XResult<()> {
             }
             let old = cpu.s.cr4;
             cpu.s.cr4 = v;
-            if (old ^ v) & (cr4::PGE | cr4::PAE | cr4::PSE | cr4::SMEP | cr4::SMAP | cr4::PCIDE) != 0 {
+            if (old ^ v) & (cr4::PGE | cr4::PAE | cr4::PSE | cr4::SMEP | cr4::SMAP | cr4::PCIDE)
+                != 0
+            {
                 cpu.flush_tlb_all();
             }
         }
@@ -286,9 +288,17 @@ pub fn load_seg(cpu: &mut Cpu, idx: usize, sel: u16) -> XResult<()> {
         }
         cpu.s.seg[idx] = Segment {
             selector: sel,
-            base: if idx == FS || idx == GS { cpu.s.seg[idx].base } else { 0 },
+            base: if idx == FS || idx == GS {
+                cpu.s.seg[idx].base
+            } else {
+                0
+            },
             limit: 0,
-            attr: if idx == SS { seg_attr::DB | ((cpl as u16) << 5) } else { 0 },
+            attr: if idx == SS {
+                seg_attr::DB | ((cpl as u16) << 5)
+            } else {
+                0
+            },
         };
         if idx == FS || idx == GS {
             // Intel keeps the base on a null load in 64-bit mode; AMD zeroes it.
@@ -431,7 +441,12 @@ fn load_cs(cpu: &mut Cpu, sel: u16, new_cpl: Option<u8>) -> XResult<Segment> {
     cpu.mark_descriptor_accessed(sel, raw)?;
     seg.attr |= seg_attr::ACCESSED;
     seg.selector = (sel & !3) | target_cpl as u16;
-    seg.attr = (seg.attr & !(3 << 5)) | if conforming { dpl as u16 } else { target_cpl as u16 } << 5;
+    seg.attr = (seg.attr & !(3 << 5))
+        | if conforming {
+            dpl as u16
+        } else {
+            target_cpl as u16
+        } << 5;
     if !cpu.s.long_mode() {
         seg.attr &= !seg_attr::L;
     }
@@ -470,7 +485,11 @@ fn far_ret(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
         iced_x86::Code::Retfq | iced_x86::Code::Retfq_imm16 => 8,
         _ => 4,
     };
-    let extra = if i.op_count() > 0 { i.immediate16() as u64 } else { 0 };
+    let extra = if i.op_count() > 0 {
+        i.immediate16() as u64
+    } else {
+        0
+    };
     let off = cpu.peek(size, 0)?;
     let sel = cpu.peek(size, size as u64)? as u16;
     let cpl = cpu.s.cpl();
@@ -490,7 +509,12 @@ fn far_ret(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
             let s = cpu.s.seg[idx];
             let data_or_nonconf = s.attr & seg_attr::CODE == 0 || s.attr & 4 == 0;
             if data_or_nonconf && s.dpl() < rpl {
-                cpu.s.seg[idx] = Segment { selector: 0, base: 0, limit: 0, attr: 0 };
+                cpu.s.seg[idx] = Segment {
+                    selector: 0,
+                    base: 0,
+                    limit: 0,
+                    attr: 0,
+                };
             }
         }
     } else {
@@ -568,7 +592,10 @@ fn iret(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
     let to_outer = rpl > cpl;
     let pops_ss = to_outer || cpu.s.mode64();
     let (new_sp, new_ss) = if pops_ss {
-        (cpu.peek(size, 3 * size as u64)?, cpu.peek(size, 4 * size as u64)? as u16)
+        (
+            cpu.peek(size, 3 * size as u64)?,
+            cpu.peek(size, 4 * size as u64)? as u16,
+        )
     } else {
         (0, 0)
     };
@@ -588,7 +615,11 @@ fn iret(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
             cpu.s.seg[SS] = old_ss;
             return Err(f);
         }
-        cpu.s.gpr[4] = if size == 8 { new_sp } else { (cpu.s.gpr[4] & !mask(size)) | (new_sp & mask(size)) };
+        cpu.s.gpr[4] = if size == 8 {
+            new_sp
+        } else {
+            (cpu.s.gpr[4] & !mask(size)) | (new_sp & mask(size))
+        };
     } else {
         for _ in 0..3 {
             cpu.pop(size)?;
@@ -638,7 +669,10 @@ fn lgdt(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
 impl Cpu {
     fn op_size_is16(&self, i: &Instruction) -> bool {
         // LGDT with a 16-bit operand size only loads 24 bits of base.
-        matches!(i.code(), iced_x86::Code::Lgdt_m1632_16 | iced_x86::Code::Lidt_m1632_16)
+        matches!(
+            i.code(),
+            iced_x86::Code::Lgdt_m1632_16 | iced_x86::Code::Lidt_m1632_16
+        )
     }
 }
 
@@ -646,7 +680,11 @@ fn sgdt(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
     if cpu.s.cr4 & cr4::UMIP != 0 {
         priv0(cpu)?;
     }
-    let t = if i.mnemonic() == Mnemonic::Sgdt { cpu.s.gdtr } else { cpu.s.idtr };
+    let t = if i.mnemonic() == Mnemonic::Sgdt {
+        cpu.s.gdtr
+    } else {
+        cpu.s.idtr
+    };
     let lin = cpu.mem_lin(i);
     cpu.write_u16(lin, t.limit)?;
     let bl = cpu.mask_lin(lin.wrapping_add(2));
@@ -664,7 +702,10 @@ fn lldt(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
     }
     let sel = cpu.read_op(i, 0)? as u16;
     if sel & 0xfffc == 0 {
-        cpu.s.ldtr = Segment { selector: sel, ..Default::default() };
+        cpu.s.ldtr = Segment {
+            selector: sel,
+            ..Default::default()
+        };
         return Ok(());
     }
     if sel & 4 != 0 {
@@ -750,7 +791,8 @@ fn lar_lsl(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
     let seg = Segment::from_descriptor(sel, raw);
     let cpl = cpu.s.cpl();
     let rpl = (sel & 3) as u8;
-    let conforming_code = seg.attr & seg_attr::S != 0 && seg.attr & seg_attr::CODE != 0 && seg.attr & 4 != 0;
+    let conforming_code =
+        seg.attr & seg_attr::S != 0 && seg.attr & seg_attr::CODE != 0 && seg.attr & 4 != 0;
     let sys_ok = if seg.attr & seg_attr::S == 0 {
         let ty = seg.attr & 0xf;
         if i.mnemonic() == Mnemonic::Lsl {
@@ -957,7 +999,11 @@ fn syscall(cpu: &mut Cpu, _: &Instruction) -> XResult<()> {
     let sel = ((cpu.s.star >> 32) & 0xfffc) as u16;
     cpu.s.gpr[1] = cpu.next_rip;
     cpu.s.gpr[11] = cpu.s.rflags & !RF;
-    let target = if cpu.s.mode64() { cpu.s.lstar } else { cpu.s.cstar };
+    let target = if cpu.s.mode64() {
+        cpu.s.lstar
+    } else {
+        cpu.s.cstar
+    };
     cpu.s.rflags &= !(cpu.s.sfmask | RF);
     cpu.s.rflags |= FIXED1;
     cpu.s.seg[CS] = flat_code64(sel, 0);
@@ -1068,7 +1114,10 @@ impl Cpu {
         if ty != 9 && ty != 11 || tr.limit < 0x67 {
             return Err(Fault::gp0());
         }
-        let acc = crate::mmu::Access { kind: crate::mmu::AccessKind::Read, user: false };
+        let acc = crate::mmu::Access {
+            kind: crate::mmu::AccessKind::Read,
+            user: false,
+        };
         let mut b = [0u8; 2];
         self.read_bytes_as(tr.base + 0x66, &mut b, acc)?;
         let map = u16::from_le_bytes(b) as u64;

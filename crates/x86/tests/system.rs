@@ -1,0 +1,1096 @@
+//! System-level behaviour of the interpreter: page walks and page faults,
+//! exception delivery (IST, stack switch, #DF, triple fault), SYSCALL/SYSRET,
+//! IRETQ and INT gates across privilege levels, the real → protected → long
+//! mode switch, CPUID and MSRs.
+//!
+//! Every test runs guest code and checks architectural state afterwards.
+//! Exception handlers are stubs `mov r15d, vector; hlt`, so a test can see
+//! which vector was delivered (r15) and inspect the frame at RSP.
+
+use std::sync::Arc;
+
+use iced_x86::code_asm::*;
+use mat_x86::state::{cr0, efer, flags, seg_attr, Segment, CS, SS};
+use mat_x86::testutil::*;
+use mat_x86::{Cpu, CpuConfig, CpuState, Exit, GuestRam};
+
+const RAM: u64 = 16 << 20;
+const CODE: u64 = 0x10000;
+const USER_CODE: u64 = 0x11000;
+const IDT: u64 = 0x40000; // clear of the testutil tables at 0x1000..0x4000
+const STUBS: u64 = 0x50000;
+const STACK: u64 = 0x9000;
+const TSS: u64 = 0x6000;
+const RSP0: u64 = 0xb000;
+const IST1: u64 = 0xc000;
+const SENTINEL: u64 = 0xdead;
+
+// ---------------------------------------------------------------------------
+// Helpers.
+// ---------------------------------------------------------------------------
+
+fn w64(cpu: &Cpu, a: u64, v: u64) {
+    assert!(cpu.ram.write(a, &v.to_le_bytes()));
+}
+
+fn r64(cpu: &Cpu, a: u64) -> u64 {
+    cpu.ram.read_u64(a).unwrap()
+}
+
+fn read_bytes(cpu: &Cpu, a: u64, n: usize) -> Vec<u8> {
+    let mut b = vec![0u8; n];
+    assert!(cpu.ram.read(a, &mut b));
+    b
+}
+
+/// Write a 64-bit interrupt gate (type 0xE).
+fn set_gate(cpu: &Cpu, vec: u8, target: u64, dpl: u64, ist: u64, present: bool) {
+    let lo = (target & 0xffff)
+        | (0x08 << 16)
+        | (ist << 32)
+        | (0xe << 40)
+        | (dpl << 45)
+        | ((present as u64) << 47)
+        | (((target >> 16) & 0xffff) << 48);
+    let hi = target >> 32;
+    w64(cpu, IDT + vec as u64 * 16, lo);
+    w64(cpu, IDT + vec as u64 * 16 + 8, hi);
+}
+
+fn stub(vec: u8) -> u64 {
+    STUBS + vec as u64 * 16
+}
+
+/// Install the 64-bit TSS at `TSS` (RSP0 and IST1) and load TR from the state.
+fn setup_tss(cpu: &mut Cpu) {
+    w64(cpu, TSS + 4, RSP0);
+    w64(cpu, TSS + 0x24, IST1);
+    cpu.s.tr = Segment {
+        selector: 0x28,
+        base: TSS,
+        limit: 0x67,
+        attr: seg_attr::P | 0xb,
+    };
+}
+
+/// A 64-bit CPL0 machine: `code` at CODE, an IDT with every vector pointing
+/// at a stub, a TSS, RSP = STACK and r15 = SENTINEL.
+fn machine(code: impl FnOnce(&mut CodeAssembler)) -> Cpu {
+    let mut cpu = cpu64(RAM, &asm64(CODE, code), CODE);
+    for v in 0..=255u8 {
+        let mut s = vec![0x41, 0xbf];
+        s.extend_from_slice(&(v as u32).to_le_bytes());
+        s.push(0xf4);
+        cpu.ram.write(stub(v), &s);
+        set_gate(&cpu, v, stub(v), 0, 0, true);
+    }
+    cpu.s.idtr.base = IDT;
+    cpu.s.idtr.limit = 0xfff;
+    cpu.s.gpr[4] = STACK;
+    cpu.s.gpr[15] = SENTINEL;
+    setup_tss(&mut cpu);
+    cpu
+}
+
+fn user_cs() -> Segment {
+    Segment {
+        selector: 0x1b,
+        ..flat64_code(3)
+    }
+}
+
+/// Drop to CPL3 directly through the state (the code must be user pages).
+fn to_user(cpu: &mut Cpu, user_rsp: u64) {
+    cpu.s.seg[CS] = user_cs();
+    cpu.s.seg[SS] = flat_data(0x23, 3);
+    cpu.s.gpr[4] = user_rsp;
+}
+
+/// Run until HLT and check that the stub for `vec` ran; return the frame at RSP.
+fn expect_vector(cpu: &mut Cpu, vec: u8) -> Vec<u64> {
+    let exit = cpu.run(100_000);
+    assert_eq!(
+        exit,
+        Exit::Halted,
+        "expected vector {vec}, r15={:#x} rip={:#x}",
+        cpu.s.gpr[15],
+        cpu.s.rip
+    );
+    assert_eq!(
+        cpu.s.gpr[15], vec as u64,
+        "delivered vector (rip={:#x})",
+        cpu.s.rip
+    );
+    assert_eq!(cpu.s.rip, stub(vec) + 7);
+    assert_eq!(cpu.s.cpl(), 0);
+    let top = cpu.s.gpr[4];
+    (0..6).map(|k| r64(cpu, top + 8 * k)).collect()
+}
+
+/// Run until HLT with no exception delivered.
+fn expect_clean_halt(cpu: &mut Cpu) {
+    let exit = cpu.run(100_000);
+    assert_eq!(exit, Exit::Halted);
+    assert_eq!(
+        cpu.s.gpr[15], SENTINEL,
+        "unexpected exception, rip={:#x}",
+        cpu.s.rip
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 1. Page walks with 4 KiB pages.
+// ---------------------------------------------------------------------------
+
+const P4: u64 = 0x100000;
+const P3: u64 = 0x101000;
+const PD0: u64 = 0x102000;
+const PD1: u64 = 0x103000;
+const PT: u64 = 0x104000;
+
+const P: u64 = 1;
+const RW: u64 = 2;
+const US: u64 = 4;
+const A: u64 = 1 << 5;
+const D: u64 = 1 << 6;
+const PS: u64 = 1 << 7;
+const NX: u64 = 1 << 63;
+
+/// Linear address of 4 KiB page `i` in the test window, and its frame.
+fn va(i: u64) -> u64 {
+    0x4000_0000 + i * 0x1000
+}
+fn pa(i: u64) -> u64 {
+    0x20_0000 + i * 0x1000
+}
+
+/// A machine with our own 4-level tables: the first 16 MiB identity mapped
+/// with 2 MiB user pages, and linear 1 GiB.. mapped with 4 KiB pages
+/// va(i) → pa(i) (P|RW|US, A/D clear) through PD1[0] → PT.
+fn paging_machine(code: impl FnOnce(&mut CodeAssembler)) -> Cpu {
+    let mut cpu = machine(code);
+    for a in [P4, P3, PD0, PD1, PT] {
+        cpu.ram.write(a, &[0u8; 4096]);
+    }
+    w64(&cpu, P4, P3 | P | RW | US);
+    w64(&cpu, P3, PD0 | P | RW | US);
+    w64(&cpu, P3 + 8, PD1 | P | RW | US);
+    for k in 0..8 {
+        w64(&cpu, PD0 + k * 8, (k << 21) | P | RW | US | PS);
+    }
+    w64(&cpu, PD1, PT | P | RW | US);
+    for i in 0..16 {
+        w64(&cpu, PT + i * 8, pa(i) | P | RW | US);
+        w64(&cpu, pa(i), 0x1000 + i); // marker
+    }
+    cpu.s.cr3 = P4;
+    cpu
+}
+
+fn set_pte(cpu: &Cpu, i: u64, v: u64) {
+    w64(cpu, PT + i * 8, v);
+}
+
+#[test]
+fn accessed_and_dirty_bits() {
+    let mut cpu = paging_machine(|a| {
+        a.mov(rax, qword_ptr(va(0))).unwrap();
+        a.mov(rbx, 0x5555u64).unwrap();
+        a.mov(qword_ptr(va(1)), rbx).unwrap();
+        a.hlt().unwrap();
+    });
+    expect_clean_halt(&mut cpu);
+    assert_eq!(cpu.s.gpr[0], 0x1000);
+    assert_eq!(r64(&cpu, pa(1)), 0x5555);
+    // Every level of the data walks is accessed.
+    assert_ne!(r64(&cpu, P4) & A, 0, "PML4E accessed");
+    assert_ne!(r64(&cpu, P3 + 8) & A, 0, "PDPTE accessed");
+    assert_ne!(r64(&cpu, PD1) & A, 0, "PDE accessed");
+    assert_ne!(r64(&cpu, PT) & A, 0, "PTE (read) accessed");
+    assert_ne!(r64(&cpu, PT + 8) & A, 0, "PTE (write) accessed");
+    // Dirty only on the leaf that was written.
+    assert_eq!(r64(&cpu, PT) & D, 0, "read must not set D");
+    assert_ne!(r64(&cpu, PT + 8) & D, 0, "write sets D on the leaf");
+    assert_eq!(r64(&cpu, PD1) & D, 0, "no D on non-leaf entries");
+    assert_eq!(r64(&cpu, P3 + 8) & D, 0);
+    assert_eq!(r64(&cpu, P4) & D, 0);
+    // Untouched entries stay untouched.
+    assert_eq!(r64(&cpu, PT + 16) & (A | D), 0);
+}
+
+#[test]
+fn dirty_bit_set_on_write_after_read_of_clean_page() {
+    // A read first caches the page; the later write must still set D.
+    let mut cpu = paging_machine(|a| {
+        a.mov(rax, qword_ptr(va(2))).unwrap();
+        a.mov(qword_ptr(va(2)), rax).unwrap();
+        a.hlt().unwrap();
+    });
+    expect_clean_halt(&mut cpu);
+    assert_eq!(r64(&cpu, PT + 16) & (A | D), A | D);
+}
+
+/// Run `body` against page 2 whose PTE is `pte`; at CPL3 if `user`.
+fn pf_case(pte: u64, user: bool, body: impl FnOnce(&mut CodeAssembler)) -> Cpu {
+    let mut cpu = paging_machine(|a| {
+        body(a);
+        a.hlt().unwrap();
+    });
+    set_pte(&cpu, 2, pte);
+    if user {
+        to_user(&mut cpu, 0x8000);
+    }
+    cpu
+}
+
+fn check_pf(cpu: &mut Cpu, err: u64, want_cr2: u64, rip: u64) {
+    let f = expect_vector(cpu, 14);
+    assert_eq!(f[0], err, "#PF error code");
+    assert_eq!(cpu.s.cr2, want_cr2, "CR2");
+    assert_eq!(f[1], rip, "faulting RIP");
+}
+
+fn load_va2(a: &mut CodeAssembler) {
+    a.mov(rax, qword_ptr(va(2))).unwrap();
+}
+fn store_va2(a: &mut CodeAssembler) {
+    a.mov(qword_ptr(va(2) + 8), rax).unwrap();
+}
+
+#[test]
+fn pf_not_present_read_and_write() {
+    let mut cpu = pf_case(0, false, load_va2);
+    check_pf(&mut cpu, 0, va(2), CODE);
+    let mut cpu = pf_case(0, false, store_va2);
+    check_pf(&mut cpu, 2, va(2) + 8, CODE);
+    let mut cpu = pf_case(pa(2) & !P, true, load_va2);
+    check_pf(&mut cpu, 4, va(2), CODE);
+    let f = r64(&cpu, RSP0 - 48 + 16);
+    assert_eq!(f, 0x1b, "user CS in frame");
+    let mut cpu = pf_case(0, true, store_va2);
+    check_pf(&mut cpu, 6, va(2) + 8, CODE);
+}
+
+#[test]
+fn pf_user_access_to_supervisor_page() {
+    let mut cpu = pf_case(pa(2) | P | RW, true, load_va2);
+    check_pf(&mut cpu, 5, va(2), CODE);
+    let mut cpu = pf_case(pa(2) | P | RW, true, store_va2);
+    check_pf(&mut cpu, 7, va(2) + 8, CODE);
+    // Supervisor bit in a non-leaf entry also denies user access.
+    let mut cpu = pf_case(pa(2) | P | RW | US, true, load_va2);
+    w64(&cpu, PD1, PT | P | RW);
+    check_pf(&mut cpu, 5, va(2), CODE);
+    // CPL0 may read it.
+    let mut cpu = pf_case(pa(2) | P | RW, false, load_va2);
+    expect_clean_halt(&mut cpu);
+    assert_eq!(cpu.s.gpr[0], 0x1002);
+}
+
+#[test]
+fn pf_write_to_read_only_page() {
+    // CPL3: always faults.
+    let mut cpu = pf_case(pa(2) | P | US, true, store_va2);
+    check_pf(&mut cpu, 7, va(2) + 8, CODE);
+    // CPL3 read of the same page is fine (ends with #GP at HLT, CPL3).
+    let mut cpu = pf_case(pa(2) | P | US, true, load_va2);
+    let f = expect_vector(&mut cpu, 13);
+    assert_eq!(cpu.s.gpr[0], 0x1002);
+    assert_eq!(f[0], 0);
+    // CPL0 with CR0.WP=1: faults.
+    let mut cpu = pf_case(pa(2) | P | US, false, |a| {
+        a.mov(rax, 0x77u64).unwrap();
+        store_va2(a);
+    });
+    check_pf(&mut cpu, 3, va(2) + 8, CODE + 10);
+    assert_ne!(r64(&cpu, pa(2) + 8), 0x77);
+    // CPL0 with CR0.WP=0: succeeds.
+    let mut cpu = pf_case(pa(2) | P | US, false, |a| {
+        a.mov(rax, 0x77u64).unwrap();
+        store_va2(a);
+    });
+    cpu.s.cr0 &= !cr0::WP;
+    expect_clean_halt(&mut cpu);
+    assert_eq!(r64(&cpu, pa(2) + 8), 0x77);
+    // Read-only in a non-leaf entry counts too.
+    let mut cpu = pf_case(pa(2) | P | RW | US, false, store_va2);
+    w64(&cpu, PD1, PT | P | US);
+    check_pf(&mut cpu, 3, va(2) + 8, CODE);
+}
+
+#[test]
+fn pf_instruction_fetch_from_nx_page() {
+    let jump = |a: &mut CodeAssembler| {
+        a.mov(rax, va(2)).unwrap();
+        a.jmp(rax).unwrap();
+    };
+    // NX set, EFER.NXE=1: fetch fault with I/D.
+    let mut cpu = pf_case(pa(2) | P | RW | US | NX, false, jump);
+    cpu.ram.write(pa(2), &[0xf4]);
+    assert_ne!(cpu.s.efer & efer::NXE, 0);
+    check_pf(&mut cpu, 0x11, va(2), va(2));
+    // Data reads of an NX page are fine.
+    let mut cpu = pf_case(pa(2) | P | RW | US | NX, false, load_va2);
+    expect_clean_halt(&mut cpu);
+    // Not-present fetch reports I/D too (NXE=1).
+    let mut cpu = pf_case(0, false, jump);
+    check_pf(&mut cpu, 0x10, va(2), va(2));
+    // Without NX the code runs.
+    let mut cpu = pf_case(pa(2) | P | RW | US, false, jump);
+    cpu.ram.write(pa(2), &[0xf4]);
+    expect_clean_halt(&mut cpu);
+    assert_eq!(cpu.s.rip, va(2) + 1);
+    // NX set while EFER.NXE=0 is a reserved bit (no I/D without NXE/SMEP).
+    let mut cpu = pf_case(pa(2) | P | RW | US | NX, false, load_va2);
+    cpu.s.efer &= !efer::NXE;
+    check_pf(&mut cpu, 9, va(2), CODE);
+}
+
+#[test]
+fn pf_reserved_bit() {
+    // Bit 45 is above MAXPHYADDR (40).
+    let mut cpu = pf_case(pa(2) | P | RW | US | (1 << 45), false, load_va2);
+    check_pf(&mut cpu, 9, va(2), CODE);
+    let mut cpu = pf_case(pa(2) | P | RW | US | (1 << 51), true, store_va2);
+    check_pf(&mut cpu, 0xf, va(2) + 8, CODE);
+    // PS in a PML4E is reserved (PML4[1] covers 512 GiB..1 TiB).
+    let mut cpu = pf_case(pa(2) | P | RW | US, false, |a| {
+        a.mov(rbx, 0x80_0000_0000u64).unwrap();
+        a.mov(rax, qword_ptr(rbx)).unwrap();
+    });
+    w64(&cpu, P4 + 8, P3 | P | RW | US | PS);
+    check_pf(&mut cpu, 9, 0x80_0000_0000, CODE + 10);
+}
+
+#[test]
+fn large_pages_translate() {
+    let mut cpu = paging_machine(|a| {
+        a.mov(rax, qword_ptr(0x4020_0000u64 + 0x1238)).unwrap();
+        a.mov(rdx, 0x8000_0000u64 + 0x60_5678).unwrap();
+        a.mov(rbx, qword_ptr(rdx)).unwrap();
+        a.mov(rcx, 0x99u64).unwrap();
+        a.mov(qword_ptr(0x4020_0000u64 + 0x1f_fff0), rcx).unwrap();
+        a.hlt().unwrap();
+    });
+    // 2 MiB page at linear 1 GiB + 2 MiB → physical 4 MiB.
+    w64(&cpu, PD1 + 8, 0x40_0000 | P | RW | PS);
+    // 1 GiB page at linear 2 GiB → physical 0.
+    w64(&cpu, P3 + 16, P | RW | PS);
+    w64(&cpu, 0x40_1238, 0x2222);
+    w64(&cpu, 0x60_5678, 0x3333);
+    expect_clean_halt(&mut cpu);
+    assert_eq!(cpu.s.gpr[0], 0x2222);
+    assert_eq!(cpu.s.gpr[3], 0x3333);
+    assert_eq!(r64(&cpu, 0x5f_fff0), 0x99);
+    assert_eq!(
+        r64(&cpu, PD1 + 8) & (A | D),
+        A | D,
+        "2 MiB leaf gets A and D"
+    );
+    assert_eq!(r64(&cpu, P3 + 16) & (A | D), A, "1 GiB leaf read: A only");
+}
+
+#[test]
+fn large_page_reserved_bits() {
+    // Bits 20:13 of a 2 MiB PDE are reserved.
+    let mut cpu = paging_machine(|a| {
+        a.mov(rax, qword_ptr(0x4020_0000u64)).unwrap();
+        a.hlt().unwrap();
+    });
+    w64(&cpu, PD1 + 8, 0x40_0000 | P | RW | PS | (1 << 13));
+    check_pf(&mut cpu, 9, 0x4020_0000, CODE);
+    // Bits 29:13 of a 1 GiB PDPTE are reserved.
+    let mut cpu = paging_machine(|a| {
+        a.mov(rdx, 0x8000_0000u64).unwrap();
+        a.mov(rax, qword_ptr(rdx)).unwrap();
+        a.hlt().unwrap();
+    });
+    w64(&cpu, P3 + 16, P | RW | PS | (1 << 21));
+    check_pf(&mut cpu, 9, 0x8000_0000, CODE + 10);
+}
+
+#[test]
+fn invlpg_makes_changed_pte_visible() {
+    let mut cpu = paging_machine(|a| {
+        a.mov(rax, qword_ptr(va(3))).unwrap();
+        a.mov(rbx, pa(7) | P | RW | US).unwrap();
+        a.mov(qword_ptr(PT + 3 * 8), rbx).unwrap();
+        a.invlpg(byte_ptr(va(3))).unwrap();
+        a.mov(rcx, qword_ptr(va(3))).unwrap();
+        // Unmap and invalidate: the next access faults.
+        a.mov(qword_ptr(PT + 3 * 8), 0).unwrap();
+        a.invlpg(byte_ptr(va(3))).unwrap();
+        a.mov(rdx, qword_ptr(va(3))).unwrap();
+        a.hlt().unwrap();
+    });
+    let f = expect_vector(&mut cpu, 14);
+    assert_eq!(cpu.s.gpr[0], 0x1003);
+    assert_eq!(cpu.s.gpr[1], 0x1007);
+    assert_eq!(f[0], 0);
+    assert_eq!(cpu.s.cr2, va(3));
+}
+
+#[test]
+fn cr3_reload_makes_changed_pte_visible() {
+    let mut cpu = paging_machine(|a| {
+        a.mov(rax, qword_ptr(va(3))).unwrap();
+        a.mov(rbx, pa(8) | P | RW | US).unwrap();
+        a.mov(qword_ptr(PT + 3 * 8), rbx).unwrap();
+        a.mov(rdx, cr3).unwrap();
+        a.mov(cr3, rdx).unwrap();
+        a.mov(rcx, qword_ptr(va(3))).unwrap();
+        // Write-protect, reload, write: faults.
+        a.mov(rbx, pa(8) | P | US).unwrap();
+        a.mov(qword_ptr(PT + 3 * 8), rbx).unwrap();
+        a.mov(cr3, rdx).unwrap();
+        a.mov(qword_ptr(va(3)), rcx).unwrap();
+        a.hlt().unwrap();
+    });
+    let f = expect_vector(&mut cpu, 14);
+    assert_eq!(cpu.s.gpr[0], 0x1003);
+    assert_eq!(cpu.s.gpr[1], 0x1008);
+    assert_eq!(f[0], 3);
+    assert_eq!(cpu.s.cr2, va(3));
+}
+
+#[test]
+fn invlpg_of_large_page_invalidates_whole_page() {
+    // Two 4 KiB pieces of one 2 MiB page are cached; INVLPG of the first
+    // must drop the translation of the whole large page.
+    let mut cpu = paging_machine(|a| {
+        a.mov(rax, qword_ptr(0x4020_0000u64)).unwrap();
+        a.mov(rax, qword_ptr(0x4020_1000u64)).unwrap();
+        a.mov(rbx, 0x60_0000u64 | P | RW | PS).unwrap();
+        a.mov(qword_ptr(PD1 + 8), rbx).unwrap();
+        a.invlpg(byte_ptr(0x4020_0000u64)).unwrap();
+        a.mov(rcx, qword_ptr(0x4020_1000u64)).unwrap();
+        a.hlt().unwrap();
+    });
+    w64(&cpu, PD1 + 8, 0x40_0000 | P | RW | PS);
+    w64(&cpu, 0x40_1000, 0x4444);
+    w64(&cpu, 0x60_1000, 0x6666);
+    expect_clean_halt(&mut cpu);
+    assert_eq!(cpu.s.gpr[0], 0x4444);
+    assert_eq!(cpu.s.gpr[1], 0x6666);
+}
+
+// ---------------------------------------------------------------------------
+// 2. Long-mode exception delivery.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn divide_error_frame() {
+    let mut cpu = machine(|a| {
+        a.mov(eax, 1).unwrap();
+        a.xor(edx, edx).unwrap();
+        a.xor(ecx, ecx).unwrap();
+        a.div(ecx).unwrap();
+        a.hlt().unwrap();
+    });
+    let f = expect_vector(&mut cpu, 0);
+    // No error code: frame is RIP, CS, RFLAGS, RSP, SS.
+    assert_eq!(f[0], CODE + 9, "RIP of the DIV");
+    assert_eq!(read_bytes(&cpu, f[0], 2), [0xf7, 0xf1]);
+    assert_eq!(f[1], 0x08);
+    assert_eq!(f[2] & flags::FIXED1, flags::FIXED1);
+    assert_eq!(f[3], STACK);
+    assert_eq!(f[4], 0x10);
+    assert_eq!(cpu.s.gpr[4], STACK - 40);
+}
+
+#[test]
+fn gp_error_code_from_bad_selector() {
+    // Selector beyond the GDT limit.
+    let mut cpu = machine(|a| {
+        a.mov(eax, 0x48).unwrap();
+        a.mov(ds, ax).unwrap();
+        a.hlt().unwrap();
+    });
+    let f = expect_vector(&mut cpu, 13);
+    assert_eq!(f[0], 0x48);
+    assert_eq!(f[1], CODE + 5);
+    // DPL3 data into SS at CPL0.
+    let mut cpu = machine(|a| {
+        a.mov(eax, 0x23).unwrap();
+        a.mov(ss, ax).unwrap();
+        a.hlt().unwrap();
+    });
+    let f = expect_vector(&mut cpu, 13);
+    assert_eq!(f[0], 0x20);
+    // A code segment is never a valid stack segment.
+    let mut cpu = machine(|a| {
+        a.mov(eax, 0x08).unwrap();
+        a.mov(ss, ax).unwrap();
+        a.hlt().unwrap();
+    });
+    let f = expect_vector(&mut cpu, 13);
+    assert_eq!(f[0], 0x08);
+}
+
+#[test]
+fn page_fault_frame_with_error_code() {
+    let mut cpu = machine(|a| {
+        a.mov(rbx, 0x2_0000_0000u64).unwrap();
+        a.mov(qword_ptr(rbx), rax).unwrap();
+        a.hlt().unwrap();
+    });
+    let f = expect_vector(&mut cpu, 14);
+    assert_eq!(f[0], 2);
+    assert_eq!(f[1], CODE + 10);
+    assert_eq!(f[2], 0x08);
+    assert_eq!(f[4], STACK);
+    assert_eq!(cpu.s.cr2, 0x2_0000_0000);
+    assert_eq!(cpu.s.rflags & flags::IF, 0);
+}
+
+#[test]
+fn ist_switches_stack() {
+    let mut cpu = machine(|a| {
+        a.int3().unwrap();
+        a.hlt().unwrap();
+    });
+    set_gate(&cpu, 3, stub(3), 0, 1, true);
+    let f = expect_vector(&mut cpu, 3);
+    assert_eq!(cpu.s.gpr[4], IST1 - 40);
+    assert_eq!(f[0], CODE + 1, "INT3 returns after the instruction");
+    assert_eq!(f[1], 0x08);
+    assert_eq!(f[3], STACK, "old RSP");
+    assert_eq!(f[4], 0x10, "old SS");
+}
+
+#[test]
+fn ist_after_ltr() {
+    let mut cpu = machine(|a| {
+        a.mov(eax, 0x28).unwrap();
+        a.ltr(ax).unwrap();
+        a.ud2().unwrap();
+    });
+    // 16-byte available 64-bit TSS descriptor at 0x28.
+    let lo = 0x67 | ((TSS & 0xff_ffff) << 16) | (0x89u64 << 40) | (((TSS >> 24) & 0xff) << 56);
+    w64(&cpu, GDT + 0x28, lo);
+    w64(&cpu, GDT + 0x30, TSS >> 32);
+    cpu.s.gdtr.limit = 0x37;
+    cpu.s.tr = Segment::default();
+    set_gate(&cpu, 6, stub(6), 0, 1, true);
+    let f = expect_vector(&mut cpu, 6);
+    assert_eq!(cpu.s.tr.base, TSS);
+    assert_eq!(cpu.s.tr.selector, 0x28);
+    assert_eq!((r64(&cpu, GDT + 0x28) >> 40) & 0xf, 0xb, "TSS marked busy");
+    assert_eq!(cpu.s.gpr[4], IST1 - 40);
+    assert_eq!(
+        read_bytes(&cpu, f[0], 2),
+        [0x0f, 0x0b],
+        "#UD returns to the UD2"
+    );
+}
+
+#[test]
+fn cpl3_interrupt_switches_to_rsp0() {
+    let mut cpu = machine(|a| {
+        a.int(0x80).unwrap();
+    });
+    set_gate(&cpu, 0x80, stub(0x80), 3, 0, true);
+    to_user(&mut cpu, 0x8008);
+    cpu.s.rflags |= flags::IF;
+    let f = expect_vector(&mut cpu, 0x80);
+    assert_eq!(cpu.s.gpr[4], RSP0 - 40);
+    assert_eq!(f[0], CODE + 2);
+    assert_eq!(f[1], 0x1b);
+    assert_ne!(f[2] & flags::IF, 0);
+    assert_eq!(f[3], 0x8008);
+    assert_eq!(f[4], 0x23);
+    assert_eq!(cpu.s.seg[CS].selector, 0x08);
+    assert_eq!(
+        cpu.s.seg[SS].selector & !3,
+        0,
+        "SS is NULL after a privilege change"
+    );
+    assert_eq!(cpu.s.rflags & flags::IF, 0, "interrupt gate clears IF");
+}
+
+#[test]
+fn fault_in_pf_delivery_escalates_to_double_fault() {
+    let mut cpu = machine(|a| {
+        a.mov(rax, qword_ptr(0x2_0000_0000u64)).unwrap();
+        a.hlt().unwrap();
+    });
+    set_gate(&cpu, 14, stub(14), 0, 0, false);
+    let f = expect_vector(&mut cpu, 8);
+    assert_eq!(f[0], 0, "#DF error code");
+    assert_eq!(f[1], CODE);
+    assert_eq!(f[2], 0x08);
+}
+
+#[test]
+fn contributory_then_contributory_is_double_fault() {
+    let mut cpu = machine(|a| {
+        a.mov(eax, 0x48).unwrap();
+        a.mov(ds, ax).unwrap();
+        a.hlt().unwrap();
+    });
+    set_gate(&cpu, 13, stub(13), 0, 0, false);
+    let f = expect_vector(&mut cpu, 8);
+    assert_eq!(f[0], 0);
+    assert_eq!(f[1], CODE + 5);
+}
+
+#[test]
+fn benign_then_np_is_not_double_fault_and_sets_ext() {
+    // #UD's gate is not present → #NP with the IDT error code (IDT bit, EXT
+    // set since the event being delivered was an exception).
+    let mut cpu = machine(|a| {
+        a.ud2().unwrap();
+    });
+    set_gate(&cpu, 6, stub(6), 0, 0, false);
+    let f = expect_vector(&mut cpu, 11);
+    assert_eq!(f[0], 6 * 8 + 2 + 1);
+    assert_eq!(f[1], CODE);
+}
+
+#[test]
+fn fault_while_delivering_double_fault_is_triple_fault() {
+    let mut cpu = machine(|a| {
+        a.mov(rax, qword_ptr(0x2_0000_0000u64)).unwrap();
+        a.hlt().unwrap();
+    });
+    set_gate(&cpu, 14, stub(14), 0, 0, false);
+    set_gate(&cpu, 8, stub(8), 0, 0, false);
+    assert!(matches!(cpu.run(100_000), Exit::Shutdown(_)));
+}
+
+#[test]
+fn empty_idt_triple_faults() {
+    let mut cpu = machine(|a| {
+        a.ud2().unwrap();
+    });
+    cpu.s.idtr.limit = 0;
+    assert!(matches!(cpu.run(100_000), Exit::Shutdown(_)));
+    // Unmapped stack: #PF pushing the #PF frame → #DF → #PF → shutdown.
+    let mut cpu = machine(|a| {
+        a.ud2().unwrap();
+    });
+    cpu.s.gpr[4] = 0x2_0000_0000;
+    assert!(matches!(cpu.run(100_000), Exit::Shutdown(_)));
+}
+
+// ---------------------------------------------------------------------------
+// 3. SYSCALL / SYSRET.
+// ---------------------------------------------------------------------------
+
+const STAR: u32 = 0xc000_0081;
+const LSTAR: u32 = 0xc000_0082;
+const SFMASK: u32 = 0xc000_0084;
+
+#[test]
+fn syscall_sysret_round_trip() {
+    let kernel_entry = 0x12000u64;
+    let mut cpu = machine(|a| {
+        // Program the MSRs from the guest.
+        a.mov(ecx, STAR).unwrap();
+        a.mov(eax, 0).unwrap();
+        a.mov(edx, 0x0020_0008).unwrap(); // SYSRET base 0x20, SYSCALL CS 0x08
+        a.wrmsr().unwrap();
+        a.mov(ecx, LSTAR).unwrap();
+        a.mov(eax, kernel_entry as u32).unwrap();
+        a.xor(edx, edx).unwrap();
+        a.wrmsr().unwrap();
+        a.mov(ecx, SFMASK).unwrap();
+        a.mov(eax, 0x47700).unwrap(); // TF DF IF NT AC
+        a.wrmsr().unwrap();
+        a.mov(rcx, USER_CODE).unwrap();
+        a.mov(r11, 0x602u64).unwrap(); // IF | DF
+        a.mov(rsp, 0x8000u64).unwrap();
+        a.sysretq().unwrap();
+    });
+    let user = asm64(USER_CODE, |a| {
+        a.mov(r11, 0u64).unwrap();
+        a.pushfq().unwrap();
+        a.pop(r14).unwrap();
+        a.mov(r12, cs).unwrap();
+        a.mov(r13, ss).unwrap();
+        a.stc().unwrap();
+        a.syscall().unwrap();
+    });
+    cpu.ram.write(USER_CODE, &user);
+    let after_syscall = USER_CODE + user.len() as u64;
+    let kern = asm64(kernel_entry, |a| {
+        a.mov(rbx, cs).unwrap();
+        a.mov(rdx, ss).unwrap();
+        a.hlt().unwrap();
+    });
+    cpu.ram.write(kernel_entry, &kern);
+    expect_clean_halt(&mut cpu);
+    // In user mode after SYSRETQ.
+    assert_eq!(cpu.s.gpr[12], 0x33, "CS = STAR[63:48]+16 | 3");
+    assert_eq!(cpu.s.gpr[13], 0x2b, "SS = STAR[63:48]+8 | 3");
+    assert_eq!(cpu.s.gpr[14], 0x602, "RFLAGS from R11");
+    // Back in the kernel after SYSCALL.
+    assert_eq!(cpu.s.rip, kernel_entry + kern.len() as u64);
+    assert_eq!(cpu.s.cpl(), 0);
+    assert!(cpu.s.mode64());
+    assert_eq!(cpu.s.gpr[3], 0x08);
+    assert_eq!(cpu.s.gpr[2], 0x10);
+    assert_eq!(cpu.s.gpr[1], after_syscall, "RCX = return RIP");
+    assert_eq!(cpu.s.gpr[11], 0x603, "R11 = user RFLAGS");
+    assert_eq!(cpu.s.rflags, 0x3, "RFLAGS masked by SFMASK");
+    assert_eq!(cpu.s.gpr[4], 0x8000, "SYSCALL does not switch RSP");
+    assert_eq!(cpu.s.star, 0x0020_0008_0000_0000);
+}
+
+#[test]
+fn syscall_without_sce_is_ud_and_sysret_at_cpl3_is_gp() {
+    let mut cpu = machine(|a| {
+        a.syscall().unwrap();
+    });
+    cpu.s.efer &= !efer::SCE;
+    let f = expect_vector(&mut cpu, 6);
+    assert_eq!(f[0], CODE);
+    let mut cpu = machine(|a| {
+        a.sysretq().unwrap();
+    });
+    to_user(&mut cpu, 0x8000);
+    let f = expect_vector(&mut cpu, 13);
+    assert_eq!(f[0], 0);
+    assert_eq!(f[1], CODE);
+}
+
+#[test]
+fn sysret_non_canonical_rcx_is_gp() {
+    let mut cpu = machine(|a| {
+        a.mov(rcx, 0x0000_8000_0000_0000u64).unwrap();
+        a.sysretq().unwrap();
+    });
+    cpu.s.star = 0x0020_0008_0000_0000;
+    let f = expect_vector(&mut cpu, 13);
+    assert_eq!(f[0], 0);
+    assert_eq!(f[2], 0x08, "still in the kernel");
+}
+
+// ---------------------------------------------------------------------------
+// 4. IRETQ to user mode and INT 0x80 back.
+// ---------------------------------------------------------------------------
+
+fn iret_to_user_machine(gate_dpl: u64) -> Cpu {
+    let cpu = machine(|a| {
+        a.push(0x23).unwrap();
+        a.push(0x8000).unwrap();
+        a.push(0x202).unwrap();
+        a.push(0x1b).unwrap();
+        a.mov(rax, USER_CODE).unwrap();
+        a.push(rax).unwrap();
+        a.iretq().unwrap();
+    });
+    let user = asm64(USER_CODE, |a| {
+        a.mov(r12, cs).unwrap();
+        a.mov(r13, ss).unwrap();
+        a.mov(r14, rsp).unwrap();
+        a.int(0x80).unwrap();
+        a.hlt().unwrap();
+    });
+    cpu.ram.write(USER_CODE, &user);
+    set_gate(&cpu, 0x80, stub(0x80), gate_dpl, 0, true);
+    cpu
+}
+
+#[test]
+fn iretq_to_user_and_int80_back() {
+    let mut cpu = iret_to_user_machine(3);
+    let f = expect_vector(&mut cpu, 0x80);
+    assert_eq!(cpu.s.gpr[12], 0x1b);
+    assert_eq!(cpu.s.gpr[13], 0x23);
+    assert_eq!(cpu.s.gpr[14], 0x8000);
+    assert_eq!(cpu.s.gpr[4], RSP0 - 40);
+    assert_eq!(f[0], USER_CODE + 11, "INT returns after itself");
+    assert_eq!(read_bytes(&cpu, f[0] - 2, 2), [0xcd, 0x80]);
+    assert_eq!(f[1], 0x1b);
+    assert_eq!(
+        f[2] & (flags::IF | flags::FIXED1),
+        flags::IF | flags::FIXED1
+    );
+    assert_eq!(f[3], 0x8000);
+    assert_eq!(f[4], 0x23);
+}
+
+#[test]
+fn int80_through_dpl0_gate_from_user_is_gp() {
+    let mut cpu = iret_to_user_machine(0);
+    let f = expect_vector(&mut cpu, 13);
+    assert_eq!(f[0], 0x80 * 8 + 2, "IDT error code, EXT clear for INT n");
+    assert_eq!(f[1], USER_CODE + 9, "#GP points at the INT");
+    assert_eq!(f[2], 0x1b);
+    assert_eq!(f[4], 0x8000);
+}
+
+#[test]
+fn iretq_to_kernel_same_level() {
+    let mut cpu = machine(|a| {
+        a.mov(rax, rsp).unwrap();
+        a.push(0x10).unwrap();
+        a.push(rax).unwrap();
+        a.pushfq().unwrap();
+        a.push(0x08).unwrap();
+        a.mov(rax, 0x12000u64).unwrap();
+        a.push(rax).unwrap();
+        a.iretq().unwrap();
+    });
+    cpu.ram.write(0x12000, &[0xf4]);
+    expect_clean_halt(&mut cpu);
+    assert_eq!(cpu.s.rip, 0x12001);
+    assert_eq!(cpu.s.gpr[4], STACK);
+    assert_eq!(cpu.s.cpl(), 0);
+}
+
+// ---------------------------------------------------------------------------
+// 5. Real mode → protected mode → long mode.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn real_to_protected_to_long_mode() {
+    let ram = Arc::new(GuestRam::anonymous(RAM));
+    // Identity page tables at 0x1000 (2 MiB pages).
+    let _ = long_mode_state(&ram, 1);
+    const GDT16: u64 = 0x500;
+    let gdt: [u64; 4] = [
+        0,
+        0x00cf_9a00_0000_ffff,
+        0x00cf_9200_0000_ffff,
+        0x00af_9a00_0000_ffff,
+    ];
+    for (k, d) in gdt.iter().enumerate() {
+        ram.write(GDT16 + k as u64 * 8, &d.to_le_bytes());
+    }
+    // GDTR image at 0x7b00.
+    let mut gdtr = vec![];
+    gdtr.extend_from_slice(&(31u16).to_le_bytes());
+    gdtr.extend_from_slice(&(GDT16 as u32).to_le_bytes());
+    ram.write(0x7b00, &gdtr);
+    // Real-mode IVT entry 0x21 → 0000:7e00.
+    ram.write(0x21 * 4, &[0x00, 0x7e, 0x00, 0x00]);
+    let mut a16 = CodeAssembler::new(16).unwrap();
+    a16.mov(bx, 0x1234u32).unwrap();
+    a16.iret().unwrap();
+    ram.write(0x7e00, &a16.assemble(0x7e00).unwrap());
+
+    let mut a16 = CodeAssembler::new(16).unwrap();
+    a16.cli().unwrap();
+    a16.xor(ax, ax).unwrap();
+    a16.mov(ds, ax).unwrap();
+    a16.mov(ss, ax).unwrap();
+    a16.mov(sp, 0x7000u32).unwrap();
+    a16.int(0x21).unwrap();
+    a16.mov(si, sp).unwrap(); // SP restored by IRET
+    a16.lgdt(ptr(0x7b00u32)).unwrap();
+    a16.mov(eax, cr0).unwrap();
+    a16.or(eax, 1).unwrap();
+    a16.mov(cr0, eax).unwrap();
+    a16.jmp_far(0x08, 0x8000).unwrap();
+    ram.write(0x7c00, &a16.assemble(0x7c00).unwrap());
+
+    let mut a32 = CodeAssembler::new(32).unwrap();
+    a32.mov(ax, 0x10u32).unwrap();
+    a32.mov(ds, ax).unwrap();
+    a32.mov(es, ax).unwrap();
+    a32.mov(ss, ax).unwrap();
+    a32.mov(esp, 0x7000u32).unwrap();
+    a32.mov(edi, cr0).unwrap(); // record: protected, 32-bit
+    a32.mov(eax, cr4).unwrap();
+    a32.or(eax, 0x20).unwrap(); // PAE
+    a32.mov(cr4, eax).unwrap();
+    a32.mov(eax, PML4 as u32).unwrap();
+    a32.mov(cr3, eax).unwrap();
+    a32.mov(ecx, 0xc000_0080u32).unwrap();
+    a32.rdmsr().unwrap();
+    a32.or(eax, 0x100).unwrap(); // LME
+    a32.wrmsr().unwrap();
+    a32.mov(eax, cr0).unwrap();
+    a32.or(eax, 0x8000_0000u32).unwrap();
+    a32.mov(cr0, eax).unwrap();
+    a32.jmp_far(0x18, 0x9000).unwrap();
+    ram.write(0x8000, &a32.assemble(0x8000).unwrap());
+
+    let code64 = asm64(0x9000, |a| {
+        a.mov(rax, 0x1122_3344_5566_7788u64).unwrap();
+        a.mov(rbp, rsp).unwrap();
+        a.hlt().unwrap();
+    });
+    ram.write(0x9000, &code64);
+
+    let mut cpu = Cpu::new(ram, Box::new(NullBus::default()), CpuConfig::default());
+    let mut st = CpuState::reset();
+    st.seg[CS] = Segment::real(0);
+    st.seg[CS].attr = CpuState::reset().seg[CS].attr;
+    st.rip = 0x7c00;
+    cpu.set_state(st);
+    assert!(!cpu.s.protected());
+    assert_eq!(cpu.run(100_000), Exit::Halted);
+    assert_eq!(
+        cpu.s.gpr[3] & 0xffff,
+        0x1234,
+        "real-mode INT through the IVT"
+    );
+    assert_eq!(
+        cpu.s.gpr[6] & 0xffff,
+        0x7000,
+        "IRET popped the 3-word frame"
+    );
+    assert_eq!(cpu.s.gpr[7] & 1, 1, "CR0.PE seen from 32-bit code");
+    assert!(cpu.s.mode64(), "64-bit mode at the end");
+    assert_ne!(cpu.s.efer & efer::LMA, 0);
+    assert_ne!(cpu.s.cr0 & cr0::PG, 0);
+    assert_eq!(cpu.s.seg[CS].selector, 0x18);
+    assert_eq!(cpu.s.gpr[0], 0x1122_3344_5566_7788);
+    assert_eq!(cpu.s.gpr[5], 0x7000);
+    assert_eq!(cpu.s.rip, 0x9000 + code64.len() as u64);
+}
+
+#[test]
+fn real_mode_interrupt_frame() {
+    let ram = Arc::new(GuestRam::anonymous(1 << 20));
+    // IVT 0x40 → 1000:0010 (linear 0x10010): HLT.
+    ram.write(0x40 * 4, &[0x10, 0x00, 0x00, 0x10]);
+    ram.write(0x10010, &[0xf4]);
+    let mut a16 = CodeAssembler::new(16).unwrap();
+    a16.mov(ax, 0x2000u32).unwrap();
+    a16.mov(ss, ax).unwrap();
+    a16.mov(sp, 0x100u32).unwrap();
+    a16.stc().unwrap();
+    a16.sti().unwrap();
+    a16.int(0x40).unwrap();
+    let code = a16.assemble(0x500).unwrap();
+    ram.write(0x500, &code);
+    let mut cpu = Cpu::new(ram, Box::new(NullBus::default()), CpuConfig::default());
+    let mut st = CpuState::reset();
+    st.seg[CS] = Segment {
+        attr: st.seg[CS].attr,
+        ..Segment::real(0)
+    };
+    st.rip = 0x500;
+    cpu.set_state(st);
+    assert_eq!(cpu.run(1000), Exit::Halted);
+    assert_eq!(cpu.s.seg[CS].selector, 0x1000);
+    assert_eq!(cpu.s.seg[CS].base, 0x10000);
+    assert_eq!(cpu.s.rip, 0x11);
+    assert_eq!(cpu.s.gpr[4] & 0xffff, 0xfa);
+    assert_eq!(cpu.s.rflags & flags::IF, 0, "INT clears IF");
+    let mut fr = [0u8; 6];
+    assert!(cpu.ram.read(0x200fa, &mut fr));
+    let ip = u16::from_le_bytes([fr[0], fr[1]]);
+    let fr_cs = u16::from_le_bytes([fr[2], fr[3]]);
+    let fl = u16::from_le_bytes([fr[4], fr[5]]);
+    assert_eq!(ip as u64, 0x500 + code.len() as u64, "return IP after INT");
+    assert_eq!(fr_cs, 0);
+    assert_eq!(fl as u64 & (flags::IF | flags::CF), flags::IF | flags::CF);
+}
+
+// ---------------------------------------------------------------------------
+// 6. CPUID and MSRs.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn cpuid_leaves_0_and_1() {
+    let mut cpu = machine(|a| {
+        a.xor(eax, eax).unwrap();
+        a.cpuid().unwrap();
+        a.mov(r8, rax).unwrap();
+        a.mov(r9, rbx).unwrap();
+        a.mov(r10, rdx).unwrap();
+        a.mov(r11, rcx).unwrap();
+        a.mov(eax, 1).unwrap();
+        a.cpuid().unwrap();
+        a.mov(r12, rax).unwrap();
+        a.mov(r13, rcx).unwrap();
+        a.mov(r14, rdx).unwrap();
+        a.mov(eax, 0x8000_0001u32).unwrap();
+        a.cpuid().unwrap();
+        a.hlt().unwrap();
+    });
+    expect_clean_halt(&mut cpu);
+    let g = &cpu.s.gpr;
+    assert!(g[8] >= 1 && g[8] < 0x100, "max basic leaf {:#x}", g[8]);
+    let mut vendor = vec![];
+    for r in [g[9], g[10], g[11]] {
+        vendor.extend_from_slice(&(r as u32).to_le_bytes());
+    }
+    assert!(
+        vendor.iter().all(|c| c.is_ascii_alphanumeric()),
+        "vendor {:?}",
+        String::from_utf8_lossy(&vendor)
+    );
+    assert_eq!(g[9] >> 32, 0, "CPUID zero-extends");
+    let family = (g[12] >> 8) & 0xf;
+    assert_ne!(family, 0);
+    let edx1 = g[14];
+    for (bit, name) in [
+        (0, "FPU"),
+        (4, "TSC"),
+        (5, "MSR"),
+        (6, "PAE"),
+        (8, "CX8"),
+        (15, "CMOV"),
+        (24, "FXSR"),
+        (25, "SSE"),
+        (26, "SSE2"),
+    ] {
+        assert_ne!(edx1 & (1 << bit), 0, "CPUID.1:EDX.{name}");
+    }
+    assert_ne!(g[2] & (1 << 29), 0, "CPUID.80000001:EDX.LM");
+    assert_ne!(g[2] & (1 << 11), 0, "CPUID.80000001:EDX.SYSCALL");
+}
+
+#[test]
+fn unknown_msr_read_is_gp() {
+    let mut cpu = machine(|a| {
+        a.mov(ecx, 0x1234_5678).unwrap();
+        a.rdmsr().unwrap();
+        a.hlt().unwrap();
+    });
+    let f = expect_vector(&mut cpu, 13);
+    assert_eq!(f[0], 0);
+    assert_eq!(f[1], CODE + 5);
+    let mut cpu = machine(|a| {
+        a.mov(ecx, 0x1234_5678).unwrap();
+        a.wrmsr().unwrap();
+        a.hlt().unwrap();
+    });
+    let f = expect_vector(&mut cpu, 13);
+    assert_eq!(f[1], CODE + 5);
+}
+
+#[test]
+fn lstar_round_trip_and_non_canonical_gp() {
+    let mut cpu = machine(|a| {
+        a.mov(ecx, LSTAR).unwrap();
+        a.mov(eax, 0x1234_5678).unwrap();
+        a.mov(edx, 0xffff_8000u32).unwrap();
+        a.wrmsr().unwrap();
+        a.xor(eax, eax).unwrap();
+        a.xor(edx, edx).unwrap();
+        a.rdmsr().unwrap();
+        a.mov(r8, rax).unwrap();
+        a.mov(r9, rdx).unwrap();
+        a.mov(edx, 0x0000_8000u32).unwrap(); // non-canonical
+        a.wrmsr().unwrap();
+        a.hlt().unwrap();
+    });
+    let f = expect_vector(&mut cpu, 13);
+    assert_eq!(cpu.s.gpr[8], 0x1234_5678);
+    assert_eq!(cpu.s.gpr[9], 0xffff_8000);
+    assert_eq!(
+        cpu.s.lstar, 0xffff_8000_1234_5678,
+        "failed WRMSR leaves LSTAR alone"
+    );
+    assert_eq!(f[0], 0);
+    assert_eq!(read_bytes(&cpu, f[1], 2), [0x0f, 0x30], "#GP at the WRMSR");
+}
+
+#[test]
+fn rdmsr_at_cpl3_is_gp() {
+    let mut cpu = machine(|a| {
+        a.mov(ecx, LSTAR).unwrap();
+        a.rdmsr().unwrap();
+    });
+    to_user(&mut cpu, 0x8000);
+    let f = expect_vector(&mut cpu, 13);
+    assert_eq!(f[0], 0);
+    assert_eq!(f[1], CODE + 5);
+}
