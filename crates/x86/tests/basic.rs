@@ -47,3 +47,45 @@ fn page_fault_delivered_via_idt() {
     assert_eq!(err, 0);
     assert_eq!(rip, 0x10000);
 }
+
+/// Self-modifying code: a store into an already-decoded block must take
+/// effect the next time that code runs (Linux patches itself at boot).
+#[test]
+fn self_modifying_code_is_seen() {
+    // Loop twice over a `mov eax, imm32`; between the passes, overwrite the
+    // immediate in place. The second pass must see the new value.
+    let code = asm64(0x10000, |a| {
+        let mut again = a.create_label();
+        a.mov(ecx, 2u32).unwrap();
+        a.set_label(&mut again).unwrap();
+        a.mov(eax, 0x1111_1111u32).unwrap();
+        a.add(rbx, rax).unwrap();
+        // Patch the immediate (1 byte of opcode + 4 bytes imm at patch_site).
+        a.mov(dword_ptr(0x10000 + 6), 0x2222_2222u32).unwrap();
+        a.dec(ecx).unwrap();
+        a.jnz(again).unwrap();
+        a.hlt().unwrap();
+    });
+    // `mov ecx, 2` is 5 bytes, so the `mov eax, imm32` (B8 imm32) is at
+    // 0x10005 and its immediate at 0x10006.
+    assert_eq!(code[5], 0xb8, "layout assumption");
+    let mut cpu = cpu64(16 << 20, &code, 0x10000);
+    cpu.s.gpr[4] = 0x8000;
+    assert_eq!(cpu.run(1000), Exit::Halted);
+    assert_eq!(cpu.s.gpr[3], 0x1111_1111 + 0x2222_2222);
+    assert!(cpu.stats.block_invalidations > 0);
+}
+
+/// The whole CPU state round-trips through serde (snapshots build on this).
+#[test]
+fn cpu_state_serializes() {
+    let code = asm64(0x10000, |a| {
+        a.hlt().unwrap();
+    });
+    let mut cpu = cpu64(16 << 20, &code, 0x10000);
+    cpu.s.fpu.xmm[3] = 0x0123_4567_89ab_cdef_0011_2233_4455_6677;
+    cpu.s.gpr[9] = 42;
+    let json = serde_json::to_string(&cpu.s).unwrap();
+    let back: mat_x86::CpuState = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, cpu.s);
+}
