@@ -177,16 +177,28 @@ impl Cpu {
         self.read_bytes_as(lin, buf, self.access(AccessKind::Read))
     }
 
-    pub fn read_bytes_as(&mut self, lin: u64, buf: &mut [u8], acc: Access) -> XResult<()> {
+    /// Translate both pages an access of `len` bytes may touch, before any
+    /// byte is moved: (first physical address, bytes in the first page,
+    /// physical address of the second page if the access crosses).
+    fn translate_span(
+        &mut self,
+        lin: u64,
+        len: usize,
+        acc: Access,
+    ) -> XResult<(u64, usize, Option<u64>)> {
         let lin = self.mask_lin(lin);
-        let first = (4096 - (lin & 0xfff) as usize).min(buf.len());
-        // Translate every page before touching anything.
+        let first = (4096 - (lin & 0xfff) as usize).min(len);
         let p0 = self.translate_fill(lin, acc)?;
-        let p1 = if first < buf.len() {
+        let p1 = if first < len {
             Some(self.translate_fill(self.mask_lin(lin.wrapping_add(first as u64)), acc)?)
         } else {
             None
         };
+        Ok((p0, first, p1))
+    }
+
+    pub fn read_bytes_as(&mut self, lin: u64, buf: &mut [u8], acc: Access) -> XResult<()> {
+        let (p0, first, p1) = self.translate_span(lin, buf.len(), acc)?;
         self.phys_read(p0, &mut buf[..first]);
         if let Some(p1) = p1 {
             self.phys_read(p1, &mut buf[first..]);
@@ -199,14 +211,7 @@ impl Cpu {
     }
 
     pub fn write_bytes_as(&mut self, lin: u64, buf: &[u8], acc: Access) -> XResult<()> {
-        let lin = self.mask_lin(lin);
-        let first = (4096 - (lin & 0xfff) as usize).min(buf.len());
-        let p0 = self.translate_fill(lin, acc)?;
-        let p1 = if first < buf.len() {
-            Some(self.translate_fill(self.mask_lin(lin.wrapping_add(first as u64)), acc)?)
-        } else {
-            None
-        };
+        let (p0, first, p1) = self.translate_span(lin, buf.len(), acc)?;
         self.phys_write(p0, &buf[..first]);
         if let Some(p1) = p1 {
             self.phys_write(p1, &buf[first..]);

@@ -32,7 +32,8 @@ fn page_fault_delivered_via_idt() {
         a.hlt().unwrap();
     });
     cpu.ram.write(0x20000, &handler);
-    let gate_lo: u64 = 0x0000 | (0x08 << 16) | (0x8e << 40) | ((0x20000u64 >> 16) << 48);
+    // Handler offset 0x20000: low 16 bits are 0, bits 31:16 go at 48.
+    let gate_lo: u64 = (0x08 << 16) | (0x8e << 40) | ((0x20000u64 >> 16) << 48);
     cpu.ram.write(0x3000 + 14 * 16, &gate_lo.to_le_bytes());
     cpu.ram.write(0x3000 + 14 * 16 + 8, &0u64.to_le_bytes());
     cpu.s.idtr.base = 0x3000;

@@ -500,10 +500,7 @@ fn far_ret(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
         let sp = cpu.peek(size, 2 * size as u64 + extra)?;
         let ss = cpu.peek(size, 3 * size as u64 + extra)? as u16;
         cpu.s.seg[CS] = cs;
-        let r = load_seg(cpu, SS, ss);
-        if let Err(f) = r {
-            return Err(f);
-        }
+        load_seg(cpu, SS, ss)?;
         cpu.s.gpr[4] = sp.wrapping_add(extra);
         for idx in [ES, DS, FS, GS] {
             let s = cpu.s.seg[idx];
