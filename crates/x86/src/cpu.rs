@@ -618,17 +618,6 @@ impl Cpu {
 
     /// Deliver pending external interrupts / NMIs if the CPU can take them.
     fn check_interrupts(&mut self) {
-        if self.s.rflags & flags::IF != 0 || self.s.halted {
-            // Only poll the bus when something could be delivered or HLT could end.
-        } else if !self.s.nmi_blocked {
-            if self.bus.nmi_take() {
-                self.s.halted = false;
-                self.deliver_interrupt(crate::exception::NMI, None, true);
-            }
-            return;
-        } else {
-            return;
-        }
         if !self.s.nmi_blocked && self.bus.nmi_take() {
             self.s.halted = false;
             self.deliver_interrupt(crate::exception::NMI, None, true);

@@ -472,20 +472,25 @@ fn funary(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
         Fsin => (host::sin, C1 | C2),
         _ => (host::cos, C1 | C2),
     };
-    if cpu.st_empty(0) {
+    st0_op(cpu, f, cm, false)
+}
+
+/// ST0 = f(ST0[, ST1]) with stack-underflow and unmasked-exception rules
+/// shared by the unary and ST1-operand instructions.
+fn st0_op(cpu: &mut Cpu, f: fn(&mut host::HBuf), cm: u16, uses_st1: bool) -> XResult<()> {
+    if cpu.st_empty(0) || (uses_st1 && cpu.st_empty(1)) {
         if cpu.fpu_underflow() {
             cpu.set_st(0, INDEF);
         }
         return Ok(());
     }
-    let h = hcall(f, cpu.fpu_hcw(), cpu.st(0), ZERO, &[]);
+    let b = if uses_st1 { cpu.st(1) } else { ZERO };
+    let h = hcall(f, cpu.fpu_hcw(), cpu.st(0), b, &[]);
     let sw = h.sw();
-    if cpu.fpu_blocked(sw, IE | DE | ZE) {
-        cpu.fpu_apply(sw, cm);
-        return Ok(());
-    }
     cpu.fpu_apply(sw, cm);
-    cpu.set_st(0, h.out0());
+    if !cpu.fpu_blocked(sw, IE | DE | ZE) {
+        cpu.set_st(0, h.out0());
+    }
     Ok(())
 }
 
@@ -497,21 +502,7 @@ fn fbin_st1(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
         Mnemonic::Fprem => (host::prem, CC),
         _ => (host::prem1, CC),
     };
-    if cpu.st_empty(0) || cpu.st_empty(1) {
-        if cpu.fpu_underflow() {
-            cpu.set_st(0, INDEF);
-        }
-        return Ok(());
-    }
-    let h = hcall(f, cpu.fpu_hcw(), cpu.st(0), cpu.st(1), &[]);
-    let sw = h.sw();
-    if cpu.fpu_blocked(sw, IE | DE | ZE) {
-        cpu.fpu_apply(sw, cm);
-        return Ok(());
-    }
-    cpu.fpu_apply(sw, cm);
-    cpu.set_st(0, h.out0());
-    Ok(())
+    st0_op(cpu, f, cm, true)
 }
 
 /// FYL2X, FYL2XP1, FPATAN: ST1 = f(ST0, ST1), pop.
