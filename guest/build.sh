@@ -226,6 +226,28 @@ export HOME=/root
 export PS1='~ # '
 export TERM="${TERM:-vt100}"
 EOF
+# udhcpc's event script (Debian's busybox-static looks for it here, ships none): `udhcpc -i eth0`
+# configures the address, default route and resolv.conf from the lease.
+mkdir -p "$ROOT/etc/udhcpc"
+cat > "$ROOT/etc/udhcpc/default.script" <<'EOF'
+#!/bin/sh
+case "$1" in
+    deconfig)
+        ip addr flush dev "$interface"
+        ip link set "$interface" up ;;
+    bound|renew)
+        ip addr flush dev "$interface"
+        ip addr add "$ip/${mask:-24}" dev "$interface"
+        for r in $router; do
+            ip route replace default via "$r" dev "$interface"
+            break
+        done
+        : > /etc/resolv.conf
+        for d in $dns; do echo "nameserver $d" >> /etc/resolv.conf; done ;;
+esac
+exit 0
+EOF
+chmod 0755 "$ROOT/etc/udhcpc/default.script"
 
 cat > "$ROOT/init" <<'EOF'
 #!/bin/sh
@@ -263,6 +285,45 @@ for w in $CMDLINE; do
             done ;;
     esac
 done
+
+# Optional: matryoshka.root=/dev/vda mounts that disk and switch_roots to its
+# init (matryoshka.init=, default /sbin/init), e.g. the Debian image from
+# guest/debian/build-rootfs.sh. matryoshka.rootfstype= (default ext4) and
+# matryoshka.rootflags= (default rw) go to mount. On failure: message + shell.
+MROOT="" MROOTFS=ext4 MROOTFLAGS=rw MINIT=/sbin/init
+for w in $CMDLINE; do
+    case "$w" in
+        matryoshka.root=*) MROOT="${w#matryoshka.root=}" ;;
+        matryoshka.rootfstype=*) MROOTFS="${w#matryoshka.rootfstype=}" ;;
+        matryoshka.rootflags=*) MROOTFLAGS="${w#matryoshka.rootflags=}" ;;
+        matryoshka.init=*) MINIT="${w#matryoshka.init=}" ;;
+    esac
+done
+if [ -n "$MROOT" ]; then
+    # The Debian kernel has these as modules; crc32c_generic: ext4 needs a
+    # crc32c shash (a softdep modprobe does not follow here).
+    for m in virtio_pci virtio_blk crc32c_generic "$MROOTFS"; do
+        modprobe "$m" 2>/dev/null || echo "MATRYOSHKA: modprobe $m failed"
+    done
+    i=0
+    while [ ! -b "$MROOT" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+    mkdir -p /newroot
+    if [ ! -b "$MROOT" ]; then
+        echo "MATRYOSHKA-ROOT-FAILED: no block device $MROOT (is a disk attached?)"
+    elif ! mount -t "$MROOTFS" -o "$MROOTFLAGS" "$MROOT" /newroot; then
+        echo "MATRYOSHKA-ROOT-FAILED: cannot mount $MROOT ($MROOTFS, $MROOTFLAGS)"
+    elif [ ! -e "/newroot$MINIT" ] && [ ! -L "/newroot$MINIT" ]; then
+        echo "MATRYOSHKA-ROOT-FAILED: $MROOT has no $MINIT"
+        umount /newroot
+    else
+        echo "MATRYOSHKA-SWITCH-ROOT $MROOT $MINIT"
+        # Hand the API filesystems over (systemd accepts them pre-mounted).
+        for fs in /dev /proc /sys; do
+            mkdir -p "/newroot$fs" && mount --move "$fs" "/newroot$fs"
+        done
+        exec switch_root /newroot "$MINIT"
+    fi
+fi
 
 # Optional: matryoshka.cmd="..." runs a command line, prints its exit status
 # and powers off (the kernel passes quoted values through intact).

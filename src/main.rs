@@ -60,6 +60,56 @@ struct RunArgs {
     /// Load the compressed bzImage and run the kernel's own decompressor.
     #[arg(long)]
     guest_decompress: bool,
+    /// CPU engine: `jit` translates hot guest code to host code, `interp`
+    /// only interprets.
+    #[arg(long, value_enum, default_value_t = CpuEngine::Jit)]
+    cpu_engine: CpuEngine,
+    /// virtio-blk disk: PATH[,ro][,format=raw|qcow2] (repeatable; /dev/vda,
+    /// /dev/vdb, ... in order). The format is detected when not given.
+    #[arg(long = "disk", value_name = "PATH[,ro][,format=raw|qcow2]")]
+    disks: Vec<String>,
+    /// Do not add the virtio-rng device.
+    #[arg(long)]
+    no_rng: bool,
+    /// Add a virtio-console (hvc0) that writes to stdout.
+    #[arg(long)]
+    console_virtio: bool,
+    /// virtio-net NIC (repeatable): `user[,hostfwd=tcp:[HOSTADDR]:PORT-[GUESTADDR]:PORT]...`
+    /// (unprivileged NAT: guest 10.0.2.15 by DHCP, gateway 10.0.2.2 = host
+    /// 127.0.0.1, DNS 10.0.2.3) or `tap,ifname=NAME` (needs CAP_NET_ADMIN);
+    /// either takes `mac=52:54:00:xx:xx:xx` (default: random).
+    #[arg(long = "net", value_name = "user[,hostfwd=...]|tap,ifname=NAME")]
+    nets: Vec<String>,
+}
+
+/// Parses a --disk value.
+fn parse_disk(s: &str) -> anyhow::Result<vmm::virtio::DiskOptions> {
+    let mut parts = s.split(',');
+    let path = parts.next().filter(|p| !p.is_empty());
+    let Some(path) = path else {
+        bail!("--disk '{s}': missing path");
+    };
+    let mut d = vmm::virtio::DiskOptions {
+        path: PathBuf::from(path),
+        read_only: false,
+        format: None,
+    };
+    for opt in parts {
+        match opt {
+            "ro" => d.read_only = true,
+            "rw" => d.read_only = false,
+            "format=raw" => d.format = Some(vmm::virtio::DiskFormat::Raw),
+            "format=qcow2" => d.format = Some(vmm::virtio::DiskFormat::Qcow2),
+            o => bail!("--disk '{s}': unknown option '{o}' (use ro, format=raw or format=qcow2)"),
+        }
+    }
+    if !d.path.is_file() {
+        bail!(
+            "--disk '{s}': '{}' does not exist or is not a file",
+            d.path.display()
+        );
+    }
+    Ok(d)
 }
 
 #[derive(Subcommand)]
@@ -73,6 +123,9 @@ enum SelftestCmd {
         /// Instruction classes, comma separated (e.g. int,sse).
         #[arg(long)]
         class: Option<String>,
+        /// Engine under test (jit translates every case).
+        #[arg(long, value_enum, default_value_t = CpuEngine::Interp)]
+        cpu_engine: CpuEngine,
     },
 }
 
@@ -82,7 +135,28 @@ enum BenchCmd {
     Cpu {
         #[arg(long, default_value_t = 200_000_000)]
         insns: u64,
+        /// CPU engine to measure.
+        #[arg(long, value_enum, default_value_t = CpuEngine::Jit)]
+        cpu_engine: CpuEngine,
     },
+}
+
+/// The CPU execution engine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum CpuEngine {
+    /// Interpreter over cached decoded blocks.
+    Interp,
+    /// Binary translation of hot blocks (interpreter for cold code).
+    Jit,
+}
+
+impl From<CpuEngine> for x86::Engine {
+    fn from(e: CpuEngine) -> Self {
+        match e {
+            CpuEngine::Interp => x86::Engine::Interp,
+            CpuEngine::Jit => x86::Engine::Jit,
+        }
+    }
 }
 
 fn guest_dir() -> PathBuf {
@@ -121,6 +195,21 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
             vmm::MAX_CPUS
         );
     }
+    let disks = args
+        .disks
+        .iter()
+        .map(|d| parse_disk(d))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let nets = args
+        .nets
+        .iter()
+        .map(|n| {
+            let mut spec: net::NetSpec = n.parse()?;
+            // Chosen once, so the guest keeps its MAC across reboots.
+            spec.mac.get_or_insert_with(net::MacAddr::random);
+            Ok(spec)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let (kernel, initrd, cmdline) = match args.kernel {
         Some(k) => (
             k,
@@ -131,9 +220,16 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
             let out = ensure_default_guest()?;
             let cmdline = match args.cmdline {
                 Some(c) => c,
-                None => std::fs::read_to_string(out.join("cmdline"))
-                    .map(|s| s.trim().to_string())
-                    .unwrap_or_else(|_| "console=ttyS0".into()),
+                None => {
+                    let base = std::fs::read_to_string(out.join("cmdline"))
+                        .map(|s| s.trim().to_string())
+                        .unwrap_or_else(|_| "console=ttyS0".into());
+                    if disks.is_empty() {
+                        base
+                    } else {
+                        vmm::default_disk_cmdline(&base)
+                    }
+                }
             };
             (
                 out.join("vmlinuz"),
@@ -158,11 +254,23 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
         no_reboot: args.no_reboot,
         stats: args.stats,
         guest_decompress: args.guest_decompress,
+        engine: args.cpu_engine.into(),
+        virtio: vmm::VirtioConfig {
+            disks,
+            rng: !args.no_rng,
+            console: args.console_virtio,
+            nets,
+        },
     };
     vmm::run(&cfg)
 }
 
-fn selftest_cpu(cases: u64, seed: u64, class: Option<String>) -> anyhow::Result<i32> {
+fn selftest_cpu(
+    cases: u64,
+    seed: u64,
+    class: Option<String>,
+    engine: CpuEngine,
+) -> anyhow::Result<i32> {
     use x86::selftest::{run_cases, Class, Config};
     let classes = match class {
         Some(c) => Class::parse_list(&c).map_err(anyhow::Error::msg)?,
@@ -172,6 +280,7 @@ fn selftest_cpu(cases: u64, seed: u64, class: Option<String>) -> anyhow::Result<
         cases,
         seed,
         classes,
+        engine: engine.into(),
         ..Config::default()
     };
     let report = run_cases(&cfg);
@@ -184,8 +293,8 @@ fn selftest_cpu(cases: u64, seed: u64, class: Option<String>) -> anyhow::Result<
     })
 }
 
-fn bench_cpu(insns: u64) -> anyhow::Result<i32> {
-    for (name, r) in x86::bench::run_all(insns) {
+fn bench_cpu(insns: u64, engine: CpuEngine) -> anyhow::Result<i32> {
+    for (name, r) in x86::bench::run_all(insns, engine.into()) {
         println!("{name:<12} {:>8.1} M instructions/s", r);
     }
     Ok(0)
@@ -203,11 +312,17 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::Run(a) => run(a),
         Cmd::Selftest {
-            what: SelftestCmd::Cpu { cases, seed, class },
-        } => selftest_cpu(cases, seed, class),
+            what:
+                SelftestCmd::Cpu {
+                    cases,
+                    seed,
+                    class,
+                    cpu_engine,
+                },
+        } => selftest_cpu(cases, seed, class, cpu_engine),
         Cmd::Bench {
-            what: BenchCmd::Cpu { insns },
-        } => bench_cpu(insns),
+            what: BenchCmd::Cpu { insns, cpu_engine },
+        } => bench_cpu(insns, cpu_engine),
     };
     match r {
         Ok(code) => ExitCode::from(code as u8),

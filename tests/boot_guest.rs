@@ -136,10 +136,19 @@ impl Drop for Vm {
 }
 
 #[test]
-fn boots_default_guest_to_shell() {
+fn boots_default_guest_to_shell_jit() {
+    boots_default_guest_to_shell("jit");
+}
+
+#[test]
+fn boots_default_guest_to_shell_interp() {
+    boots_default_guest_to_shell("interp");
+}
+
+fn boots_default_guest_to_shell(engine: &str) {
     let out = ensure_guest();
     let kver = std::fs::read_to_string(out.join("kernel-version")).unwrap_or_default();
-    let mut vm = Vm::start(&[]);
+    let mut vm = Vm::start(&["--cpu-engine", engine]);
     vm.wait_for("MATRYOSHKA-INIT-START", Duration::from_secs(120));
     vm.wait_for("~ # ", Duration::from_secs(60));
 

@@ -3,9 +3,12 @@
 pub mod boot;
 pub mod console;
 pub mod machine;
+pub mod pci_devices;
 pub mod vcpu;
 
 pub use machine::{run, VmConfig, MAX_CPUS};
+pub use pci_devices::{default_disk_cmdline, VirtioConfig};
+pub use virtio;
 
 /// Parse a memory size such as `512M`, `1G`, `2048K` or a plain number of MiB.
 pub fn parse_mem_size(s: &str) -> Result<u64, String> {

@@ -43,6 +43,10 @@ pub struct VmConfig {
     pub stats: bool,
     /// Load the compressed bzImage and let the guest decompress itself.
     pub guest_decompress: bool,
+    /// CPU engine: interpreter or binary translator.
+    pub engine: x86::Engine,
+    /// Paravirtual (virtio-pci) devices.
+    pub virtio: crate::pci_devices::VirtioConfig,
 }
 
 /// How a VM run ended.
@@ -244,6 +248,14 @@ fn run_once(
     let pci = Arc::new(Mutex::new(PciHost::new(events.clone())));
     pio.insert(0xcf8, 8, pci.clone())?;
     mmio.insert(layout::IOAPIC_ADDR, 0x1000, ioapic.clone())?;
+    let mut virtio = crate::pci_devices::VirtioBuilder::new(
+        mem.clone(),
+        ram.clone(),
+        apic_bus.clone(),
+        ioapic.clone(),
+    );
+    virtio.add_config(&pci, &cfg.virtio)?;
+    virtio.finish(&mut mmio)?;
     let pio = Arc::new(pio);
     let mmio = Arc::new(mmio);
 
@@ -274,6 +286,8 @@ fn run_once(
             tsc_hz: TSC_HZ,
         },
     );
+    cpu.set_engine(cfg.engine)
+        .context("setting up the binary translator")?;
     waker.add_kick(cpu.kick.clone());
     cpu.set_state(booted.cpu.clone());
 
@@ -416,4 +430,20 @@ fn print_stats(cpu: &Cpu, elapsed: Duration) {
         st.interrupts,
         st.unimplemented
     );
+    if let Some(j) = cpu.jit_stats() {
+        eprintln!(
+            "[matryoshka] jit: {} translations ({} failed, {:.1} ms, {} KiB code; {} native / {} helper insns), {} dispatcher entries, {} chain patches, {} helper calls ({} exits), {} flushes\r",
+            j.translations,
+            j.translate_failures,
+            j.translate_ms,
+            j.code_bytes / 1024,
+            j.native_insns,
+            j.helper_insns,
+            j.entries,
+            j.chain_patches,
+            j.helper_calls,
+            j.helper_exits,
+            j.flushes
+        );
+    }
 }

@@ -8,8 +8,9 @@ use iced_x86::code_asm::*;
 use crate::testutil::{asm64, cpu64};
 use crate::Exit;
 
-fn measure(code: &[u8], insns: u64) -> f64 {
+fn measure(code: &[u8], insns: u64, engine: crate::Engine) -> f64 {
     let mut cpu = cpu64(64 << 20, code, 0x10000);
+    cpu.set_engine(engine).expect("JIT code buffer");
     cpu.s.gpr[4] = 0x80_0000;
     let t = Instant::now();
     let mut left = insns;
@@ -64,9 +65,9 @@ pub fn mixed_loop() -> Vec<u8> {
 }
 
 /// Run both loops for `insns` instructions each; returns (name, MIPS).
-pub fn run_all(insns: u64) -> Vec<(&'static str, f64)> {
+pub fn run_all(insns: u64, engine: crate::Engine) -> Vec<(&'static str, f64)> {
     vec![
-        ("tight-loop", measure(&tight_loop(), insns)),
-        ("mixed-loop", measure(&mixed_loop(), insns)),
+        ("tight-loop", measure(&tight_loop(), insns, engine)),
+        ("mixed-loop", measure(&mixed_loop(), insns, engine)),
     ]
 }

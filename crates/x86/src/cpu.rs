@@ -73,6 +73,10 @@ pub struct Block {
     /// (page number, generation) of each guest page the block's bytes came from.
     pub pages: [(u64, u32); 2],
     pub insns: Box<[DInsn]>,
+    /// Translated code entry (0: none yet, 1: not translatable).
+    pub(crate) jit_entry: std::cell::Cell<u64>,
+    /// Interpreted executions so far (tiering).
+    pub(crate) heat: std::cell::Cell<u32>,
 }
 
 const FAST_CACHE: usize = 4096;
@@ -96,6 +100,16 @@ pub struct Cpu {
     pub(crate) shutdown: Option<String>,
     /// Unimplemented mnemonics seen (reported once each).
     pub(crate) unimpl_seen: std::collections::HashSet<String>,
+    /// The binary translator, when the `jit` engine is selected.
+    pub(crate) jit: Option<Box<crate::jit::Jit>>,
+    /// Scratch block for translated code (addressed from host r15).
+    pub(crate) jctx: crate::jit::JitCtx,
+    /// The current instruction touched MMIO (translated code must leave).
+    pub(crate) io_touched: bool,
+    /// Test harnesses: faults stop `run` (Exit::Shutdown) and are kept in
+    /// `captured_fault` instead of being delivered to the guest.
+    pub capture_faults: bool,
+    pub captured_fault: Option<Fault>,
 }
 
 impl Cpu {
@@ -114,6 +128,11 @@ impl Cpu {
             end_block: false,
             shutdown: None,
             unimpl_seen: Default::default(),
+            jit: None,
+            jctx: Default::default(),
+            io_touched: false,
+            capture_faults: false,
+            captured_fault: None,
         }
     }
 
@@ -142,6 +161,9 @@ impl Cpu {
 
     /// Drop all decoded code (e.g. after restoring memory).
     pub fn flush_code(&mut self) {
+        if let Some(j) = self.jit.as_mut() {
+            j.flush();
+        }
         self.blocks.clear();
         self.fast.iter_mut().for_each(|e| *e = None);
     }
@@ -222,6 +244,7 @@ impl Cpu {
     /// Physical read: RAM or MMIO.
     pub fn phys_read(&mut self, gpa: u64, buf: &mut [u8]) {
         if !self.ram.read(gpa, buf) {
+            self.io_touched = true;
             self.bus.mmio_read(gpa, buf);
         }
     }
@@ -236,6 +259,7 @@ impl Cpu {
             self.stats.block_invalidations += 1;
         }
         if !self.ram.write(gpa, buf) {
+            self.io_touched = true;
             self.bus.mmio_write(gpa, buf);
         }
     }
@@ -446,6 +470,9 @@ impl Cpu {
         self.stats.blocks_decoded += 1;
         let ppn = phys_pc >> 12;
         // Mark before reading so a concurrent write is never missed.
+        if !self.ram.is_code_page(ppn) {
+            self.tlb.drop_write(ppn);
+        }
         let gen0 = self.ram.mark_code(ppn);
         let page_left = 4096 - (phys_pc & 0xfff) as usize;
         let mut bytes = vec![0u8; page_left + 15];
@@ -478,6 +505,9 @@ impl Cpu {
                     let next_lin = self.mask_lin((lin_pc & !0xfff).wrapping_add(4096));
                     let acc = self.access(AccessKind::Exec);
                     let p2 = self.translate_fill(next_lin, acc)?;
+                    if !self.ram.is_code_page(p2 >> 12) {
+                        self.tlb.drop_write(p2 >> 12);
+                    }
                     let g2 = self.ram.mark_code(p2 >> 12);
                     pages[1] = (p2 >> 12, g2);
                     self.phys_read(p2, &mut bytes[page_left..page_left + 15]);
@@ -534,6 +564,8 @@ impl Cpu {
             bitness,
             pages,
             insns: insns.into_boxed_slice(),
+            jit_entry: Default::default(),
+            heat: Default::default(),
         })
     }
 
@@ -544,7 +576,9 @@ impl Cpu {
     /// Execute up to roughly `budget` instructions.
     pub fn run(&mut self, budget: u64) -> Exit {
         let stop_at = self.stats.instructions.saturating_add(budget);
+        let mut chain = None;
         loop {
+            let pending_chain = chain.take();
             if let Some(why) = self.shutdown.take() {
                 return Exit::Shutdown(why);
             }
@@ -575,6 +609,18 @@ impl Cpu {
                     continue;
                 }
             };
+            // Translated code runs 64-bit code without single-stepping
+            // or interrupt shadows.
+            if self.jit.is_some()
+                && !shadow
+                && block.bitness == 64
+                && self.s.rflags & flags::TF == 0
+            {
+                if let Some(entry) = self.jit_lookup(&block, pending_chain) {
+                    chain = self.jit_run(entry, stop_at - self.stats.instructions);
+                    continue;
+                }
+            }
             for di in block.insns.iter() {
                 self.next_rip = di.insn.next_ip();
                 match (di.handler)(self, &di.insn) {

@@ -26,6 +26,12 @@ impl Cpu {
     /// Deliver a fault raised by an instruction (RIP still points at it).
     pub(crate) fn raise(&mut self, f: Fault) {
         self.stats.exceptions += 1;
+        if self.capture_faults {
+            // Test harnesses: stop with the fault instead of delivering it.
+            self.captured_fault = Some(f);
+            self.shutdown = Some(format!("fault {} captured", f.vector));
+            return;
+        }
         self.deliver(f.vector, f.error_code, f.cr2, EventKind::Fault);
     }
 

@@ -147,6 +147,13 @@ impl GuestRam {
         }
     }
 
+    /// Address of a page's write generation (for translated code).
+    pub fn page_gen_ptr(&self, ppn: u64) -> Option<*const u32> {
+        self.page_gen
+            .get(ppn as usize)
+            .map(|g| g as *const AtomicU32 as *const u32)
+    }
+
     #[inline]
     pub fn page_gen(&self, ppn: u64) -> u32 {
         match self.page_gen.get(ppn as usize) {

@@ -77,6 +77,18 @@ impl Tlb {
             }
         }
     }
+    /// Remove write permission for entries mapping physical page `ppn`
+    /// (it now holds decoded code: writes must take the slow path).
+    pub fn drop_write(&mut self, ppn: u64) {
+        for m in self.e.iter_mut() {
+            for e in m.iter_mut() {
+                if e.ppn == ppn {
+                    e.write_tag = NO_TAG;
+                }
+            }
+        }
+    }
+
     pub fn flush_page(&mut self, lin: u64) {
         let vpn = lin >> 12;
         let idx = (vpn as usize) & (TLB_SIZE - 1);
@@ -388,7 +400,13 @@ impl Cpu {
                 *e = TlbEntry::EMPTY;
             }
             e.read_tag = vpn;
-            e.write_tag = if t.writable && t.dirty { vpn } else { NO_TAG };
+            // Pages holding decoded code are never written on the fast
+            // path, so translated code cannot miss an invalidation.
+            e.write_tag = if t.writable && t.dirty && !self.ram.is_code_page(page_phys >> 12) {
+                vpn
+            } else {
+                NO_TAG
+            };
             e.exec_tag = if t.exec { vpn } else { NO_TAG };
             e.addend = (host as u64).wrapping_sub(lin & !0xfff);
             e.ppn = page_phys >> 12;

@@ -36,6 +36,38 @@ fn sse_matches_native() {
     assert_eq!(r.mismatches, 0, "see the report above");
 }
 
+/// The binary translator against the host (it translates every case on
+/// first use; TLB misses and non-native instructions go through helpers,
+/// so both paths are covered).
+#[test]
+fn jit_integer_matches_native() {
+    let mut c = cfg(&[Class::Int, Class::Str], 20_000, 0x0bad_cafe);
+    c.engine = mat_x86::Engine::Jit;
+    let r = run_cases(&c);
+    println!("{r}");
+    assert!(r.error.is_none());
+    assert_eq!(r.mismatches, 0, "see the report above");
+}
+
+#[test]
+fn jit_sse_matches_native() {
+    let mut c = cfg(&[Class::Sse], 10_000, 0x5eed_0f5e);
+    c.engine = mat_x86::Engine::Jit;
+    let r = run_cases(&c);
+    println!("{r}");
+    assert!(r.error.is_none());
+    assert_eq!(r.mismatches, 0, "see the report above");
+}
+
+#[test]
+fn jit_tester_can_fail() {
+    let mut c = cfg(&[Class::Int], 200, 9);
+    c.engine = mat_x86::Engine::Jit;
+    c.corrupt_emulated_rax = true;
+    let r = run_cases(&c);
+    assert_eq!(r.mismatches, r.cases, "{r}");
+}
+
 #[test]
 fn tester_can_fail() {
     let mut c = cfg(&[Class::Int], 200, 7);

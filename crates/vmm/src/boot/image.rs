@@ -203,7 +203,14 @@ impl<'a> BzImage<'a> {
     pub fn decompress_vmlinux(&self) -> Result<Vec<u8>, KernelImageError> {
         let payload = self.payload()?;
         match Compression::detect(payload) {
-            Compression::Xz => decompress_xz(payload),
+            Compression::Xz => {
+                if let Some(v) = cache::load(payload) {
+                    return Ok(v);
+                }
+                let v = decompress_xz(payload)?;
+                cache::store(payload, &v);
+                Ok(v)
+            }
             Compression::None => Ok(payload.to_vec()),
             other => Err(KernelImageError::UnsupportedCompression(other)),
         }
@@ -241,4 +248,64 @@ pub fn decompress_xz(payload: &[u8]) -> Result<Vec<u8>, KernelImageError> {
         }
     }
     Ok(out)
+}
+
+/// Host cache of decompressed kernels (decompressing a distribution kernel
+/// costs about half a second). Entries are keyed by a hash of the
+/// compressed payload and carry a hash of their content, checked on load;
+/// any problem just means decompressing again.
+/// Location: `$MATRYOSHKA_CACHE_DIR`, else `$XDG_CACHE_HOME/matryoshka`, else
+/// `~/.cache/matryoshka`. `MATRYOSHKA_CACHE_DIR=off` disables it.
+mod cache {
+    use std::hash::{Hash, Hasher};
+    use std::path::PathBuf;
+
+    fn dir() -> Option<PathBuf> {
+        if let Some(d) = std::env::var_os("MATRYOSHKA_CACHE_DIR") {
+            return (d != "off").then(|| PathBuf::from(d));
+        }
+        if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+            return Some(PathBuf::from(d).join("matryoshka"));
+        }
+        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/matryoshka"))
+    }
+
+    fn hash(b: &[u8]) -> u64 {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        b.hash(&mut h);
+        h.finish()
+    }
+
+    fn path(payload: &[u8]) -> Option<PathBuf> {
+        Some(dir()?.join(format!(
+            "vmlinux-{:x}-{:016x}",
+            payload.len(),
+            hash(payload)
+        )))
+    }
+
+    pub fn load(payload: &[u8]) -> Option<Vec<u8>> {
+        let mut v = std::fs::read(path(payload)?).ok()?;
+        let at = v.len().checked_sub(8)?;
+        let want = u64::from_le_bytes(v[at..].try_into().ok()?);
+        v.truncate(at);
+        (hash(&v) == want).then_some(v)
+    }
+
+    pub fn store(payload: &[u8], vmlinux: &[u8]) {
+        let Some(p) = path(payload) else { return };
+        let tmp = p.with_extension(format!("tmp{}", std::process::id()));
+        let r = (|| -> std::io::Result<()> {
+            std::fs::create_dir_all(p.parent().unwrap_or(&p))?;
+            let mut data = Vec::with_capacity(vmlinux.len() + 8);
+            data.extend_from_slice(vmlinux);
+            data.extend_from_slice(&hash(vmlinux).to_le_bytes());
+            std::fs::write(&tmp, &data)?;
+            std::fs::rename(&tmp, &p)
+        })();
+        if let Err(e) = r {
+            let _ = std::fs::remove_file(&tmp);
+            tracing::debug!(error = %e, "not caching the decompressed kernel");
+        }
+    }
 }

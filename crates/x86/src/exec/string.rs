@@ -147,8 +147,96 @@ fn repeat(cpu: &mut Cpu, c: &Ctx, mut body: impl FnMut(&mut Cpu) -> XResult<bool
     Ok(())
 }
 
+/// Host pointer for `len` bytes at `lin` inside one page, when the page is
+/// plain RAM (and, for writes, holds no decoded code); None otherwise.
+fn bulk_ptr(cpu: &mut Cpu, lin: u64, len: usize, write: bool) -> XResult<Option<*mut u8>> {
+    let kind = if write {
+        crate::mmu::AccessKind::Write
+    } else {
+        crate::mmu::AccessKind::Read
+    };
+    let phys = cpu.translate_fill(lin, cpu.access(kind))?;
+    if write && cpu.ram.is_code_page(phys >> 12) {
+        return Ok(None);
+    }
+    Ok(cpu.ram.host_ptr(phys, len as u64))
+}
+
+/// Forward REP MOVS/STOS in 64-bit addressing, a page at a time straight on
+/// host memory. Stops (leaving the rest to the element loop) at anything
+/// unusual: MMIO, code pages, elements crossing pages, overlap.
+fn bulk(cpu: &mut Cpu, i: &Instruction, c: &Ctx, movs: bool) -> XResult<()> {
+    if !c.rep || c.asz != 8 || cpu.flag(DF) || !cpu.s.mode64() {
+        return Ok(());
+    }
+    let mut done = 0u64;
+    while done < CHUNK {
+        let count = cpu.s.gpr[1];
+        if count == 0 {
+            return Ok(());
+        }
+        let dst = cpu.str_dst(c);
+        let mut room = (4096 - (dst & 0xfff)) / c.size as u64;
+        let src = if movs { cpu.str_src(i, c) } else { 0 };
+        if movs {
+            room = room.min((4096 - (src & 0xfff)) / c.size as u64);
+        }
+        let k = room.min(count).min(CHUNK - done);
+        if k == 0 {
+            return Ok(());
+        }
+        let len = (k as usize) * c.size;
+        let Some(d) = bulk_ptr(cpu, dst, len, true)? else {
+            return Ok(());
+        };
+        if movs {
+            let Some(s) = bulk_ptr(cpu, src, len, false)? else {
+                return Ok(());
+            };
+            let (a, b) = (s as usize, d as usize);
+            if a.abs_diff(b) < len {
+                return Ok(()); // overlapping: element-wise semantics
+            }
+            // SAFETY: both ranges are inside guest RAM (host_ptr checked
+            // the length) and do not overlap.
+            unsafe { std::ptr::copy_nonoverlapping(s, d, len) };
+            cpu.s.gpr[6] = cpu.s.gpr[6].wrapping_add(len as u64);
+        } else {
+            let v = cpu.reg_sized(0, c.size);
+            // SAFETY: [d, d+len) is guest RAM (host_ptr checked the length);
+            // elements are written unaligned.
+            unsafe {
+                match c.size {
+                    1 => std::ptr::write_bytes(d, v as u8, len),
+                    _ => {
+                        for n in 0..k as usize {
+                            let p = d.add(n * c.size);
+                            match c.size {
+                                2 => (p as *mut u16).write_unaligned(v as u16),
+                                4 => (p as *mut u32).write_unaligned(v as u32),
+                                _ => (p as *mut u64).write_unaligned(v),
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        cpu.s.gpr[7] = cpu.s.gpr[7].wrapping_add(len as u64);
+        cpu.s.gpr[1] = count - k;
+        done += k;
+    }
+    if cpu.s.gpr[1] != 0 {
+        cpu.rep_yield();
+    }
+    Ok(())
+}
+
 fn movs(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
     let c = ctx(cpu, i);
+    bulk(cpu, i, &c, true)?;
+    if c.rep && (cpu.s.gpr[1] == 0 && c.asz == 8 || cpu.end_block) {
+        return Ok(());
+    }
     repeat(cpu, &c, |cpu| {
         let v = cpu.read_sized(cpu.str_src(i, &c), c.size)?;
         cpu.write_sized(cpu.str_dst(&c), c.size, v)?;
@@ -160,6 +248,10 @@ fn movs(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
 
 fn stos(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
     let c = ctx(cpu, i);
+    bulk(cpu, i, &c, false)?;
+    if c.rep && (cpu.s.gpr[1] == 0 && c.asz == 8 || cpu.end_block) {
+        return Ok(());
+    }
     let v = cpu.reg_sized(0, c.size);
     repeat(cpu, &c, |cpu| {
         cpu.write_sized(cpu.str_dst(&c), c.size, v)?;

@@ -1,0 +1,382 @@
+//! Dynamic binary translation (the `jit` CPU engine).
+//!
+//! Tiering: the interpreter runs a block until it has been executed
+//! [`Jit::threshold`] times, then [`translate`] turns it into host code in
+//! a dual-mapped [`codebuf::CodeBuf`]. Translated blocks end in exits that
+//! either return to the dispatcher ([`Cpu::run`]) or, for targets in the
+//! same guest page, are patched to jump straight to the target's
+//! translation (chaining). Every translated block starts by checking the
+//! write generation of its guest pages, so self-modifying code, module
+//! loading and DMA into code pages make stale translations leave at once.
+//! Each chained jump also checks the vCPU's kick flag, which bounds how
+//! long translated code runs before pending interrupts are noticed.
+
+pub mod codebuf;
+mod translate;
+
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::cpu::{Block, Cpu, DInsn};
+use codebuf::CodeBuf;
+use translate::Stubs;
+
+/// Which engine runs guest code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Engine {
+    /// Interpreter only.
+    Interp,
+    /// Interpreter for cold code, translated host code for hot blocks.
+    #[default]
+    Jit,
+}
+
+/// Scratch area addressed by translated code (through host r15 = &Cpu).
+#[repr(C)]
+#[derive(Default)]
+pub struct JitCtx {
+    pub(crate) spill: [u64; 8],
+    /// Guest arithmetic flags as LAHF (bits 8..15) and SETO (bit 0).
+    pub(crate) fl: u64,
+    pub(crate) kick: u64,
+    /// Minus the instructions left in the budget (counts up; see exits).
+    pub(crate) left: u64,
+    /// Address of the patchable jmp of the exit taken (0: not chainable).
+    pub(crate) exit_site: u64,
+    pub(crate) tlb_base: u64,
+    pub(crate) target: u64,
+    pub(crate) arg: u64,
+    pub(crate) helper: u64,
+    pub(crate) jc_base: u64,
+}
+
+/// Jump cache entry: guest rip -> translated entry, valid while the TLB
+/// maps the rip to physical page `ppn`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct JcEntry {
+    lin: u64,
+    entry: u64,
+    ppn: u64,
+    _pad: u64,
+}
+
+const JC_EMPTY: JcEntry = JcEntry {
+    lin: 0,
+    entry: 0,
+    ppn: u64::MAX,
+    _pad: 0,
+};
+
+pub(crate) const JC_SIZE: usize = 4096;
+
+/// Translator statistics (`--stats`).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct JitStats {
+    pub translations: u64,
+    pub translate_failures: u64,
+    pub translate_ms: f64,
+    pub code_bytes: u64,
+    /// Entries into translated code from the dispatcher (cache hits).
+    pub entries: u64,
+    pub chain_patches: u64,
+    pub helper_calls: u64,
+    pub helper_exits: u64,
+    pub flushes: u64,
+    /// Static counts over all translations.
+    pub native_insns: u64,
+    pub helper_insns: u64,
+}
+
+pub struct Jit {
+    buf: CodeBuf,
+    stubs: Stubs,
+    stub_len: usize,
+    /// Patchable exit sites: site -> (target rip, source physical page).
+    chains: HashMap<u64, (u64, u64)>,
+    /// Translated blocks, kept alive while their code may run (the code
+    /// points at their decoded instructions).
+    blocks: Vec<Rc<Block>>,
+    jc: Box<[JcEntry]>,
+    pub threshold: u32,
+    pub stats: JitStats,
+    /// Translations so far assume SSE may run natively (CR0.TS and CR0.EM
+    /// clear, CR4.OSFXSR set); a change of that flushes them.
+    sse: bool,
+    /// Helper calls by instruction (MATRYOSHKA_JIT_PROFILE=1).
+    profile: Option<HashMap<iced_x86::Code, u64>>,
+}
+
+const CODE_SIZE: usize = 64 << 20;
+/// Interpreted executions before a block is translated.
+const DEFAULT_THRESHOLD: u32 = 32;
+
+fn fl_from(rflags: u64) -> u64 {
+    ((rflags & 0xd5) << 8) | ((rflags >> 11) & 1)
+}
+
+fn fl_merge(rflags: u64, fl: u64) -> u64 {
+    (rflags & !0x8d5) | ((fl >> 8) & 0xd5) | ((fl & 1) << 11)
+}
+
+impl Jit {
+    pub fn new() -> std::io::Result<Jit> {
+        Self::with_size(CODE_SIZE)
+    }
+
+    pub fn with_size(size: usize) -> std::io::Result<Jit> {
+        let mut buf = CodeBuf::new(size)?;
+        let at = buf.next_addr();
+        let (code, stubs) = translate::build_stubs(at)
+            .map_err(|e| std::io::Error::other(format!("assembling JIT stubs: {e}")))?;
+        buf.push(&code)
+            .ok_or_else(|| std::io::Error::other("JIT code buffer too small"))?;
+        Ok(Jit {
+            stub_len: buf.used(),
+            buf,
+            stubs,
+            chains: HashMap::new(),
+            blocks: Vec::new(),
+            jc: vec![JC_EMPTY; JC_SIZE].into_boxed_slice(),
+            sse: false,
+            threshold: std::env::var("MATRYOSHKA_JIT_THRESHOLD")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(DEFAULT_THRESHOLD),
+            stats: JitStats::default(),
+            profile: std::env::var_os("MATRYOSHKA_JIT_PROFILE").map(|_| HashMap::new()),
+        })
+    }
+
+    /// Drop every translation (buffer full, or guest memory replaced).
+    pub fn flush(&mut self) {
+        for b in self.blocks.drain(..) {
+            b.jit_entry.set(0);
+            b.heat.set(0);
+        }
+        self.chains.clear();
+        self.jc.fill(JC_EMPTY);
+        self.buf.reset(self.stub_len);
+        self.stats.flushes += 1;
+    }
+}
+
+impl Cpu {
+    /// Select the execution engine.
+    pub fn set_engine(&mut self, e: Engine) -> std::io::Result<()> {
+        self.jit = match e {
+            Engine::Interp => None,
+            Engine::Jit => Some(Box::new(Jit::new()?)),
+        };
+        Ok(())
+    }
+
+    pub fn engine(&self) -> Engine {
+        if self.jit.is_some() {
+            Engine::Jit
+        } else {
+            Engine::Interp
+        }
+    }
+
+    pub fn jit_stats(&self) -> Option<&JitStats> {
+        self.jit.as_ref().map(|j| &j.stats)
+    }
+
+    /// Set the number of interpreted executions before a block is
+    /// translated (0 and 1 translate on first use).
+    pub fn set_jit_threshold(&mut self, n: u32) {
+        if let Some(j) = self.jit.as_mut() {
+            j.threshold = n;
+        }
+    }
+
+    /// The translated entry for `block`, translating it once it is hot.
+    pub(crate) fn jit_lookup(
+        &mut self,
+        block: &Rc<Block>,
+        chain: Option<(u64, u64, u64)>,
+    ) -> Option<u64> {
+        use crate::state::{cr0, cr4};
+        let sse = self.s.cr0 & (cr0::TS | cr0::EM) == 0 && self.s.cr4 & cr4::OSFXSR != 0;
+        let jit = self.jit.as_mut()?;
+        if jit.sse != sse {
+            jit.flush();
+            jit.sse = sse;
+        }
+        let e = block.jit_entry.get();
+        let entry = match e {
+            0 => {
+                let h = block.heat.get() + 1;
+                block.heat.set(h);
+                let jit = self.jit.as_ref()?;
+                if h < jit.threshold {
+                    return None;
+                }
+                self.jit_translate(block)?
+            }
+            1 => return None,
+            e => e,
+        };
+        if let Some(jit) = self.jit.as_mut() {
+            let lin = block.lin_pc;
+            let i = ((lin ^ (lin >> 10)) as usize) & (JC_SIZE - 1);
+            jit.jc[i] = JcEntry {
+                lin,
+                entry,
+                ppn: block.phys_pc >> 12,
+                _pad: 0,
+            };
+        }
+        if let Some((site, target, ppn)) = chain {
+            if block.lin_pc == target && block.phys_pc >> 12 == ppn {
+                let jit = self.jit.as_mut()?;
+                if jit.chains.remove(&site).is_some() {
+                    jit.buf.patch_jmp(site, entry);
+                    jit.stats.chain_patches += 1;
+                }
+            }
+        }
+        Some(entry)
+    }
+
+    fn jit_translate(&mut self, block: &Rc<Block>) -> Option<u64> {
+        let mut gens = Vec::new();
+        for &(ppn, gen) in block.pages.iter() {
+            if ppn == u64::MAX {
+                continue;
+            }
+            match self.ram.page_gen_ptr(ppn) {
+                Some(p) if gen != u32::MAX => gens.push((p, gen)),
+                _ => {
+                    block.jit_entry.set(1);
+                    return None;
+                }
+            }
+        }
+        let jit = self.jit.as_mut()?;
+        let t0 = Instant::now();
+        let sse = jit.sse;
+        let mut result = translate::translate(block, &gens, jit.stubs, jit.buf.next_addr(), sse);
+        if matches!(&result, Ok(t) if t.code.len() > jit.buf.free()) {
+            jit.flush();
+            result = translate::translate(block, &gens, jit.stubs, jit.buf.next_addr(), sse);
+        }
+        jit.stats.translate_ms += t0.elapsed().as_secs_f64() * 1e3;
+        let t = match result {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::debug!(rip = format_args!("{:#x}", block.lin_pc), error = %e, "block not translated");
+                jit.stats.translate_failures += 1;
+                block.jit_entry.set(1);
+                return None;
+            }
+        };
+        if jit.buf.push(&t.code).is_none() {
+            block.jit_entry.set(1);
+            return None;
+        }
+        let src_ppn = block.phys_pc >> 12;
+        for c in t.chains {
+            jit.chains.insert(c.site, (c.target, src_ppn));
+        }
+        jit.stats.translations += 1;
+        jit.stats.code_bytes += t.code.len() as u64;
+        jit.stats.native_insns += t.native as u64;
+        jit.stats.helper_insns += t.helpers as u64;
+        jit.blocks.push(block.clone());
+        block.jit_entry.set(t.entry);
+        Some(t.entry)
+    }
+
+    /// Run translated code from `entry` until it exits; returns the chain
+    /// request for the next block, if the exit was chainable.
+    pub(crate) fn jit_run(&mut self, entry: u64, budget: u64) -> Option<(u64, u64, u64)> {
+        let enter = self.jit.as_ref()?.stubs.enter;
+        self.jctx.fl = fl_from(self.s.rflags);
+        self.jctx.kick = Arc::as_ptr(&self.kick) as u64;
+        self.jctx.tlb_base = self.tlb.e[self.user_mode() as usize].as_ptr() as u64;
+        let left0 = (budget.clamp(1, 1 << 50) as i64).wrapping_neg() as u64;
+        self.jctx.left = left0;
+        self.jctx.exit_site = 0;
+        self.jctx.helper = jit_helper as *const () as u64;
+        self.jctx.jc_base = self.jit.as_ref()?.jc.as_ptr() as u64;
+        // SAFETY: `enter` is the stub assembled by build_stubs in the
+        // executable view; it saves the host callee-saved registers, runs
+        // translated code that only touches this Cpu (via r15), guest RAM
+        // through TLB host pointers, and the helper, and returns normally.
+        unsafe {
+            let f: extern "C" fn(*mut Cpu, u64) = std::mem::transmute(enter as usize);
+            f(self as *mut Cpu, entry);
+        }
+        self.s.rflags = fl_merge(self.s.rflags, self.jctx.fl);
+        self.stats.instructions += self.jctx.left.wrapping_sub(left0);
+        let site = self.jctx.exit_site;
+        let jit = self.jit.as_mut()?;
+        jit.stats.entries += 1;
+        if site != 0 {
+            if let Some(&(target, ppn)) = jit.chains.get(&site) {
+                if self.s.rip == target {
+                    return Some((site, target, ppn));
+                }
+            }
+        }
+        None
+    }
+}
+
+/// Called from translated code to run one instruction with the interpreter.
+/// Returns non-zero when translated code must leave (control transfer,
+/// exception, I/O, or state the translation depends on changed).
+extern "C" fn jit_helper(cpu: *mut Cpu, di: *const DInsn) -> u64 {
+    // SAFETY: translated code passes the Cpu it was entered with (jit_run
+    // holds `&mut Cpu` for the whole call) and a DInsn inside a Block that
+    // Jit::blocks keeps alive while its translation exists.
+    let (cpu, di) = unsafe { (&mut *cpu, &*di) };
+    cpu.s.rflags = fl_merge(cpu.s.rflags, cpu.jctx.fl);
+    cpu.s.rip = di.insn.ip();
+    cpu.next_rip = di.insn.next_ip();
+    cpu.io_touched = false;
+    let exit = match (di.handler)(cpu, &di.insn) {
+        Ok(()) => {
+            cpu.s.rip = cpu.next_rip;
+            cpu.end_block
+                || cpu.next_rip != di.insn.next_ip()
+                || cpu.io_touched
+                || cpu.s.irq_shadow
+                || cpu.s.halted
+                || cpu.shutdown.is_some()
+                || crate::exec::ends_block(&di.insn)
+        }
+        Err(f) => {
+            cpu.raise(f);
+            true
+        }
+    };
+    cpu.end_block = false;
+    cpu.jctx.fl = fl_from(cpu.s.rflags);
+    cpu.jctx.exit_site = 0;
+    if let Some(j) = cpu.jit.as_mut() {
+        j.stats.helper_calls += 1;
+        j.stats.helper_exits += exit as u64;
+        if let Some(p) = j.profile.as_mut() {
+            *p.entry(di.insn.code()).or_default() += 1;
+        }
+    }
+    exit as u64
+}
+
+impl Drop for Jit {
+    fn drop(&mut self) {
+        if let Some(p) = self.profile.take() {
+            let mut v: Vec<_> = p.into_iter().collect();
+            v.sort_by_key(|e| std::cmp::Reverse(e.1));
+            eprintln!("[matryoshka] jit helper calls by instruction:\r");
+            for (code, n) in v.iter().take(40) {
+                eprintln!("  {n:>12} {code:?}\r");
+            }
+        }
+    }
+}

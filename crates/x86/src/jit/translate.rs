@@ -1,0 +1,1609 @@
+//! Block translator: guest x86-64 → host x86-64.
+//!
+//! Conventions inside translated code:
+//! - host `r15` points at the [`Cpu`]; host `rsp` is the host stack;
+//! - every other guest GPR lives in the host register of the same name;
+//!   guest `rsp` and `r15` live in `cpu.s.gpr` and are loaded into a free
+//!   host register around each instruction that names them;
+//! - guest arithmetic flags live in host RFLAGS (host DF stays 0: guest DF is
+//!   kept in `cpu.s.rflags` and only string instructions, run by helpers,
+//!   read it). Emitted glue only uses flag-free instructions, or saves the
+//!   flags with LAHF/SETO first.
+//!
+//! Whitelisted integer instructions run as themselves (register operands
+//! unchanged; memory operands rewritten to a host pointer found through an
+//! inline soft-TLB lookup). Anything else, and every TLB miss, calls the
+//! interpreter's handler for that one instruction (a helper) with the state
+//! synchronised, so faults are precise.
+
+use std::mem::{offset_of, size_of};
+
+use iced_x86::code_asm::*;
+use iced_x86::{
+    BlockEncoderOptions, Code, ConditionCode, Encoder, FlowControl, Instruction,
+    InstructionInfoFactory, MemoryOperand, Mnemonic, OpAccess, OpKind, Register,
+};
+
+use super::JitCtx;
+use crate::cpu::{Block, Cpu, DInsn};
+use crate::mmu::TlbEntry;
+use crate::state::{CpuState, Segment, FS, GS};
+
+const GPR64: [Register; 16] = [
+    Register::RAX,
+    Register::RCX,
+    Register::RDX,
+    Register::RBX,
+    Register::RSP,
+    Register::RBP,
+    Register::RSI,
+    Register::RDI,
+    Register::R8,
+    Register::R9,
+    Register::R10,
+    Register::R11,
+    Register::R12,
+    Register::R13,
+    Register::R14,
+    Register::R15,
+];
+
+/// Guest registers held in host registers (all but rsp=4 and r15=15).
+pub(super) const RESIDENT: [usize; 14] = [0, 1, 2, 3, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14];
+
+/// Scratch candidates, low registers first (no REX needed as a base).
+const POOL: [Register; 13] = [
+    Register::RBX,
+    Register::RSI,
+    Register::RDI,
+    Register::RBP,
+    Register::RCX,
+    Register::RDX,
+    Register::R8,
+    Register::R9,
+    Register::R10,
+    Register::R11,
+    Register::R12,
+    Register::R13,
+    Register::R14,
+];
+
+fn gidx(r: Register) -> usize {
+    GPR64.iter().position(|&g| g == r).unwrap_or(0)
+}
+
+fn r64(r: Register) -> AsmRegister64 {
+    get_gpr64(r).unwrap_or(rax)
+}
+
+/// The same-numbered register with `size` bytes (no high-byte forms).
+fn sized(full: Register, size: usize) -> Register {
+    let i = gidx(full) as u32;
+    let base = match size {
+        1 => {
+            // AL CL DL BL | SPL BPL SIL DIL | R8L..: skip AH..BH.
+            return if i < 4 {
+                Register::AL + i
+            } else {
+                Register::AL + (i + 4)
+            };
+        }
+        2 => Register::AX,
+        4 => Register::EAX,
+        _ => Register::RAX,
+    };
+    base + i
+}
+
+// ---- offsets from host r15 (= *mut Cpu) ----------------------------------
+
+fn o_s() -> usize {
+    offset_of!(Cpu, s)
+}
+pub(super) fn o_gpr(i: usize) -> i32 {
+    (o_s() + offset_of!(CpuState, gpr) + 8 * i) as i32
+}
+fn o_rip() -> i32 {
+    (o_s() + offset_of!(CpuState, rip)) as i32
+}
+fn o_xmm(r: Register) -> i32 {
+    let n = r as usize - Register::XMM0 as usize;
+    (o_s() + offset_of!(CpuState, fpu) + offset_of!(crate::state::FpuState, xmm) + 16 * n) as i32
+}
+fn o_segbase(seg: usize) -> i32 {
+    (o_s() + offset_of!(CpuState, seg) + seg * size_of::<Segment>() + offset_of!(Segment, base))
+        as i32
+}
+macro_rules! o_ctx {
+    ($f:ident) => {
+        (offset_of!(Cpu, jctx) + offset_of!(JitCtx, $f)) as i32
+    };
+}
+fn o_spill(k: usize) -> i32 {
+    o_ctx!(spill) + 8 * k as i32
+}
+
+const SP_RAX: usize = 0;
+const SP_A: usize = 1;
+const SP_B: usize = 2;
+const SP_C: usize = 3;
+const SP_R1: usize = 4;
+const SP_R2: usize = 5;
+const SP_ENTRY: usize = 6;
+
+pub(super) type R<T> = Result<T, IcedError>;
+
+/// Fixed entry points shared by all blocks (assembled once at the start of
+/// the code buffer).
+#[derive(Clone, Copy, Default)]
+pub struct Stubs {
+    pub enter: u64,
+    pub exit: u64,
+    /// Exit to the target in cpu.s.rip through the jump cache.
+    pub indirect: u64,
+    pub helper: u64,
+}
+
+fn m(off: i32) -> AsmMemoryOperand {
+    qword_ptr(r15 + off)
+}
+
+fn store_resident(a: &mut CodeAssembler, skip_rax: bool) -> R<()> {
+    for &i in RESIDENT.iter() {
+        if i == 0 && skip_rax {
+            continue;
+        }
+        a.mov(m(o_gpr(i)), r64(GPR64[i]))?;
+    }
+    Ok(())
+}
+
+fn load_resident(a: &mut CodeAssembler, skip_rax: bool) -> R<()> {
+    for &i in RESIDENT.iter() {
+        if i == 0 && skip_rax {
+            continue;
+        }
+        a.mov(r64(GPR64[i]), m(o_gpr(i)))?;
+    }
+    Ok(())
+}
+
+/// Save host arithmetic flags into ctx.fl (clobbers rax).
+fn save_flags(a: &mut CodeAssembler) -> R<()> {
+    a.lahf()?;
+    a.seto(al)?;
+    a.mov(word_ptr(r15 + o_ctx!(fl)), ax)?;
+    Ok(())
+}
+
+/// Load host arithmetic flags from ctx.fl (clobbers rax).
+fn load_flags(a: &mut CodeAssembler) -> R<()> {
+    a.movzx(eax, word_ptr(r15 + o_ctx!(fl)))?;
+    a.add(al, 0x7f)?;
+    a.sahf()?;
+    Ok(())
+}
+
+/// Assemble the shared stubs at address `at`.
+pub fn build_stubs(at: u64) -> R<(Vec<u8>, Stubs)> {
+    let mut a = CodeAssembler::new(64)?;
+    let mut l_enter = a.create_label();
+    let mut l_leave = a.create_label();
+    let mut l_exit = a.create_label();
+    let mut l_helper = a.create_label();
+    let mut l_hexit = a.create_label();
+    let mut l_indirect = a.create_label();
+    let mut l_miss = a.create_label();
+
+    // enter(cpu: rdi, code: rsi)
+    a.set_label(&mut l_enter)?;
+    a.push(rbx)?;
+    a.push(rbp)?;
+    a.push(r12)?;
+    a.push(r13)?;
+    a.push(r14)?;
+    a.push(r15)?;
+    a.sub(rsp, 8)?;
+    a.mov(r15, rdi)?;
+    a.mov(m(o_ctx!(target)), rsi)?;
+    load_flags(&mut a)?;
+    load_resident(&mut a, false)?;
+    a.jmp(m(o_ctx!(target)))?;
+
+    // leave: guest state already stored.
+    a.set_label(&mut l_leave)?;
+    a.add(rsp, 8)?;
+    a.pop(r15)?;
+    a.pop(r14)?;
+    a.pop(r13)?;
+    a.pop(r12)?;
+    a.pop(rbp)?;
+    a.pop(rbx)?;
+    a.ret()?;
+
+    // exit: guest rax already stored, rip and exit_site set.
+    a.set_label(&mut l_exit)?;
+    save_flags(&mut a)?;
+    store_resident(&mut a, true)?;
+    a.jmp(l_leave)?;
+
+    // helper: called with guest rax stored and ctx.arg = &DInsn.
+    a.set_label(&mut l_helper)?;
+    save_flags(&mut a)?;
+    store_resident(&mut a, true)?;
+    a.mov(rdi, r15)?;
+    a.mov(rsi, m(o_ctx!(arg)))?;
+    a.sub(rsp, 8)?;
+    a.call(m(o_ctx!(helper)))?;
+    a.add(rsp, 8)?;
+    a.test(rax, rax)?;
+    a.jnz(l_hexit)?;
+    load_flags(&mut a)?;
+    load_resident(&mut a, false)?;
+    a.ret()?;
+    a.set_label(&mut l_hexit)?;
+    a.add(rsp, 8)?;
+    a.jmp(l_leave)?;
+
+    // indirect: target in cpu.s.rip; guest state in host registers. Look
+    // the target up in the jump cache and jump straight to its translation
+    // when the current TLB still maps it to the same physical page.
+    let tag = offset_of!(TlbEntry, exec_tag) as i32;
+    let ppn = offset_of!(TlbEntry, ppn) as i32;
+    a.set_label(&mut l_indirect)?;
+    a.mov(m(o_spill(SP_RAX)), rax)?;
+    a.mov(m(o_spill(SP_A)), rsi)?;
+    a.mov(m(o_spill(SP_B)), rcx)?;
+    a.mov(m(o_spill(SP_C)), rdx)?;
+    a.lahf()?;
+    a.seto(al)?;
+    a.mov(rcx, m(o_ctx!(kick)))?;
+    a.cmp(byte_ptr(rcx), 0)?;
+    a.jne(l_miss)?;
+    a.cmp(byte_ptr(r15 + (o_ctx!(left) + 7)), 0)?;
+    a.je(l_miss)?;
+    a.mov(rcx, m(o_rip()))?;
+    a.mov(rdx, rcx)?;
+    a.shr(rdx, 10)?;
+    a.xor(rdx, rcx)?;
+    a.and(edx, (super::JC_SIZE - 1) as u32)?;
+    a.shl(edx, 5)?;
+    a.add(rdx, m(o_ctx!(jc_base)))?;
+    a.cmp(rcx, qword_ptr(rdx))?;
+    a.jne(l_miss)?;
+    a.shr(rcx, 12)?;
+    a.mov(esi, ecx)?;
+    a.and(esi, (crate::mmu::TLB_SIZE - 1) as u32)?;
+    a.imul_3(esi, esi, size_of::<TlbEntry>() as i32)?;
+    a.add(rsi, m(o_ctx!(tlb_base)))?;
+    a.cmp(rcx, qword_ptr(rsi + tag))?;
+    a.jne(l_miss)?;
+    a.mov(rcx, qword_ptr(rsi + ppn))?;
+    a.cmp(rcx, qword_ptr(rdx + 16))?;
+    a.jne(l_miss)?;
+    a.mov(rcx, qword_ptr(rdx + 8))?;
+    a.mov(m(o_ctx!(target)), rcx)?;
+    a.add(al, 0x7f)?;
+    a.sahf()?;
+    a.mov(rax, m(o_spill(SP_RAX)))?;
+    a.mov(rsi, m(o_spill(SP_A)))?;
+    a.mov(rcx, m(o_spill(SP_B)))?;
+    a.mov(rdx, m(o_spill(SP_C)))?;
+    a.jmp(m(o_ctx!(target)))?;
+    a.set_label(&mut l_miss)?;
+    a.add(al, 0x7f)?;
+    a.sahf()?;
+    a.mov(rax, m(o_spill(SP_RAX)))?;
+    a.mov(rsi, m(o_spill(SP_A)))?;
+    a.mov(rcx, m(o_spill(SP_B)))?;
+    a.mov(rdx, m(o_spill(SP_C)))?;
+    a.mov(m(o_gpr(0)), rax)?;
+    a.mov(m(o_ctx!(exit_site)), 0)?;
+    a.jmp(l_exit)?;
+
+    let res = a.assemble_options(at, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)?;
+    let stubs = Stubs {
+        indirect: res.label_ip(&l_indirect)?,
+        enter: res.label_ip(&l_enter)?,
+        exit: res.label_ip(&l_exit)?,
+        helper: res.label_ip(&l_helper)?,
+    };
+    Ok((res.inner.code_buffer, stubs))
+}
+
+/// A chainable exit: the 5-byte jmp at `site` may be patched to jump
+/// straight to the block for `target` (same guest page as the source).
+pub struct ChainSite {
+    pub site: u64,
+    pub target: u64,
+}
+
+pub struct Translation {
+    pub code: Vec<u8>,
+    pub entry: u64,
+    pub chains: Vec<ChainSite>,
+    pub native: u32,
+    pub helpers: u32,
+    /// Instructions left to helpers (diagnostics).
+    #[allow(dead_code)]
+    pub helper_codes: Vec<Code>,
+}
+
+struct Slow {
+    label: CodeLabel,
+    back: CodeLabel,
+    dn: *const DInsn,
+    restore: Vec<(Register, usize)>,
+}
+
+struct Tx<'a> {
+    /// SSE instructions may run natively (CR0.TS/EM clear, CR4.OSFXSR set).
+    sse: bool,
+    a: CodeAssembler,
+    stubs: Stubs,
+    block: &'a Block,
+    tlb_entry: usize,
+    chain_labels: Vec<(CodeLabel, u64)>,
+    slow: Vec<Slow>,
+    info: InstructionInfoFactory,
+    native: u32,
+    helpers: u32,
+    /// Exits must go to the dispatcher (stale-code exit).
+    no_jc: bool,
+    /// The memory operand being translated must be 16-byte aligned.
+    align16: bool,
+    helper_codes: Vec<Code>,
+}
+
+/// Translate `block` for placement at address `at`. Returns None when the
+/// block cannot be translated (the interpreter keeps running it).
+pub fn translate(
+    block: &Block,
+    page_gens: &[(*const u32, u32)],
+    stubs: Stubs,
+    at: u64,
+    sse: bool,
+) -> R<Translation> {
+    let mut tx = Tx {
+        sse,
+        a: CodeAssembler::new(64)?,
+        stubs,
+        block,
+        tlb_entry: size_of::<TlbEntry>(),
+        chain_labels: Vec::new(),
+        slow: Vec::new(),
+        info: InstructionInfoFactory::new(),
+        native: 0,
+        helpers: 0,
+        no_jc: false,
+        align16: false,
+        helper_codes: Vec::new(),
+    };
+    let mut l_entry = tx.a.create_label();
+    let mut l_stale = tx.a.create_label();
+    tx.a.set_label(&mut l_entry)?;
+    // Count instructions and check that the guest code is unchanged (a
+    // chained jump may arrive here without passing the dispatcher).
+    let a = &mut tx.a;
+    a.mov(m(o_spill(SP_ENTRY)), rcx)?;
+    a.mov(rcx, m(o_ctx!(left)))?;
+    a.lea(rcx, qword_ptr(rcx + block.insns.len() as i32))?;
+    a.mov(m(o_ctx!(left)), rcx)?;
+    for &(ptr, gen) in page_gens {
+        let mut ok = a.create_label();
+        a.mov(rcx, ptr as u64)?;
+        a.mov(ecx, dword_ptr(rcx))?;
+        a.lea(ecx, dword_ptr(rcx + (gen.wrapping_neg() as i32)))?;
+        a.jrcxz(ok)?;
+        a.mov(rcx, m(o_spill(SP_ENTRY)))?;
+        a.jmp(l_stale)?;
+        a.set_label(&mut ok)?;
+    }
+    a.mov(rcx, m(o_spill(SP_ENTRY)))?;
+
+    let n = block.insns.len();
+    let mut ended = false;
+    for dn in block.insns.iter() {
+        ended = tx.insn(dn)?;
+        if ended {
+            break;
+        }
+    }
+    if !ended {
+        let next = block.insns[n - 1].insn.next_ip();
+        tx.exit_direct(next)?;
+    }
+    // Stale code: leave with rip at the block start.
+    tx.a.set_label(&mut l_stale)?;
+    tx.no_jc = true;
+    tx.exit_to(ExitTarget::Imm(block.insns[0].insn.ip()), None)?;
+    tx.no_jc = false;
+    // Cold paths.
+    let slow = std::mem::take(&mut tx.slow);
+    for mut s in slow {
+        tx.a.set_label(&mut s.label)?;
+        // Entered with the guest flags in ax and guest rax spilled.
+        tx.a.add(al, 0x7f)?;
+        tx.a.sahf()?;
+        for &(r, k) in s.restore.iter() {
+            tx.a.mov(r64(r), m(o_spill(k)))?;
+        }
+        tx.call_helper(s.dn)?;
+        tx.a.jmp(s.back)?;
+    }
+    let res =
+        tx.a.assemble_options(at, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)?;
+    let mut chains = Vec::new();
+    for (l, target) in tx.chain_labels.iter() {
+        chains.push(ChainSite {
+            site: res.label_ip(l)?,
+            target: *target,
+        });
+    }
+    Ok(Translation {
+        entry: res.label_ip(&l_entry)?,
+        code: res.inner.code_buffer,
+        chains,
+        native: tx.native,
+        helpers: tx.helpers,
+        helper_codes: tx.helper_codes,
+    })
+}
+
+enum ExitTarget {
+    Imm(u64),
+    /// Target already stored in cpu.s.rip.
+    Stored,
+}
+
+/// Integer instructions that behave identically when executed by the host
+/// with the guest's operands (and cannot fault on register operands).
+fn whitelisted(i: &Instruction) -> bool {
+    use Mnemonic::*;
+    matches!(
+        i.mnemonic(),
+        Add | Or
+            | Adc
+            | Sbb
+            | And
+            | Sub
+            | Xor
+            | Cmp
+            | Test
+            | Inc
+            | Dec
+            | Neg
+            | Not
+            | Mov
+            | Movzx
+            | Movsx
+            | Movsxd
+            | Xchg
+            | Shl
+            | Sal
+            | Shr
+            | Sar
+            | Rol
+            | Ror
+            | Rcl
+            | Rcr
+            | Shld
+            | Shrd
+            | Imul
+            | Mul
+            | Bt
+            | Bts
+            | Btr
+            | Btc
+            | Bsf
+            | Bsr
+            | Bswap
+            | Seto
+            | Setno
+            | Setb
+            | Setae
+            | Sete
+            | Setne
+            | Setbe
+            | Seta
+            | Sets
+            | Setns
+            | Setp
+            | Setnp
+            | Setl
+            | Setge
+            | Setle
+            | Setg
+            | Cmovo
+            | Cmovno
+            | Cmovb
+            | Cmovae
+            | Cmove
+            | Cmovne
+            | Cmovbe
+            | Cmova
+            | Cmovs
+            | Cmovns
+            | Cmovp
+            | Cmovnp
+            | Cmovl
+            | Cmovge
+            | Cmovle
+            | Cmovg
+            | Cbw
+            | Cwde
+            | Cdqe
+            | Cwd
+            | Cdq
+            | Cqo
+            | Nop
+            | Popcnt
+            | Xadd
+            | Cmpxchg
+            | Cmpxchg8b
+            | Clc
+            | Stc
+            | Cmc
+            | Movbe
+            | Pause
+            | Endbr64
+    )
+}
+
+/// Legacy-encoded SSE instructions that neither depend on MXCSR nor raise
+/// SIMD floating-point exceptions: moves, logic, shuffles, packed integer.
+fn sse_whitelisted(i: &Instruction) -> bool {
+    use Mnemonic::*;
+    i.encoding() == iced_x86::EncodingKind::Legacy
+        && (0..i.op_count()).all(|n| {
+            i.op_kind(n) != OpKind::Register || {
+                let r = i.op_register(n);
+                r.is_xmm() || r.is_gpr()
+            }
+        })
+        && (0..i.op_count()).any(|n| i.op_kind(n) == OpKind::Register && i.op_register(n).is_xmm())
+        && matches!(
+            i.mnemonic(),
+            Movd | Movq
+                | Movdqa
+                | Movdqu
+                | Movaps
+                | Movups
+                | Movapd
+                | Movupd
+                | Movss
+                | Movsd
+                | Movlps
+                | Movhps
+                | Movlpd
+                | Movhpd
+                | Movlhps
+                | Movhlps
+                | Pxor
+                | Por
+                | Pand
+                | Pandn
+                | Xorps
+                | Xorpd
+                | Andps
+                | Andpd
+                | Andnps
+                | Andnpd
+                | Orps
+                | Orpd
+                | Paddb
+                | Paddw
+                | Paddd
+                | Paddq
+                | Psubb
+                | Psubw
+                | Psubd
+                | Psubq
+                | Paddsb
+                | Paddsw
+                | Paddusb
+                | Paddusw
+                | Psubsb
+                | Psubsw
+                | Psubusb
+                | Psubusw
+                | Pmullw
+                | Pmulhw
+                | Pmulhuw
+                | Pmuludq
+                | Pmaddwd
+                | Pavgb
+                | Pavgw
+                | Pminub
+                | Pmaxub
+                | Pminsw
+                | Pmaxsw
+                | Psadbw
+                | Pcmpeqb
+                | Pcmpeqw
+                | Pcmpeqd
+                | Pcmpgtb
+                | Pcmpgtw
+                | Pcmpgtd
+                | Pmovmskb
+                | Movmskps
+                | Movmskpd
+                | Psllw
+                | Pslld
+                | Psllq
+                | Psrlw
+                | Psrld
+                | Psrlq
+                | Psraw
+                | Psrad
+                | Pslldq
+                | Psrldq
+                | Punpcklbw
+                | Punpcklwd
+                | Punpckldq
+                | Punpcklqdq
+                | Punpckhbw
+                | Punpckhwd
+                | Punpckhdq
+                | Punpckhqdq
+                | Packsswb
+                | Packssdw
+                | Packuswb
+                | Pshufd
+                | Pshuflw
+                | Pshufhw
+                | Shufps
+                | Shufpd
+                | Unpcklps
+                | Unpckhps
+                | Unpcklpd
+                | Unpckhpd
+                | Pextrw
+                | Pinsrw
+                | Pshufb
+                | Palignr
+                | Pabsb
+                | Pabsw
+                | Pabsd
+                | Pminsd
+                | Pminud
+                | Pmaxsd
+                | Pmaxud
+                | Pminsb
+                | Pmaxsb
+                | Pminuw
+                | Pmaxuw
+                | Pmulld
+                | Pmuldq
+                | Pcmpeqq
+                | Pcmpgtq
+                | Pextrb
+                | Pextrd
+                | Pextrq
+                | Pinsrb
+                | Pinsrd
+                | Pinsrq
+                | Pmovzxbw
+                | Pmovzxbd
+                | Pmovzxbq
+                | Pmovzxwd
+                | Pmovzxwq
+                | Pmovzxdq
+                | Pmovsxbw
+                | Pmovsxbd
+                | Pmovsxbq
+                | Pmovsxwd
+                | Pmovsxwq
+                | Pmovsxdq
+                | Ptest
+                | Packusdw
+        )
+}
+
+impl Tx<'_> {
+    fn used_full_regs(&mut self, i: &Instruction) -> Vec<Register> {
+        let info = self.info.info(i);
+        let mut v: Vec<Register> = info
+            .used_registers()
+            .iter()
+            .map(|u| u.register().full_register())
+            .filter(|r| r.is_gpr64())
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    fn pick(&self, avoid: &[Register], n: usize) -> Option<Vec<Register>> {
+        let v: Vec<Register> = POOL
+            .iter()
+            .copied()
+            .filter(|r| !avoid.contains(r))
+            .take(n)
+            .collect();
+        (v.len() == n).then_some(v)
+    }
+
+    /// Translate one instruction; returns true when it ended the block.
+    fn insn(&mut self, dn: &DInsn) -> R<bool> {
+        let i = &dn.insn;
+        // Control flow.
+        match i.flow_control() {
+            FlowControl::Next => {}
+            FlowControl::UnconditionalBranch
+                if matches!(i.op0_kind(), OpKind::NearBranch64) && i.op_count() == 1 =>
+            {
+                self.native += 1;
+                self.exit_direct(i.near_branch_target())?;
+                return Ok(true);
+            }
+            FlowControl::ConditionalBranch
+                if matches!(i.op0_kind(), OpKind::NearBranch64)
+                    && i.condition_code() != ConditionCode::None
+                    && !matches!(
+                        i.mnemonic(),
+                        Mnemonic::Jrcxz
+                            | Mnemonic::Jecxz
+                            | Mnemonic::Loop
+                            | Mnemonic::Loope
+                            | Mnemonic::Loopne
+                    ) =>
+            {
+                self.native += 1;
+                let mut taken = self.a.create_label();
+                jcc(&mut self.a, i.condition_code(), taken)?;
+                self.exit_direct(i.next_ip())?;
+                self.a.set_label(&mut taken)?;
+                self.exit_direct(i.near_branch_target())?;
+                return Ok(true);
+            }
+            FlowControl::Call if i.code() == Code::Call_rel32_64 => {
+                self.native += 1;
+                self.push(dn, PushSrc::Imm(i.next_ip()))?;
+                self.exit_direct(i.near_branch_target())?;
+                return Ok(true);
+            }
+            FlowControl::Return if matches!(i.code(), Code::Retnq | Code::Retnq_imm16) => {
+                self.native += 1;
+                let extra = if i.code() == Code::Retnq_imm16 {
+                    i.immediate16() as i32
+                } else {
+                    0
+                };
+                self.ret(dn, extra)?;
+                return Ok(true);
+            }
+            FlowControl::IndirectBranch | FlowControl::IndirectCall
+                if matches!(i.code(), Code::Jmp_rm64 | Code::Call_rm64)
+                    && i.op0_kind() == OpKind::Register =>
+            {
+                self.native += 1;
+                let t = i.op0_register();
+                if i.code() == Code::Call_rm64 {
+                    // The target register is read before the push.
+                    if t == Register::RSP || t == Register::R15 {
+                        self.a.mov(m(o_spill(SP_RAX)), rax)?;
+                        self.a.mov(rax, m(o_gpr(gidx(t))))?;
+                        self.a.mov(m(o_rip()), rax)?;
+                        self.a.mov(rax, m(o_spill(SP_RAX)))?;
+                    } else {
+                        self.a.mov(m(o_rip()), r64(t))?;
+                    }
+                    self.push(dn, PushSrc::Imm(i.next_ip()))?;
+                } else if t == Register::RSP || t == Register::R15 {
+                    self.a.mov(m(o_spill(SP_RAX)), rax)?;
+                    self.a.mov(rax, m(o_gpr(gidx(t))))?;
+                    self.a.mov(m(o_rip()), rax)?;
+                    self.a.mov(rax, m(o_spill(SP_RAX)))?;
+                } else {
+                    self.a.mov(m(o_rip()), r64(t))?;
+                }
+                self.exit_to(ExitTarget::Stored, None)?;
+                return Ok(true);
+            }
+            _ => {
+                self.helper_insn(dn)?;
+                self.exit_direct(i.next_ip())?;
+                return Ok(true);
+            }
+        }
+        if crate::exec::ends_block(i) {
+            self.helper_insn(dn)?;
+            self.exit_direct(i.next_ip())?;
+            return Ok(true);
+        }
+        match i.code() {
+            Code::Push_r64 => {
+                self.native += 1;
+                self.push(dn, PushSrc::Reg(i.op0_register()))?;
+                return Ok(false);
+            }
+            Code::Pushq_imm32 | Code::Pushq_imm8 => {
+                self.native += 1;
+                self.push(dn, PushSrc::Imm(i.immediate(0)))?;
+                return Ok(false);
+            }
+            Code::Pop_r64 => {
+                self.native += 1;
+                self.pop(dn, i.op0_register())?;
+                return Ok(false);
+            }
+            _ => {}
+        }
+        if i.mnemonic() == Mnemonic::Lea && self.lea(i)? {
+            self.native += 1;
+            return Ok(false);
+        }
+        if matches!(
+            i.mnemonic(),
+            Mnemonic::Nop | Mnemonic::Endbr64 | Mnemonic::Pause
+        ) {
+            // Multi-byte NOPs have a memory operand that is never accessed.
+            self.native += 1;
+            return Ok(false);
+        }
+        let sse = self.sse && sse_whitelisted(i);
+        if (whitelisted(i) || sse) && self.native_insn(dn)? {
+            self.native += 1;
+            return Ok(false);
+        }
+        self.helper_insn(dn)?;
+        Ok(false)
+    }
+
+    fn call_helper(&mut self, dn: *const DInsn) -> R<()> {
+        let a = &mut self.a;
+        a.mov(m(o_gpr(0)), rax)?;
+        a.mov(rax, dn as u64)?;
+        a.mov(m(o_ctx!(arg)), rax)?;
+        a.call(self.stubs.helper)?;
+        Ok(())
+    }
+
+    fn helper_insn(&mut self, dn: &DInsn) -> R<()> {
+        self.helpers += 1;
+        self.helper_codes.push(dn.insn.code());
+        self.call_helper(dn as *const DInsn)
+    }
+
+    /// Leave translated code for the dispatcher, rip = target.
+    fn exit_to(&mut self, t: ExitTarget, site: Option<CodeLabel>) -> R<()> {
+        let a = &mut self.a;
+        if site.is_none() && !self.no_jc {
+            // Through the jump cache (target stored in cpu.s.rip).
+            if let ExitTarget::Imm(v) = t {
+                a.mov(m(o_spill(SP_ENTRY)), rcx)?;
+                a.mov(rcx, v)?;
+                a.mov(m(o_rip()), rcx)?;
+                a.mov(rcx, m(o_spill(SP_ENTRY)))?;
+            }
+            a.jmp(self.stubs.indirect)?;
+            return Ok(());
+        }
+        a.mov(m(o_gpr(0)), rax)?;
+        if let ExitTarget::Imm(v) = t {
+            a.mov(rax, v)?;
+            a.mov(m(o_rip()), rax)?;
+        }
+        match site {
+            Some(l) => {
+                a.lea(rax, qword_ptr(l))?;
+                a.mov(m(o_ctx!(exit_site)), rax)?;
+            }
+            None => a.mov(m(o_ctx!(exit_site)), 0)?,
+        }
+        a.jmp(self.stubs.exit)?;
+        Ok(())
+    }
+
+    /// Exit to a known target; chainable when it is in the same guest page.
+    fn exit_direct(&mut self, target: u64) -> R<()> {
+        if target >> 12 != self.block.lin_pc >> 12 {
+            return self.exit_to(ExitTarget::Imm(target), None);
+        }
+        let a = &mut self.a;
+        let mut go = a.create_label();
+        let mut slow = a.create_label();
+        let mut site = a.create_label();
+        let mut stop = a.create_label();
+        // Leave for the dispatcher when kicked (pending interrupt, timer)
+        // or when the budget ran out: `left` counts up from -budget, so its
+        // top byte becomes 0 when it reaches 0. Flag-free (jrcxz).
+        a.mov(m(o_spill(SP_ENTRY)), rcx)?;
+        a.mov(rcx, m(o_ctx!(kick)))?;
+        a.movzx(ecx, byte_ptr(rcx))?;
+        a.jrcxz(go)?;
+        a.set_label(&mut stop)?;
+        a.mov(rcx, m(o_spill(SP_ENTRY)))?;
+        a.jmp(slow)?;
+        a.set_label(&mut go)?;
+        a.movzx(ecx, byte_ptr(r15 + (o_ctx!(left) + 7)))?;
+        a.jrcxz(stop)?;
+        a.mov(rcx, m(o_spill(SP_ENTRY)))?;
+        a.set_label(&mut site)?;
+        // jmp rel32 to the next instruction until patched.
+        a.db(&[0xe9, 0, 0, 0, 0])?;
+        a.set_label(&mut slow)?;
+        self.chain_labels.push((site, target));
+        self.exit_to(ExitTarget::Imm(target), Some(site))
+    }
+
+    /// Spill `regs` into the given slots.
+    fn spill(&mut self, regs: &[(Register, usize)]) -> R<()> {
+        for &(r, k) in regs {
+            self.a.mov(m(o_spill(k)), r64(r))?;
+        }
+        Ok(())
+    }
+
+    /// With the linear address in `sa` and flags saved in ax (guest rax
+    /// spilled), look up the soft TLB; on a hit `sa` becomes the host
+    /// pointer, else jump to `slow` (flags still in ax).
+    fn tlb_lookup(
+        &mut self,
+        sa: Register,
+        sb: Register,
+        sc: Register,
+        size: usize,
+        write: bool,
+        slow: CodeLabel,
+    ) -> R<()> {
+        let (a, b, c) = (r64(sa), r64(sb), r64(sc));
+        let tag = if write {
+            offset_of!(TlbEntry, write_tag)
+        } else {
+            offset_of!(TlbEntry, read_tag)
+        } as i32;
+        let x = &mut self.a;
+        x.mov(b, a)?;
+        x.shr(b, 12)?;
+        x.mov(c, b)?;
+        x.and(c, (crate::mmu::TLB_SIZE - 1) as i32)?;
+        x.imul_3(c, c, self.tlb_entry as i32)?;
+        x.add(c, m(o_ctx!(tlb_base)))?;
+        x.cmp(b, qword_ptr(c + tag))?;
+        x.jne(slow)?;
+        if self.align16 {
+            x.test(a, 15)?;
+            x.jnz(slow)?;
+        }
+        if size > 1 {
+            x.lea(b, qword_ptr(a + (size as i32 - 1)))?;
+            x.xor(b, a)?;
+            x.test(b, -4096)?;
+            x.jnz(slow)?;
+        }
+        x.add(a, qword_ptr(c + offset_of!(TlbEntry, addend) as i32))?;
+        Ok(())
+    }
+
+    /// Common prologue for a memory access: spills, address into `sa`,
+    /// flags saved, TLB lookup. Returns the slow label (flags still in ax
+    /// there) — the caller restores the flags on the fast path.
+    #[allow(clippy::too_many_arguments)]
+    fn mem_prologue(
+        &mut self,
+        sa: Register,
+        sb: Register,
+        sc: Register,
+        ea: &dyn Fn(&mut CodeAssembler) -> R<()>,
+        seg: Register,
+        size: usize,
+        write: bool,
+    ) -> R<CodeLabel> {
+        self.spill(&[(Register::RAX, SP_RAX), (sa, SP_A), (sb, SP_B), (sc, SP_C)])?;
+        ea(&mut self.a)?;
+        save_flags_only(&mut self.a)?;
+        if seg == Register::FS || seg == Register::GS {
+            let s = if seg == Register::FS { FS } else { GS };
+            self.a.add(r64(sa), m(o_segbase(s)))?;
+        }
+        let slow = self.a.create_label();
+        self.tlb_lookup(sa, sb, sc, size, write, slow)?;
+        // Fast path: flags back, scratch b/c and rax back.
+        self.a.add(al, 0x7f)?;
+        self.a.sahf()?;
+        self.a.mov(rax, m(o_spill(SP_RAX)))?;
+        self.a.mov(r64(sb), m(o_spill(SP_B)))?;
+        self.a.mov(r64(sc), m(o_spill(SP_C)))?;
+        Ok(slow)
+    }
+
+    /// Emit the cold path for `slow`: flags back from ax, every spilled
+    /// register back, helper for the whole instruction, resume at `back`.
+    fn defer_slow(
+        &mut self,
+        slow: CodeLabel,
+        back: CodeLabel,
+        dn: &DInsn,
+        restore: Vec<(Register, usize)>,
+    ) -> R<()> {
+        // The slow label is entered with flags in ax: restore them through
+        // a small trampoline placed with the other cold code.
+        let mut restore_all = vec![(Register::RAX, SP_RAX)];
+        restore_all.extend(restore);
+        self.slow.push(Slow {
+            label: slow,
+            back,
+            dn: dn as *const DInsn,
+            restore: restore_all,
+        });
+        Ok(())
+    }
+
+    fn push(&mut self, dn: &DInsn, src: PushSrc) -> R<()> {
+        let mut avoid = vec![Register::RAX, Register::RSP, Register::R15];
+        if let PushSrc::Reg(r) = src {
+            avoid.push(r);
+        }
+        let Some(s) = self.pick(&avoid, 3) else {
+            return self.helper_insn(dn);
+        };
+        let (sa, sb, sc) = (s[0], s[1], s[2]);
+        let rsp_off = o_gpr(4);
+        let slow = self.mem_prologue(
+            sa,
+            sb,
+            sc,
+            &|x: &mut CodeAssembler| {
+                x.mov(r64(sa), m(rsp_off))?;
+                x.lea(r64(sa), qword_ptr(r64(sa) - 8))
+            },
+            Register::None,
+            8,
+            true,
+        )?;
+        let a = &mut self.a;
+        match src {
+            PushSrc::Imm(v) => {
+                a.mov(r64(sb), v)?;
+                a.mov(qword_ptr(r64(sa)), r64(sb))?;
+                a.mov(r64(sb), m(o_spill(SP_B)))?;
+            }
+            PushSrc::Reg(r) if r == Register::RSP || r == Register::R15 => {
+                a.mov(r64(sb), m(o_gpr(gidx(r))))?;
+                a.mov(qword_ptr(r64(sa)), r64(sb))?;
+                a.mov(r64(sb), m(o_spill(SP_B)))?;
+            }
+            PushSrc::Reg(r) => a.mov(qword_ptr(r64(sa)), r64(r))?,
+        }
+        a.mov(r64(sa), m(rsp_off))?;
+        a.lea(r64(sa), qword_ptr(r64(sa) - 8))?;
+        a.mov(m(rsp_off), r64(sa))?;
+        a.mov(r64(sa), m(o_spill(SP_A)))?;
+        let mut back = a.create_label();
+        self.defer_slow(slow, back, dn, vec![(sa, SP_A), (sb, SP_B), (sc, SP_C)])?;
+        // For call: the helper performed the whole call and exits (rip
+        // changed), so `back` is only reached by plain pushes.
+        self.a.set_label(&mut back)?;
+        self.a.nop()?;
+        Ok(())
+    }
+
+    fn pop(&mut self, dn: &DInsn, dst: Register) -> R<()> {
+        let avoid = [Register::RAX, Register::RSP, Register::R15, dst];
+        let Some(s) = self.pick(&avoid, 3) else {
+            return self.helper_insn(dn);
+        };
+        let (sa, sb, sc) = (s[0], s[1], s[2]);
+        let rsp_off = o_gpr(4);
+        let slow = self.mem_prologue(
+            sa,
+            sb,
+            sc,
+            &|x: &mut CodeAssembler| x.mov(r64(sa), m(rsp_off)),
+            Register::None,
+            8,
+            false,
+        )?;
+        let a = &mut self.a;
+        a.mov(r64(sb), qword_ptr(r64(sa)))?;
+        a.mov(r64(sa), m(rsp_off))?;
+        a.lea(r64(sa), qword_ptr(r64(sa) + 8))?;
+        a.mov(m(rsp_off), r64(sa))?;
+        if dst == Register::RSP || dst == Register::R15 {
+            a.mov(m(o_gpr(gidx(dst))), r64(sb))?;
+        } else {
+            a.mov(r64(dst), r64(sb))?;
+        }
+        a.mov(r64(sa), m(o_spill(SP_A)))?;
+        a.mov(r64(sb), m(o_spill(SP_B)))?;
+        let mut back = a.create_label();
+        self.defer_slow(slow, back, dn, vec![(sa, SP_A), (sb, SP_B), (sc, SP_C)])?;
+        self.a.set_label(&mut back)?;
+        self.a.nop()?;
+        Ok(())
+    }
+
+    fn ret(&mut self, dn: &DInsn, extra: i32) -> R<()> {
+        let avoid = [Register::RAX, Register::RSP, Register::R15];
+        let s = self.pick(&avoid, 3).expect("pool has room");
+        let (sa, sb, sc) = (s[0], s[1], s[2]);
+        let rsp_off = o_gpr(4);
+        let slow = self.mem_prologue(
+            sa,
+            sb,
+            sc,
+            &|x: &mut CodeAssembler| x.mov(r64(sa), m(rsp_off)),
+            Register::None,
+            8,
+            false,
+        )?;
+        let a = &mut self.a;
+        a.mov(r64(sb), qword_ptr(r64(sa)))?;
+        a.mov(m(o_rip()), r64(sb))?;
+        a.mov(r64(sa), m(rsp_off))?;
+        a.lea(r64(sa), qword_ptr(r64(sa) + (8 + extra)))?;
+        a.mov(m(rsp_off), r64(sa))?;
+        a.mov(r64(sa), m(o_spill(SP_A)))?;
+        a.mov(r64(sb), m(o_spill(SP_B)))?;
+        self.exit_to(ExitTarget::Stored, None)?;
+        // Slow path: the helper runs the whole RET; it only comes back if
+        // the return address happens to be the next instruction.
+        let mut back = self.a.create_label();
+        self.defer_slow(slow, back, dn, vec![(sa, SP_A), (sb, SP_B), (sc, SP_C)])?;
+        self.a.set_label(&mut back)?;
+        self.exit_to(ExitTarget::Imm(dn.insn.next_ip()), None)?;
+        Ok(())
+    }
+
+    /// LEA: no memory access; rewrite RIP-relative forms and remap rsp/r15.
+    fn lea(&mut self, i: &Instruction) -> R<bool> {
+        let dst = i.op0_register();
+        let size = dst.size();
+        if i.memory_base() == Register::RIP || i.memory_base() == Register::EIP {
+            let v = i.memory_displacement64() & crate::exec::mask(size);
+            let d = if dst.full_register() == Register::RSP || dst.full_register() == Register::R15
+            {
+                None
+            } else {
+                Some(dst)
+            };
+            match (d, size) {
+                (Some(d), 8) => self.a.mov(r64(d), v)?,
+                (Some(d), 4) => self.a.mov(get_gpr32(d).unwrap_or(eax), v as u32)?,
+                _ => return Ok(false),
+            }
+            return Ok(true);
+        }
+        self.remapped_plain(i)
+    }
+
+    /// A register-only whitelisted instruction, or one with a memory operand.
+    fn native_insn(&mut self, dn: &DInsn) -> R<bool> {
+        let i = &dn.insn;
+        let mut mem = None;
+        for n in 0..i.op_count() {
+            match i.op_kind(n) {
+                OpKind::Register => {
+                    let r = i.op_register(n);
+                    if !(r.is_gpr() || r.is_xmm() && self.sse && sse_whitelisted(i)) {
+                        return Ok(false);
+                    }
+                }
+                OpKind::Memory => mem = Some(n),
+                OpKind::Immediate8
+                | OpKind::Immediate16
+                | OpKind::Immediate32
+                | OpKind::Immediate64
+                | OpKind::Immediate8to16
+                | OpKind::Immediate8to32
+                | OpKind::Immediate8to64
+                | OpKind::Immediate32to64 => {}
+                _ => return Ok(false),
+            }
+        }
+        let xmms = self.xmm_regs(i);
+        self.load_xmm(&xmms)?;
+        let Some(n) = mem else {
+            let ok = self.remapped_plain(i)?;
+            if ok {
+                self.store_xmm(&xmms)?;
+            }
+            return Ok(ok);
+        };
+        let size = i.memory_size().size();
+        let sse_mem = sse_whitelisted(i);
+        if !(matches!(size, 1 | 2 | 4 | 8) || size == 16 && sse_mem) {
+            return Ok(false);
+        }
+        // Legacy SSE m128 operands must be 16-byte aligned (#GP otherwise,
+        // which the helper raises); only the explicitly unaligned moves
+        // are exempt.
+        self.align16 = size == 16
+            && !matches!(
+                i.mnemonic(),
+                Mnemonic::Movdqu | Mnemonic::Movups | Mnemonic::Movupd | Mnemonic::Lddqu
+            );
+        // BT* with a register bit offset addresses beyond the operand.
+        if matches!(
+            i.mnemonic(),
+            Mnemonic::Bt | Mnemonic::Bts | Mnemonic::Btr | Mnemonic::Btc
+        ) && i.op1_kind() == OpKind::Register
+        {
+            return Ok(false);
+        }
+        let info = self.info.info(i);
+        if info.used_memory().len() != 1 {
+            return Ok(false);
+        }
+        let access = info.used_memory()[0].access();
+        let write = matches!(
+            access,
+            OpAccess::Write | OpAccess::ReadWrite | OpAccess::CondWrite | OpAccess::ReadCondWrite
+        );
+        let _ = n;
+        let used = self.used_full_regs(i);
+        let mut avoid = used.clone();
+        avoid.extend([Register::RAX, Register::RSP, Register::R15]);
+        let uses_rsp = used.contains(&Register::RSP);
+        let uses_r15 = used.contains(&Register::R15);
+        let need = 3 + uses_rsp as usize + uses_r15 as usize;
+        let Some(s) = self.pick(&avoid, need) else {
+            return Ok(false);
+        };
+        let (sa, sb, sc) = (s[0], s[1], s[2]);
+        let mut k = 3;
+        let mut remap: Vec<(Register, Register, usize)> = Vec::new();
+        if uses_rsp {
+            remap.push((Register::RSP, s[k], SP_R1));
+            k += 1;
+        }
+        if uses_r15 {
+            remap.push((Register::R15, s[k], SP_R2));
+        }
+        // The rewritten instruction: memory operand [sa], rsp/r15 remapped.
+        let mut ni = *i;
+        for n in 0..ni.op_count() {
+            if ni.op_kind(n) == OpKind::Register {
+                let r = ni.op_register(n);
+                if let Some(&(_, h, _)) = remap.iter().find(|(g, _, _)| *g == r.full_register()) {
+                    ni.set_op_register(n, sized(h, r.size()));
+                }
+            }
+        }
+        ni.set_memory_base(sa);
+        ni.set_memory_index(Register::None);
+        ni.set_memory_index_scale(1);
+        ni.set_memory_displacement64(0);
+        ni.set_memory_displ_size(0);
+        ni.set_segment_prefix(Register::None);
+        if !encodable(&ni) {
+            return Ok(false);
+        }
+        // The address computation, with rsp/r15 loaded into their remaps.
+        let base = i.memory_base();
+        let index = i.memory_index();
+        let map = |r: Register| -> Register {
+            if r == Register::None {
+                return r;
+            }
+            match remap.iter().find(|(g, _, _)| *g == r.full_register()) {
+                Some(&(_, h, _)) => sized(h, r.size()),
+                None => r,
+            }
+        };
+        let ea_abs = base == Register::RIP
+            || base == Register::EIP
+            || (base == Register::None && index == Register::None);
+        let abs = if is64addr(i) {
+            i.memory_displacement64()
+        } else {
+            i.memory_displacement64() & 0xffff_ffff
+        };
+        let lea = if ea_abs {
+            None
+        } else {
+            let addr32 = !is64addr(i);
+            let disp = if addr32 {
+                i.memory_displacement32() as i64
+            } else {
+                i.memory_displacement64() as i64
+            };
+            let mo = MemoryOperand::new(
+                map(base),
+                map(index),
+                i.memory_index_scale(),
+                disp,
+                if disp == 0 {
+                    0
+                } else if addr32 {
+                    4
+                } else {
+                    8
+                },
+                false,
+                Register::None,
+            );
+            let li = Instruction::with2(Code::Lea_r64_m, sa, mo)?;
+            if !encodable(&li) {
+                return Ok(false);
+            }
+            Some(li)
+        };
+        // Spill and load remaps before computing the address.
+        let spills: Vec<(Register, usize)> = remap.iter().map(|&(_, h, k)| (h, k)).collect();
+        self.spill(&spills)?;
+        for &(g, h, _) in remap.iter() {
+            self.a.mov(r64(h), m(o_gpr(gidx(g))))?;
+        }
+        let seg = i.memory_segment();
+        let slow = self.mem_prologue(
+            sa,
+            sb,
+            sc,
+            &|x: &mut CodeAssembler| match lea {
+                Some(li) => x.add_instruction(li),
+                None => x.mov(r64(sa), abs),
+            },
+            seg,
+            size,
+            write,
+        )?;
+        self.align16 = false;
+        self.a.add_instruction(ni)?;
+        self.store_xmm(&xmms)?;
+        for &(g, h, k) in remap.iter() {
+            self.a.mov(m(o_gpr(gidx(g))), r64(h))?;
+            self.a.mov(r64(h), m(o_spill(k)))?;
+        }
+        self.a.mov(r64(sa), m(o_spill(SP_A)))?;
+        let mut back = self.a.create_label();
+        let mut restore = vec![(sa, SP_A), (sb, SP_B), (sc, SP_C)];
+        restore.extend(spills);
+        self.defer_slow(slow, back, dn, restore)?;
+        self.a.set_label(&mut back)?;
+        self.a.nop()?;
+        Ok(true)
+    }
+
+    /// XMM registers an instruction uses, with whether it writes them.
+    fn xmm_regs(&mut self, i: &Instruction) -> Vec<(Register, bool)> {
+        let info = self.info.info(i);
+        let mut v: Vec<(Register, bool)> = Vec::new();
+        for u in info.used_registers() {
+            let r = u.register();
+            if !r.is_xmm() {
+                continue;
+            }
+            let w = !matches!(
+                u.access(),
+                OpAccess::Read | OpAccess::CondRead | OpAccess::None
+            );
+            match v.iter_mut().find(|(x, _)| *x == r) {
+                Some(e) => e.1 |= w,
+                None => v.push((r, w)),
+            }
+        }
+        v
+    }
+
+    /// Guest XMM registers live in CpuState; an SSE instruction runs on the
+    /// host register of the same number, loaded before and stored after.
+    fn load_xmm(&mut self, regs: &[(Register, bool)]) -> R<()> {
+        for &(r, _) in regs {
+            let x = get_xmm(r).unwrap_or(xmm0);
+            self.a.movdqu(x, xmmword_ptr(r15 + o_xmm(r)))?;
+        }
+        Ok(())
+    }
+
+    fn store_xmm(&mut self, regs: &[(Register, bool)]) -> R<()> {
+        for &(r, w) in regs {
+            if w {
+                let x = get_xmm(r).unwrap_or(xmm0);
+                self.a.movdqu(xmmword_ptr(r15 + o_xmm(r)), x)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Register-only instruction (or LEA without RIP): run as is, with
+    /// guest rsp/r15 loaded into free host registers around it.
+    fn remapped_plain(&mut self, i: &Instruction) -> R<bool> {
+        let used = self.used_full_regs(i);
+        let uses_rsp = used.contains(&Register::RSP);
+        let uses_r15 = used.contains(&Register::R15);
+        if !uses_rsp && !uses_r15 {
+            if !encodable(i) {
+                return Ok(false);
+            }
+            self.a.add_instruction(*i)?;
+            return Ok(true);
+        }
+        // Implicit rsp users (push/pop/enter/...) are not handled here.
+        let info = self.info.info(i);
+        if !info.used_memory().is_empty() {
+            return Ok(false);
+        }
+        let mut avoid = used.clone();
+        avoid.extend([Register::RSP, Register::R15]);
+        let need = uses_rsp as usize + uses_r15 as usize;
+        let Some(s) = self.pick(&avoid, need) else {
+            return Ok(false);
+        };
+        let mut remap = Vec::new();
+        let mut k = 0;
+        if uses_rsp {
+            remap.push((Register::RSP, s[k], SP_R1));
+            k += 1;
+        }
+        if uses_r15 {
+            remap.push((Register::R15, s[k], SP_R2));
+        }
+        let map = |r: Register| -> Register {
+            if r == Register::None {
+                return r;
+            }
+            match remap.iter().find(|(g, _, _)| *g == r.full_register()) {
+                Some(&(_, h, _)) => sized(h, r.size()),
+                None => r,
+            }
+        };
+        let mut ni = *i;
+        for n in 0..ni.op_count() {
+            match ni.op_kind(n) {
+                OpKind::Register => {
+                    let r = ni.op_register(n);
+                    // Only explicit operands can be remapped.
+                    ni.set_op_register(n, map(r));
+                }
+                OpKind::Memory => {
+                    ni.set_memory_base(map(ni.memory_base()));
+                    ni.set_memory_index(map(ni.memory_index()));
+                }
+                _ => {}
+            }
+        }
+        // An implicit use of rsp/r15 that was not rewritten would run on
+        // the host's registers: refuse.
+        let still: Vec<Register> = self.used_full_regs(&ni);
+        if still.contains(&Register::RSP) || still.contains(&Register::R15) {
+            return Ok(false);
+        }
+        if !encodable(&ni) {
+            return Ok(false);
+        }
+        for &(g, h, k) in remap.iter() {
+            self.a.mov(m(o_spill(k)), r64(h))?;
+            self.a.mov(r64(h), m(o_gpr(gidx(g))))?;
+        }
+        self.a.add_instruction(ni)?;
+        for &(g, h, k) in remap.iter() {
+            self.a.mov(m(o_gpr(gidx(g))), r64(h))?;
+            self.a.mov(r64(h), m(o_spill(k)))?;
+        }
+        Ok(true)
+    }
+}
+
+enum PushSrc {
+    Imm(u64),
+    Reg(Register),
+}
+
+fn is64addr(i: &Instruction) -> bool {
+    let b = i.memory_base();
+    let x = i.memory_index();
+    !(b.is_gpr32() || x.is_gpr32() || b == Register::EIP)
+}
+
+/// Save flags into ax without storing them (guest rax already spilled).
+fn save_flags_only(a: &mut CodeAssembler) -> R<()> {
+    a.lahf()?;
+    a.seto(al)?;
+    Ok(())
+}
+
+fn encodable(i: &Instruction) -> bool {
+    thread_local! {
+        static ENC: std::cell::RefCell<Encoder> = std::cell::RefCell::new(Encoder::new(64));
+    }
+    ENC.with(|e| {
+        let mut e = e.borrow_mut();
+        let ok = e.encode(i, 0x1000).is_ok();
+        let _ = e.take_buffer();
+        ok
+    })
+}
+
+fn jcc(a: &mut CodeAssembler, cc: ConditionCode, l: CodeLabel) -> R<()> {
+    match cc {
+        ConditionCode::o => a.jo(l),
+        ConditionCode::no => a.jno(l),
+        ConditionCode::b => a.jb(l),
+        ConditionCode::ae => a.jae(l),
+        ConditionCode::e => a.je(l),
+        ConditionCode::ne => a.jne(l),
+        ConditionCode::be => a.jbe(l),
+        ConditionCode::a => a.ja(l),
+        ConditionCode::s => a.js(l),
+        ConditionCode::ns => a.jns(l),
+        ConditionCode::p => a.jp(l),
+        ConditionCode::np => a.jnp(l),
+        ConditionCode::l => a.jl(l),
+        ConditionCode::ge => a.jge(l),
+        ConditionCode::le => a.jle(l),
+        ConditionCode::g => a.jg(l),
+        ConditionCode::None => a.jmp(l),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use iced_x86::Decoder;
+
+    /// Translate `code` as one block; returns (native, helper) counts.
+    fn counts(code: &[u8]) -> (u32, u32) {
+        let mut d = Decoder::with_ip(64, code, 0x40_0000, iced_x86::DecoderOptions::NONE);
+        let insns: Vec<DInsn> = d
+            .iter()
+            .map(|insn| DInsn {
+                handler: crate::exec::handler_for(&insn),
+                insn,
+            })
+            .collect();
+        let block = Block {
+            lin_pc: 0x40_0000,
+            phys_pc: 0x40_0000,
+            bitness: 64,
+            pages: [(0x400, 0), (u64::MAX, 0)],
+            insns: insns.into_boxed_slice(),
+            jit_entry: Default::default(),
+            heat: Default::default(),
+        };
+        let gen = 0u32;
+        let stubs = Stubs {
+            enter: 0x1000,
+            exit: 0x1100,
+            indirect: 0x1200,
+            helper: 0x1300,
+        };
+        let t =
+            translate(&block, &[(&gen as *const u32, 0)], stubs, 0x2000, true).expect("translates");
+        eprintln!("helpers: {:?}", t.helper_codes);
+        (t.native, t.helpers)
+    }
+
+    fn asm(f: impl FnOnce(&mut CodeAssembler)) -> Vec<u8> {
+        let mut a = CodeAssembler::new(64).unwrap();
+        f(&mut a);
+        a.assemble(0x40_0000).unwrap()
+    }
+
+    #[test]
+    fn common_memory_forms_run_natively() {
+        let code = asm(|a| {
+            a.mov(rax, qword_ptr(rbx + 8)).unwrap();
+            a.mov(qword_ptr(rsp + 0x10), rcx).unwrap();
+            a.mov(rdx, qword_ptr(r15 + rax * 8 - 0x100)).unwrap();
+            a.add(dword_ptr(0x40_1234u64), 1).unwrap();
+            a.movzx(eax, byte_ptr(rdi + rsi)).unwrap();
+            a.mov(r8, qword_ptr(0x1000u64).gs()).unwrap();
+            a.cmp(qword_ptr(rbp - 8), r15).unwrap();
+            a.lock().xadd(qword_ptr(rbx), rax).unwrap();
+            a.nop_1(dword_ptr(rax + rax)).unwrap();
+            a.lea(rsp, qword_ptr(rsp + 0x20)).unwrap();
+            a.push(r15).unwrap();
+            a.pop(rbx).unwrap();
+            a.ret().unwrap();
+        });
+        let (native, helpers) = counts(&code);
+        assert_eq!(
+            helpers, 0,
+            "every instruction above has a native translation"
+        );
+        assert_eq!(native, 13);
+    }
+
+    #[test]
+    fn division_and_system_instructions_use_helpers() {
+        let code = asm(|a| {
+            a.div(rcx).unwrap();
+            a.rdtsc().unwrap();
+        });
+        let (_, helpers) = counts(&code);
+        assert_eq!(helpers, 2);
+    }
+}
