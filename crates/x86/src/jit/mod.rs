@@ -105,6 +105,9 @@ pub struct Jit {
     /// Translations so far assume SSE may run natively (CR0.TS and CR0.EM
     /// clear, CR4.OSFXSR set); a change of that flushes them.
     sse: bool,
+    /// Translations assume the guest MXCSR masks all exceptions (SSE
+    /// floating point runs natively under it).
+    fp: bool,
     /// Helper calls by instruction (MATRYOSHKA_JIT_PROFILE=1).
     profile: Option<HashMap<iced_x86::Code, u64>>,
 }
@@ -141,6 +144,7 @@ impl Jit {
             blocks: Vec::new(),
             jc: vec![JC_EMPTY; JC_SIZE].into_boxed_slice(),
             sse: false,
+            fp: false,
             threshold: std::env::var("MATRYOSHKA_JIT_THRESHOLD")
                 .ok()
                 .and_then(|v| v.parse().ok())
@@ -201,10 +205,12 @@ impl Cpu {
     ) -> Option<u64> {
         use crate::state::{cr0, cr4};
         let sse = self.s.cr0 & (cr0::TS | cr0::EM) == 0 && self.s.cr4 & cr4::OSFXSR != 0;
+        let fp = self.s.fpu.mxcsr & 0x1f80 == 0x1f80;
         let jit = self.jit.as_mut()?;
-        if jit.sse != sse {
+        if jit.sse != sse || jit.fp != fp {
             jit.flush();
             jit.sse = sse;
+            jit.fp = fp;
         }
         let e = block.jit_entry.get();
         let entry = match e {
@@ -258,11 +264,12 @@ impl Cpu {
         }
         let jit = self.jit.as_mut()?;
         let t0 = Instant::now();
-        let sse = jit.sse;
-        let mut result = translate::translate(block, &gens, jit.stubs, jit.buf.next_addr(), sse);
+        let (sse, fp) = (jit.sse, jit.fp);
+        let mut result =
+            translate::translate(block, &gens, jit.stubs, jit.buf.next_addr(), sse, fp);
         if matches!(&result, Ok(t) if t.code.len() > jit.buf.free()) {
             jit.flush();
-            result = translate::translate(block, &gens, jit.stubs, jit.buf.next_addr(), sse);
+            result = translate::translate(block, &gens, jit.stubs, jit.buf.next_addr(), sse, fp);
         }
         jit.stats.translate_ms += t0.elapsed().as_secs_f64() * 1e3;
         let t = match result {
@@ -307,10 +314,16 @@ impl Cpu {
         // executable view; it saves the host callee-saved registers, runs
         // translated code that only touches this Cpu (via r15), guest RAM
         // through TLB host pointers, and the helper, and returns normally.
+        // Translated code runs under the guest's MXCSR (native SSE floating
+        // point); it is read back afterwards for the sticky exception flags.
+        let host_mxcsr = get_mxcsr();
+        set_mxcsr(self.s.fpu.mxcsr);
         unsafe {
             let f: extern "C" fn(*mut Cpu, u64) = std::mem::transmute(enter as usize);
             f(self as *mut Cpu, entry);
         }
+        self.s.fpu.mxcsr = get_mxcsr();
+        set_mxcsr(host_mxcsr);
         self.s.rflags = fl_merge(self.s.rflags, self.jctx.fl);
         self.stats.instructions += self.jctx.left.wrapping_sub(left0);
         let site = self.jctx.exit_site;
@@ -335,6 +348,7 @@ extern "C" fn jit_helper(cpu: *mut Cpu, di: *const DInsn) -> u64 {
     // holds `&mut Cpu` for the whole call) and a DInsn inside a Block that
     // Jit::blocks keeps alive while its translation exists.
     let (cpu, di) = unsafe { (&mut *cpu, &*di) };
+    cpu.s.fpu.mxcsr = get_mxcsr();
     cpu.s.rflags = fl_merge(cpu.s.rflags, cpu.jctx.fl);
     cpu.s.rip = di.insn.ip();
     cpu.next_rip = di.insn.next_ip();
@@ -349,6 +363,9 @@ extern "C" fn jit_helper(cpu: *mut Cpu, di: *const DInsn) -> u64 {
                 || cpu.s.halted
                 || cpu.shutdown.is_some()
                 || crate::exec::ends_block(&di.insn)
+                // MXCSR may now unmask exceptions: the dispatcher decides
+                // whether SSE floating point may still run natively.
+                || di.insn.mnemonic() == iced_x86::Mnemonic::Ldmxcsr
         }
         Err(f) => {
             cpu.raise(f);
@@ -357,6 +374,7 @@ extern "C" fn jit_helper(cpu: *mut Cpu, di: *const DInsn) -> u64 {
     };
     cpu.end_block = false;
     cpu.jctx.fl = fl_from(cpu.s.rflags);
+    set_mxcsr(cpu.s.fpu.mxcsr);
     cpu.jctx.exit_site = 0;
     if let Some(j) = cpu.jit.as_mut() {
         j.stats.helper_calls += 1;
@@ -379,4 +397,19 @@ impl Drop for Jit {
             }
         }
     }
+}
+
+fn get_mxcsr() -> u32 {
+    let mut v: u32 = 0;
+    // SAFETY: STMXCSR stores 4 bytes to a valid local.
+    unsafe { std::arch::asm!("stmxcsr [{}]", in(reg) &mut v, options(nostack)) };
+    v
+}
+
+fn set_mxcsr(v: u32) {
+    // Reserved bits would #GP; the guest value was validated by LDMXCSR /
+    // FXRSTOR emulation, but mask anyway.
+    let v = v & 0xffff;
+    // SAFETY: LDMXCSR loads 4 bytes from a valid local.
+    unsafe { std::arch::asm!("ldmxcsr [{}]", in(reg) &v, options(nostack)) };
 }

@@ -339,6 +339,9 @@ struct Slow {
 struct Tx<'a> {
     /// SSE instructions may run natively (CR0.TS/EM clear, CR4.OSFXSR set).
     sse: bool,
+    /// SSE floating point may run natively: the guest MXCSR masks every
+    /// exception and is the host MXCSR while translated code runs.
+    fp: bool,
     a: CodeAssembler,
     stubs: Stubs,
     block: &'a Block,
@@ -363,9 +366,11 @@ pub fn translate(
     stubs: Stubs,
     at: u64,
     sse: bool,
+    fp: bool,
 ) -> R<Translation> {
     let mut tx = Tx {
         sse,
+        fp,
         a: CodeAssembler::new(64)?,
         stubs,
         block,
@@ -700,6 +705,86 @@ fn sse_whitelisted(i: &Instruction) -> bool {
         )
 }
 
+/// Legacy SSE floating-point instructions: native only while the guest
+/// MXCSR masks every exception (see `Tx::fp`).
+fn sse_fp_whitelisted(i: &Instruction) -> bool {
+    use Mnemonic::*;
+    i.encoding() == iced_x86::EncodingKind::Legacy
+        && (0..i.op_count()).all(|n| {
+            i.op_kind(n) != OpKind::Register || {
+                let r = i.op_register(n);
+                r.is_xmm() || r.is_gpr()
+            }
+        })
+        && matches!(
+            i.mnemonic(),
+            Addss
+                | Addsd
+                | Addps
+                | Addpd
+                | Subss
+                | Subsd
+                | Subps
+                | Subpd
+                | Mulss
+                | Mulsd
+                | Mulps
+                | Mulpd
+                | Divss
+                | Divsd
+                | Divps
+                | Divpd
+                | Sqrtss
+                | Sqrtsd
+                | Sqrtps
+                | Sqrtpd
+                | Minss
+                | Minsd
+                | Minps
+                | Minpd
+                | Maxss
+                | Maxsd
+                | Maxps
+                | Maxpd
+                | Cmpss
+                | Cmpsd
+                | Cmpps
+                | Cmppd
+                | Comiss
+                | Comisd
+                | Ucomiss
+                | Ucomisd
+                | Cvtsi2sd
+                | Cvtsi2ss
+                | Cvtsd2ss
+                | Cvtss2sd
+                | Cvttsd2si
+                | Cvtsd2si
+                | Cvttss2si
+                | Cvtss2si
+                | Cvtdq2pd
+                | Cvtdq2ps
+                | Cvtps2pd
+                | Cvtpd2ps
+                | Cvttps2dq
+                | Cvtps2dq
+                | Cvttpd2dq
+                | Cvtpd2dq
+                | Roundss
+                | Roundsd
+                | Roundps
+                | Roundpd
+                | Haddpd
+                | Haddps
+                | Hsubpd
+                | Hsubps
+                | Addsubpd
+                | Addsubps
+                | Dpps
+                | Dppd
+        )
+}
+
 impl Tx<'_> {
     fn used_full_regs(&mut self, i: &Instruction) -> Vec<Register> {
         let info = self.info.info(i);
@@ -842,7 +927,7 @@ impl Tx<'_> {
             self.native += 1;
             return Ok(false);
         }
-        let sse = self.sse && sse_whitelisted(i);
+        let sse = self.sse && (sse_whitelisted(i) || self.fp && sse_fp_whitelisted(i));
         if (whitelisted(i) || sse) && self.native_insn(dn)? {
             self.native += 1;
             return Ok(false);
@@ -1177,7 +1262,11 @@ impl Tx<'_> {
             match i.op_kind(n) {
                 OpKind::Register => {
                     let r = i.op_register(n);
-                    if !(r.is_gpr() || r.is_xmm() && self.sse && sse_whitelisted(i)) {
+                    if !(r.is_gpr()
+                        || r.is_xmm()
+                            && self.sse
+                            && (sse_whitelisted(i) || self.fp && sse_fp_whitelisted(i)))
+                    {
                         return Ok(false);
                     }
                 }
@@ -1203,7 +1292,7 @@ impl Tx<'_> {
             return Ok(ok);
         };
         let size = i.memory_size().size();
-        let sse_mem = sse_whitelisted(i);
+        let sse_mem = sse_whitelisted(i) || self.fp && sse_fp_whitelisted(i);
         if !(matches!(size, 1 | 2 | 4 | 8) || size == 16 && sse_mem) {
             return Ok(false);
         }
@@ -1560,8 +1649,15 @@ mod tests {
             indirect: 0x1200,
             helper: 0x1300,
         };
-        let t =
-            translate(&block, &[(&gen as *const u32, 0)], stubs, 0x2000, true).expect("translates");
+        let t = translate(
+            &block,
+            &[(&gen as *const u32, 0)],
+            stubs,
+            0x2000,
+            true,
+            true,
+        )
+        .expect("translates");
         eprintln!("helpers: {:?}", t.helper_codes);
         (t.native, t.helpers)
     }
