@@ -9,7 +9,9 @@
 //! Needs: guest/out/debian.img (the tests run the build script when it is
 //! missing, which needs root and Debian's mirror), `qemu-img` (qemu-utils),
 //! `e2fsck`/`debugfs` (e2fsprogs) and `sha256sum`. Run with --release.
-//! MATRYOSHKA_DEBIAN_BOOT_TIMEOUT (seconds, default 900) bounds each boot.
+//! MATRYOSHKA_DEBIAN_BOOT_TIMEOUT (seconds, default 900) bounds each boot;
+//! MATRYOSHKA_TEST_ARGS adds `run` arguments (e.g. `--cpu-engine interp`);
+//! MATRYOSHKA_TEST_ENGINE=qemu runs the same scenarios under QEMU TCG.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
@@ -155,6 +157,10 @@ impl Vm {
                 .args(["--disk", disk])
                 .args(["--cmdline", &cmdline])
                 .args(extra);
+            // e.g. MATRYOSHKA_TEST_ARGS="--cpu-engine interp"
+            if let Ok(more) = std::env::var("MATRYOSHKA_TEST_ARGS") {
+                c.args(more.split_whitespace());
+            }
             c
         };
         let mut child = cmd
@@ -606,4 +612,38 @@ fn debian_qcow2_overlay_keeps_base_unchanged() {
         !String::from_utf8_lossy(&base_txt.stdout).contains("Inode:"),
         "the base image has the file written to the overlay"
     );
+}
+
+/// The initramfs' `matryoshka.root=` falls back cleanly when there is no disk:
+/// a clear message, then the usual `matryoshka.cmd` path (no panic, no hang).
+#[test]
+fn initramfs_root_switch_without_disk_falls_back() {
+    let out_dir = root().join("guest/out");
+    if !out_dir.join("initramfs.cpio.gz").exists() {
+        let st = Command::new("bash")
+            .arg(root().join("guest/build.sh"))
+            .status()
+            .expect("run guest/build.sh");
+        assert!(st.success(), "guest/build.sh failed");
+    }
+    let base = std::fs::read_to_string(out_dir.join("cmdline")).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_matryoshka"))
+        .args(["run", "--no-reboot", "--cmdline"])
+        .arg(format!(
+            "{} matryoshka.root=/dev/vda matryoshka.cmd=true",
+            base.trim()
+        ))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run matryoshka");
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("MATRYOSHKA-ROOT-FAILED: no block device /dev/vda"),
+        "no fallback message:\n{text}"
+    );
+    assert!(
+        text.contains("MATRYOSHKA-CMD-EXIT 0"),
+        "cmd did not run:\n{text}"
+    );
+    assert!(o.status.success(), "exit status {}:\n{text}", o.status);
 }

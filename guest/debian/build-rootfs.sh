@@ -197,7 +197,13 @@ MASK=(apt-daily.timer apt-daily-upgrade.timer apt-daily.service apt-daily-upgrad
       fstrim.timer dpkg-db-backup.timer man-db.timer logrotate.timer
       systemd-networkd-wait-online.service systemd-time-wait-sync.service
       systemd-timesyncd.service
-      getty@tty1.service)
+      getty@tty1.service
+      # Pseudo-filesystems and module preloads nothing here uses; each costs a
+      # fork+exec, which is slow on an emulated CPU.
+      modprobe@drm.service modprobe@efi_pstore.service modprobe@dm_mod.service
+      modprobe@fuse.service modprobe@loop.service modprobe@configfs.service
+      sys-kernel-config.mount sys-kernel-debug.mount sys-kernel-tracing.mount
+      sys-fs-fuse-connections.mount dev-hugepages.mount systemd-pstore.service)
 for u in "${MASK[@]}"; do ln -sfn /dev/null "$ROOT/etc/systemd/system/$u"; done
 # Hardware a VM on a software CPU has no use for; udev would load these from
 # the emulated PC's modaliases (legacy ISA probes are slow to time out).
