@@ -174,6 +174,13 @@ impl Cpu {
             Engine::Interp => None,
             Engine::Jit => Some(Box::new(Jit::new()?)),
         };
+        // Fixed for the life of the translator (the kick flag's Arc and the
+        // jump cache never move).
+        self.jctx.kick = Arc::as_ptr(&self.kick) as u64;
+        self.jctx.helper = jit_helper as *const () as u64;
+        if let Some(j) = self.jit.as_ref() {
+            self.jctx.jc_base = j.jc.as_ptr() as u64;
+        }
         Ok(())
     }
 
@@ -303,13 +310,10 @@ impl Cpu {
     pub(crate) fn jit_run(&mut self, entry: u64, budget: u64) -> Option<(u64, u64, u64)> {
         let enter = self.jit.as_ref()?.stubs.enter;
         self.jctx.fl = fl_from(self.s.rflags);
-        self.jctx.kick = Arc::as_ptr(&self.kick) as u64;
         self.jctx.tlb_base = self.tlb.e[self.user_mode() as usize].as_ptr() as u64;
         let left0 = (budget.clamp(1, 1 << 50) as i64).wrapping_neg() as u64;
         self.jctx.left = left0;
         self.jctx.exit_site = 0;
-        self.jctx.helper = jit_helper as *const () as u64;
-        self.jctx.jc_base = self.jit.as_ref()?.jc.as_ptr() as u64;
         // SAFETY: `enter` is the stub assembled by build_stubs in the
         // executable view; it saves the host callee-saved registers, runs
         // translated code that only touches this Cpu (via r15), guest RAM

@@ -555,10 +555,8 @@ fn whitelisted(i: &Instruction) -> bool {
     )
 }
 
-/// Legacy-encoded SSE instructions that neither depend on MXCSR nor raise
-/// SIMD floating-point exceptions: moves, logic, shuffles, packed integer.
-fn sse_whitelisted(i: &Instruction) -> bool {
-    use Mnemonic::*;
+/// Legacy (not VEX) encoding with only XMM and general registers.
+fn legacy_xmm_gpr(i: &Instruction) -> bool {
     i.encoding() == iced_x86::EncodingKind::Legacy
         && (0..i.op_count()).all(|n| {
             i.op_kind(n) != OpKind::Register || {
@@ -566,6 +564,13 @@ fn sse_whitelisted(i: &Instruction) -> bool {
                 r.is_xmm() || r.is_gpr()
             }
         })
+}
+
+/// Legacy-encoded SSE instructions that neither depend on MXCSR nor raise
+/// SIMD floating-point exceptions: moves, logic, shuffles, packed integer.
+fn sse_whitelisted(i: &Instruction) -> bool {
+    use Mnemonic::*;
+    legacy_xmm_gpr(i)
         && (0..i.op_count()).any(|n| i.op_kind(n) == OpKind::Register && i.op_register(n).is_xmm())
         && matches!(
             i.mnemonic(),
@@ -709,13 +714,7 @@ fn sse_whitelisted(i: &Instruction) -> bool {
 /// MXCSR masks every exception (see `Tx::fp`).
 fn sse_fp_whitelisted(i: &Instruction) -> bool {
     use Mnemonic::*;
-    i.encoding() == iced_x86::EncodingKind::Legacy
-        && (0..i.op_count()).all(|n| {
-            i.op_kind(n) != OpKind::Register || {
-                let r = i.op_register(n);
-                r.is_xmm() || r.is_gpr()
-            }
-        })
+    legacy_xmm_gpr(i)
         && matches!(
             i.mnemonic(),
             Addss
@@ -863,25 +862,18 @@ impl Tx<'_> {
                     && i.op0_kind() == OpKind::Register =>
             {
                 self.native += 1;
+                // The target register is read before a CALL's push.
                 let t = i.op0_register();
-                if i.code() == Code::Call_rm64 {
-                    // The target register is read before the push.
-                    if t == Register::RSP || t == Register::R15 {
-                        self.a.mov(m(o_spill(SP_RAX)), rax)?;
-                        self.a.mov(rax, m(o_gpr(gidx(t))))?;
-                        self.a.mov(m(o_rip()), rax)?;
-                        self.a.mov(rax, m(o_spill(SP_RAX)))?;
-                    } else {
-                        self.a.mov(m(o_rip()), r64(t))?;
-                    }
-                    self.push(dn, PushSrc::Imm(i.next_ip()))?;
-                } else if t == Register::RSP || t == Register::R15 {
+                if t == Register::RSP || t == Register::R15 {
                     self.a.mov(m(o_spill(SP_RAX)), rax)?;
                     self.a.mov(rax, m(o_gpr(gidx(t))))?;
                     self.a.mov(m(o_rip()), rax)?;
                     self.a.mov(rax, m(o_spill(SP_RAX)))?;
                 } else {
                     self.a.mov(m(o_rip()), r64(t))?;
+                }
+                if i.code() == Code::Call_rm64 {
+                    self.push(dn, PushSrc::Imm(i.next_ip()))?;
                 }
                 self.exit_to(ExitTarget::Stored, None)?;
                 return Ok(true);
@@ -1332,25 +1324,10 @@ impl Tx<'_> {
             return Ok(false);
         };
         let (sa, sb, sc) = (s[0], s[1], s[2]);
-        let mut k = 3;
-        let mut remap: Vec<(Register, Register, usize)> = Vec::new();
-        if uses_rsp {
-            remap.push((Register::RSP, s[k], SP_R1));
-            k += 1;
-        }
-        if uses_r15 {
-            remap.push((Register::R15, s[k], SP_R2));
-        }
+        let remap = Remap::new(&used, &s[3..]);
         // The rewritten instruction: memory operand [sa], rsp/r15 remapped.
         let mut ni = *i;
-        for n in 0..ni.op_count() {
-            if ni.op_kind(n) == OpKind::Register {
-                let r = ni.op_register(n);
-                if let Some(&(_, h, _)) = remap.iter().find(|(g, _, _)| *g == r.full_register()) {
-                    ni.set_op_register(n, sized(h, r.size()));
-                }
-            }
-        }
+        remap.rewrite_registers(&mut ni);
         ni.set_memory_base(sa);
         ni.set_memory_index(Register::None);
         ni.set_memory_index_scale(1);
@@ -1363,15 +1340,6 @@ impl Tx<'_> {
         // The address computation, with rsp/r15 loaded into their remaps.
         let base = i.memory_base();
         let index = i.memory_index();
-        let map = |r: Register| -> Register {
-            if r == Register::None {
-                return r;
-            }
-            match remap.iter().find(|(g, _, _)| *g == r.full_register()) {
-                Some(&(_, h, _)) => sized(h, r.size()),
-                None => r,
-            }
-        };
         let ea_abs = base == Register::RIP
             || base == Register::EIP
             || (base == Register::None && index == Register::None);
@@ -1390,8 +1358,8 @@ impl Tx<'_> {
                 i.memory_displacement64() as i64
             };
             let mo = MemoryOperand::new(
-                map(base),
-                map(index),
+                remap.map(base),
+                remap.map(index),
                 i.memory_index_scale(),
                 disp,
                 if disp == 0 {
@@ -1410,12 +1378,8 @@ impl Tx<'_> {
             }
             Some(li)
         };
-        // Spill and load remaps before computing the address.
-        let spills: Vec<(Register, usize)> = remap.iter().map(|&(_, h, k)| (h, k)).collect();
-        self.spill(&spills)?;
-        for &(g, h, _) in remap.iter() {
-            self.a.mov(r64(h), m(o_gpr(gidx(g))))?;
-        }
+        // Remaps are loaded before computing the address.
+        self.remap_in(&remap)?;
         let seg = i.memory_segment();
         let slow = self.mem_prologue(
             sa,
@@ -1432,14 +1396,11 @@ impl Tx<'_> {
         self.align16 = false;
         self.a.add_instruction(ni)?;
         self.store_xmm(&xmms)?;
-        for &(g, h, k) in remap.iter() {
-            self.a.mov(m(o_gpr(gidx(g))), r64(h))?;
-            self.a.mov(r64(h), m(o_spill(k)))?;
-        }
+        self.remap_out(&remap)?;
         self.a.mov(r64(sa), m(o_spill(SP_A)))?;
         let mut back = self.a.create_label();
         let mut restore = vec![(sa, SP_A), (sb, SP_B), (sc, SP_C)];
-        restore.extend(spills);
+        restore.extend(remap.spills());
         self.defer_slow(slow, back, dn, restore)?;
         self.a.set_label(&mut back)?;
         self.a.nop()?;
@@ -1511,39 +1472,12 @@ impl Tx<'_> {
         let Some(s) = self.pick(&avoid, need) else {
             return Ok(false);
         };
-        let mut remap = Vec::new();
-        let mut k = 0;
-        if uses_rsp {
-            remap.push((Register::RSP, s[k], SP_R1));
-            k += 1;
-        }
-        if uses_r15 {
-            remap.push((Register::R15, s[k], SP_R2));
-        }
-        let map = |r: Register| -> Register {
-            if r == Register::None {
-                return r;
-            }
-            match remap.iter().find(|(g, _, _)| *g == r.full_register()) {
-                Some(&(_, h, _)) => sized(h, r.size()),
-                None => r,
-            }
-        };
+        let remap = Remap::new(&used, &s);
         let mut ni = *i;
-        for n in 0..ni.op_count() {
-            match ni.op_kind(n) {
-                OpKind::Register => {
-                    let r = ni.op_register(n);
-                    // Only explicit operands can be remapped.
-                    ni.set_op_register(n, map(r));
-                }
-                OpKind::Memory => {
-                    ni.set_memory_base(map(ni.memory_base()));
-                    ni.set_memory_index(map(ni.memory_index()));
-                }
-                _ => {}
-            }
-        }
+        remap.rewrite_registers(&mut ni);
+        // LEA's address registers (None for other instructions).
+        ni.set_memory_base(remap.map(ni.memory_base()));
+        ni.set_memory_index(remap.map(ni.memory_index()));
         // An implicit use of rsp/r15 that was not rewritten would run on
         // the host's registers: refuse.
         let still: Vec<Register> = self.used_full_regs(&ni);
@@ -1553,16 +1487,73 @@ impl Tx<'_> {
         if !encodable(&ni) {
             return Ok(false);
         }
-        for &(g, h, k) in remap.iter() {
+        self.remap_in(&remap)?;
+        self.a.add_instruction(ni)?;
+        self.remap_out(&remap)?;
+        Ok(true)
+    }
+
+    /// Spill the remap registers and load guest rsp/r15 into them.
+    fn remap_in(&mut self, remap: &Remap) -> R<()> {
+        for &(g, h, k) in remap.0.iter() {
             self.a.mov(m(o_spill(k)), r64(h))?;
             self.a.mov(r64(h), m(o_gpr(gidx(g))))?;
         }
-        self.a.add_instruction(ni)?;
-        for &(g, h, k) in remap.iter() {
+        Ok(())
+    }
+
+    /// Store guest rsp/r15 back and restore the remap registers.
+    fn remap_out(&mut self, remap: &Remap) -> R<()> {
+        for &(g, h, k) in remap.0.iter() {
             self.a.mov(m(o_gpr(gidx(g))), r64(h))?;
             self.a.mov(r64(h), m(o_spill(k)))?;
         }
-        Ok(true)
+        Ok(())
+    }
+}
+
+/// Guest rsp and r15 have no host register of their own: around one
+/// instruction they are mapped to free host registers, as
+/// (guest, host, spill slot of the host register's guest value).
+struct Remap(Vec<(Register, Register, usize)>);
+
+impl Remap {
+    /// Map whichever of rsp/r15 `used` names onto `free` (in order).
+    fn new(used: &[Register], free: &[Register]) -> Remap {
+        let mut v = Vec::new();
+        let mut free = free.iter();
+        for (g, slot) in [(Register::RSP, SP_R1), (Register::R15, SP_R2)] {
+            if used.contains(&g) {
+                if let Some(&h) = free.next() {
+                    v.push((g, h, slot));
+                }
+            }
+        }
+        Remap(v)
+    }
+
+    /// `r` with rsp/r15 replaced by their host register of the same size.
+    fn map(&self, r: Register) -> Register {
+        if r == Register::None {
+            return r;
+        }
+        match self.0.iter().find(|(g, _, _)| *g == r.full_register()) {
+            Some(&(_, h, _)) => sized(h, r.size()),
+            None => r,
+        }
+    }
+
+    /// Rewrite the explicit register operands.
+    fn rewrite_registers(&self, ni: &mut Instruction) {
+        for n in 0..ni.op_count() {
+            if ni.op_kind(n) == OpKind::Register {
+                ni.set_op_register(n, self.map(ni.op_register(n)));
+            }
+        }
+    }
+
+    fn spills(&self) -> Vec<(Register, usize)> {
+        self.0.iter().map(|&(_, h, k)| (h, k)).collect()
     }
 }
 
