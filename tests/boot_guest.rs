@@ -5,134 +5,20 @@
 //! Needs guest/out/ (built by guest/build.sh, which this test runs when the
 //! files are missing — it downloads Debian packages). Run with --release.
 
-use std::io::{Read, Write};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+mod common;
+use common::{ensure_guest, Vm};
 
-fn ensure_guest() -> PathBuf {
-    let out = root().join("guest/out");
-    if !(out.join("vmlinuz").exists() && out.join("initramfs.cpio.gz").exists()) {
-        let st = Command::new("bash")
-            .arg(root().join("guest/build.sh"))
-            .status()
-            .expect("run guest/build.sh");
-        assert!(
-            st.success(),
-            "guest/build.sh failed: the default guest is required for this test"
-        );
-    }
-    out
-}
-
-struct Vm {
-    child: Child,
-    out: Arc<Mutex<String>>,
-    /// Where the next `wait_for` starts searching.
-    cursor: usize,
-}
-
-impl Vm {
-    fn start(extra: &[&str]) -> Vm {
-        ensure_guest();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_matryoshka"))
+fn start(extra: &[&str]) -> Vm {
+    ensure_guest();
+    Vm::spawn(
+        Command::new(env!("CARGO_BIN_EXE_matryoshka"))
             .arg("run")
             .arg("--no-reboot")
-            .args(extra)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn matryoshka");
-        let out = Arc::new(Mutex::new(String::new()));
-        for stream in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let out = out.clone();
-            std::thread::spawn(move || {
-                let mut stream = stream;
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = stream.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    out.lock()
-                        .unwrap()
-                        .push_str(&String::from_utf8_lossy(&buf[..n]));
-                }
-            });
-        }
-        Vm {
-            child,
-            out,
-            cursor: 0,
-        }
-    }
-
-    fn text(&self) -> String {
-        self.out.lock().unwrap().clone()
-    }
-
-    /// Wait until `pat` appears after the cursor; returns the text from the
-    /// cursor to the end of the match and moves the cursor past it.
-    fn wait_for(&mut self, pat: &str, timeout: Duration) -> String {
-        let t0 = Instant::now();
-        loop {
-            {
-                let s = self.out.lock().unwrap();
-                if let Some(p) = s[self.cursor..].find(pat) {
-                    let end = self.cursor + p + pat.len();
-                    let seg = s[self.cursor..end].to_string();
-                    self.cursor = end;
-                    return seg;
-                }
-            }
-            if t0.elapsed() > timeout {
-                panic!(
-                    "timed out waiting for {pat:?}; console so far:\n{}",
-                    self.text()
-                );
-            }
-            if let Ok(Some(st)) = self.child.try_wait() {
-                std::thread::sleep(Duration::from_millis(200));
-                panic!(
-                    "VM exited ({st}) while waiting for {pat:?}; console:\n{}",
-                    self.text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn send(&mut self, line: &str) {
-        let stdin = self.child.stdin.as_mut().unwrap();
-        stdin.write_all(line.as_bytes()).unwrap();
-        stdin.write_all(b"\n").unwrap();
-        stdin.flush().unwrap();
-    }
-
-    /// Run a shell command and return its output between unique markers.
-    /// The markers are built by the shell (`B""EGIN`) so the echoed command
-    /// line itself never matches.
-    fn sh(&mut self, cmd: &str, timeout: Duration) -> String {
-        self.send(&format!("echo B''EGIN; {cmd}; echo E''ND"));
-        self.wait_for("BEGIN", timeout);
-        let seg = self.wait_for("END", timeout);
-        seg.trim_end_matches("END").trim().replace('\r', "")
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+            .args(extra),
+    )
 }
 
 #[test]
@@ -148,7 +34,7 @@ fn boots_default_guest_to_shell_interp() {
 fn boots_default_guest_to_shell(engine: &str) {
     let out = ensure_guest();
     let kver = std::fs::read_to_string(out.join("kernel-version")).unwrap_or_default();
-    let mut vm = Vm::start(&["--cpu-engine", engine]);
+    let mut vm = start(&["--cpu-engine", engine]);
     vm.wait_for("MATRYOSHKA-INIT-START", Duration::from_secs(120));
     vm.wait_for("~ # ", Duration::from_secs(60));
 
@@ -214,18 +100,7 @@ fn boots_default_guest_to_shell(engine: &str) {
     );
 
     vm.send("poweroff -f");
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(st) = vm.child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "VM did not power off:\n{}",
-            vm.text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = vm.wait_exit(Duration::from_secs(60));
     assert!(
         status.success(),
         "exit status {status}; console:\n{}",

@@ -16,19 +16,18 @@
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::process::{Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 /// One Debian VM at a time within this test binary.
 static VM_LOCK: Mutex<()> = Mutex::new(());
 
+mod common;
+use common::root;
+
 fn one_vm_at_a_time() -> MutexGuard<'static, ()> {
     VM_LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
 fn boot_timeout() -> Duration {
@@ -133,102 +132,38 @@ fn free_port() -> u16 {
         .port()
 }
 
-struct Vm {
-    child: Child,
-    out: Arc<Mutex<String>>,
-    cursor: usize,
-    started: Instant,
+use common::Vm;
+
+/// Boot the Debian image on `disk` (a `--disk` argument, e.g. "x.img" or
+/// "x.qcow2,format=qcow2") with optional extra `run` arguments.
+fn start(disk: &str, extra: &[&str]) -> Vm {
+    let out_dir = root().join("guest/out");
+    let base = std::fs::read_to_string(out_dir.join("cmdline")).unwrap_or_default();
+    let cmdline = format!("{} matryoshka.root=/dev/vda", base.trim());
+    let mut cmd = if std::env::var("MATRYOSHKA_TEST_ENGINE").as_deref() == Ok("qemu") {
+        qemu_command(&out_dir, disk, &cmdline, extra)
+    } else {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_matryoshka"));
+        c.arg("run")
+            .arg("--no-reboot")
+            .args(["--memory", "1G"])
+            .args(["--disk", disk])
+            .args(["--cmdline", &cmdline])
+            .args(extra);
+        // e.g. MATRYOSHKA_TEST_ARGS="--cpu-engine interp"
+        if let Ok(more) = std::env::var("MATRYOSHKA_TEST_ARGS") {
+            c.args(more.split_whitespace());
+        }
+        c
+    };
+    Vm::spawn(&mut cmd).with_begin_marker("BEGIN\r\n")
 }
 
-impl Vm {
-    /// Boot the Debian image on `disk` (a `--disk` argument, e.g. "x.img" or
-    /// "x.qcow2,format=qcow2") with optional extra `run` arguments.
-    fn start(disk: &str, extra: &[&str]) -> Vm {
-        let out_dir = root().join("guest/out");
-        let base = std::fs::read_to_string(out_dir.join("cmdline")).unwrap_or_default();
-        let cmdline = format!("{} matryoshka.root=/dev/vda", base.trim());
-        let mut cmd = if std::env::var("MATRYOSHKA_TEST_ENGINE").as_deref() == Ok("qemu") {
-            qemu_command(&out_dir, disk, &cmdline, extra)
-        } else {
-            let mut c = Command::new(env!("CARGO_BIN_EXE_matryoshka"));
-            c.arg("run")
-                .arg("--no-reboot")
-                .args(["--memory", "1G"])
-                .args(["--disk", disk])
-                .args(["--cmdline", &cmdline])
-                .args(extra);
-            // e.g. MATRYOSHKA_TEST_ARGS="--cpu-engine interp"
-            if let Ok(more) = std::env::var("MATRYOSHKA_TEST_ARGS") {
-                c.args(more.split_whitespace());
-            }
-            c
-        };
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn matryoshka");
-        let out = Arc::new(Mutex::new(String::new()));
-        for stream in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let out = out.clone();
-            std::thread::spawn(move || {
-                let mut stream = stream;
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = stream.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    out.lock()
-                        .unwrap()
-                        .push_str(&String::from_utf8_lossy(&buf[..n]));
-                }
-            });
-        }
-        Vm {
-            child,
-            out,
-            cursor: 0,
-            started: Instant::now(),
-        }
-    }
+trait DebianGuest {
+    fn wait_for_shell(&mut self) -> Duration;
+}
 
-    fn text(&self) -> String {
-        self.out.lock().unwrap().clone()
-    }
-
-    fn wait_for(&mut self, pat: &str, timeout: Duration) -> String {
-        let t0 = Instant::now();
-        loop {
-            {
-                let s = self.out.lock().unwrap();
-                if let Some(p) = s[self.cursor..].find(pat) {
-                    let end = self.cursor + p + pat.len();
-                    let seg = s[self.cursor..end].to_string();
-                    self.cursor = end;
-                    return seg;
-                }
-            }
-            if t0.elapsed() > timeout {
-                panic!(
-                    "timed out after {timeout:?} waiting for {pat:?}; console so far:\n{}",
-                    self.text()
-                );
-            }
-            if let Ok(Some(st)) = self.child.try_wait() {
-                std::thread::sleep(Duration::from_millis(200));
-                panic!(
-                    "VM exited ({st}) while waiting for {pat:?}; console:\n{}",
-                    self.text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
+impl DebianGuest for Vm {
     /// Wait for the switch_root, systemd, and the autologin root shell;
     /// returns the boot time to the login prompt.
     fn wait_for_shell(&mut self) -> Duration {
@@ -243,38 +178,6 @@ impl Vm {
             self.started.elapsed().as_secs_f64()
         );
         login
-    }
-
-    fn send(&mut self, line: &str) {
-        let stdin = self.child.stdin.as_mut().unwrap();
-        stdin.write_all(line.as_bytes()).unwrap();
-        stdin.write_all(b"\n").unwrap();
-        stdin.flush().unwrap();
-    }
-
-    /// Run a shell command; returns its output between markers the shell
-    /// builds (`B''EGIN`), so the echoed command line never matches.
-    fn sh(&mut self, cmd: &str, timeout: Duration) -> String {
-        self.send(&format!("echo B''EGIN; {cmd}; echo E''ND"));
-        self.wait_for("BEGIN\r\n", timeout);
-        let seg = self.wait_for("END", timeout);
-        seg.trim_end_matches("END").trim().replace('\r', "")
-    }
-
-    /// Wait for the VMM to exit on its own (guest poweroff).
-    fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
-        let t0 = Instant::now();
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            assert!(
-                t0.elapsed() < timeout,
-                "VM did not power off within {timeout:?}:\n{}",
-                self.text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
     }
 }
 
@@ -304,13 +207,6 @@ fn qemu_command(out_dir: &Path, disk: &str, cmdline: &str, extra: &[&str]) -> Co
         c.args(["-nic", "none"]);
     }
     c
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Minimal HTTP server on host 127.0.0.1 answering every GET with `body`.
@@ -377,7 +273,7 @@ fn debian_boots_to_root_shell_and_networks() {
     let (host_port, _server) = serve_http_once(host_token.clone());
     let fwd_port = free_port();
     let net = format!("user,hostfwd=tcp:127.0.0.1:{fwd_port}-:8080");
-    let mut vm = Vm::start(img.to_str().unwrap(), &["--net", &net]);
+    let mut vm = start(img.to_str().unwrap(), &["--net", &net]);
     vm.wait_for_shell();
 
     let uname = vm.sh("uname -r", CMD_TIMEOUT);
@@ -463,7 +359,7 @@ fn debian_data_survives_vmm_sigkill() {
     copy_image(&img);
     let tok = token("persist");
 
-    let mut vm = Vm::start(img.to_str().unwrap(), &[]);
+    let mut vm = start(img.to_str().unwrap(), &[]);
     vm.wait_for_shell();
     let w = vm.sh(
         &format!("echo {tok} > /root/persist.txt && sync && echo synced-ok"),
@@ -476,7 +372,7 @@ fn debian_data_survives_vmm_sigkill() {
     assert!(!st.success(), "VMM exit after SIGKILL: {st}");
     drop(vm);
 
-    let mut vm = Vm::start(img.to_str().unwrap(), &[]);
+    let mut vm = start(img.to_str().unwrap(), &[]);
     vm.wait_for_shell();
     let r = vm.sh("cat /root/persist.txt", CMD_TIMEOUT);
     assert!(
@@ -518,7 +414,7 @@ fn debian_qcow2_overlay_keeps_base_unchanged() {
 
     let tok = token("overlay");
     let disk = format!("{},format=qcow2", overlay.display());
-    let mut vm = Vm::start(&disk, &[]);
+    let mut vm = start(&disk, &[]);
     vm.wait_for_shell();
     let w = vm.sh(
         &format!(

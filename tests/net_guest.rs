@@ -12,124 +12,39 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn ensure_guest() -> PathBuf {
-    let out = root().join("guest/out");
-    if !(out.join("vmlinuz").exists() && out.join("initramfs.cpio.gz").exists()) {
-        let st = Command::new("bash")
-            .arg(root().join("guest/build.sh"))
-            .status()
-            .expect("run guest/build.sh");
-        assert!(
-            st.success(),
-            "guest/build.sh failed: the default guest is required for this test"
-        );
-    }
-    out
-}
+mod common;
+use common::ensure_guest;
 
 /// One VM at a time: the tests are CPU-bound on a software CPU.
 static VM_LOCK: Mutex<()> = Mutex::new(());
 
-struct Vm {
-    child: Child,
-    out: Arc<Mutex<String>>,
-    cursor: usize,
+use common::Vm;
+
+fn start(net: &str) -> Vm {
+    let out_dir = ensure_guest();
+    let base = std::fs::read_to_string(out_dir.join("cmdline")).unwrap();
+    let cmdline = format!("{} matryoshka.modules=virtio_pci,virtio_net", base.trim());
+    Vm::spawn(Command::new(env!("CARGO_BIN_EXE_matryoshka")).args([
+        "run",
+        "--no-reboot",
+        "--net",
+        net,
+        "--cmdline",
+        &cmdline,
+    ]))
 }
 
-impl Vm {
-    fn start(net: &str) -> Vm {
-        let out_dir = ensure_guest();
-        let base = std::fs::read_to_string(out_dir.join("cmdline")).unwrap();
-        let cmdline = format!("{} matryoshka.modules=virtio_pci,virtio_net", base.trim());
-        let mut child = Command::new(env!("CARGO_BIN_EXE_matryoshka"))
-            .args(["run", "--no-reboot", "--net", net, "--cmdline", &cmdline])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn matryoshka");
-        let out = Arc::new(Mutex::new(String::new()));
-        for stream in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let out = out.clone();
-            std::thread::spawn(move || {
-                let mut stream = stream;
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = stream.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    out.lock()
-                        .unwrap()
-                        .push_str(&String::from_utf8_lossy(&buf[..n]));
-                }
-            });
-        }
-        Vm {
-            child,
-            out,
-            cursor: 0,
-        }
-    }
+/// The default guest's shell and poweroff.
+trait DefaultGuest {
+    fn boot_to_shell(&mut self);
+    fn poweroff(self);
+}
 
-    fn text(&self) -> String {
-        self.out.lock().unwrap().clone()
-    }
-
-    fn wait_for(&mut self, pat: &str, timeout: Duration) -> String {
-        let t0 = Instant::now();
-        loop {
-            {
-                let s = self.out.lock().unwrap();
-                if let Some(p) = s[self.cursor..].find(pat) {
-                    let end = self.cursor + p + pat.len();
-                    let seg = s[self.cursor..end].to_string();
-                    self.cursor = end;
-                    return seg;
-                }
-            }
-            if t0.elapsed() > timeout {
-                panic!(
-                    "timed out waiting for {pat:?}; console so far:\n{}",
-                    self.text()
-                );
-            }
-            if let Ok(Some(st)) = self.child.try_wait() {
-                std::thread::sleep(Duration::from_millis(200));
-                panic!(
-                    "VM exited ({st}) while waiting for {pat:?}; console:\n{}",
-                    self.text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn send(&mut self, line: &str) {
-        let stdin = self.child.stdin.as_mut().unwrap();
-        stdin.write_all(line.as_bytes()).unwrap();
-        stdin.write_all(b"\n").unwrap();
-        stdin.flush().unwrap();
-    }
-
-    fn sh(&mut self, cmd: &str, timeout: Duration) -> String {
-        self.send(&format!("echo B''EGIN; {cmd}; echo E''ND"));
-        self.wait_for("BEGIN", timeout);
-        let seg = self.wait_for("END", timeout);
-        seg.trim_end_matches("END").trim().replace('\r', "")
-    }
-
+impl DefaultGuest for Vm {
     fn boot_to_shell(&mut self) {
         self.wait_for("MATRYOSHKA-INIT-START", Duration::from_secs(180));
         self.wait_for("~ # ", Duration::from_secs(120));
@@ -137,26 +52,8 @@ impl Vm {
 
     fn poweroff(mut self) {
         self.send("poweroff -f");
-        let t0 = Instant::now();
-        let st = loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                break st;
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(60),
-                "VM did not power off:\n{}",
-                self.text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        };
+        let st = self.wait_exit(Duration::from_secs(60));
         assert!(st.success(), "exit status {st}; console:\n{}", self.text());
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -283,7 +180,7 @@ fn user_network() {
     http_server(host);
     let fwd = free_port();
 
-    let mut vm = Vm::start(&format!("user,hostfwd=tcp::{fwd}-:80"));
+    let mut vm = start(&format!("user,hostfwd=tcp::{fwd}-:80"));
     vm.boot_to_shell();
 
     let dhcp = vm.sh(
@@ -369,7 +266,7 @@ fn tap_network() {
     let host_port = host.local_addr().unwrap().port();
     http_server(host);
 
-    let mut vm = Vm::start(&format!("tap,ifname={name}"));
+    let mut vm = start(&format!("tap,ifname={name}"));
     vm.boot_to_shell();
     let cfg = vm.sh(
         &format!("ip addr add {guest_ip}/30 dev eth0 && ip link set eth0 up && ping -c 2 -w 20 {host_ip}"),

@@ -10,29 +10,13 @@
 //! (`apt-get install qemu-utils`). Run with --release.
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn ensure_guest() -> PathBuf {
-    let out = root().join("guest/out");
-    if !(out.join("vmlinuz").exists() && out.join("initramfs.cpio.gz").exists()) {
-        let st = Command::new("bash")
-            .arg(root().join("guest/build.sh"))
-            .status()
-            .expect("run guest/build.sh");
-        assert!(
-            st.success(),
-            "guest/build.sh failed: the default guest is required"
-        );
-    }
-    out
-}
+mod common;
+use common::ensure_guest;
 
 fn qemu_img(args: &[&str]) -> String {
     let o = Command::new("qemu-img")
