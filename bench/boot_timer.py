@@ -76,6 +76,23 @@ def engine_argv(engine, args, cmdline):
     return None, f"unknown engine {engine!r}"
 
 
+def reap(proc, timed_out, deadline, t0, min_wait):
+    """Wait for (or kill, past the deadline) a process started in its own
+    session. Returns (exit code, seconds from t0 to exit or None, timed_out)."""
+    if not timed_out:
+        # stdout closed: the process is exiting (or closed its stdout early).
+        try:
+            rc = proc.wait(timeout=max(min_wait, deadline - time.monotonic()))
+            return rc, time.monotonic() - t0, False
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return proc.wait(), None, True
+
+
 def run_once(argv, timeout, log_path):
     """Launch argv, stream its output; return a result dict."""
     buf = bytearray()
@@ -106,23 +123,7 @@ def run_once(argv, timeout, log_path):
         buf += chunk
         if t_init is None and buf.find(MARKER, start) >= 0:
             t_init = now - t0
-    if timed_out:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        rc = proc.wait()
-        t_exit = None
-    else:
-        # stdout closed: the process is exiting (or closed its stdout early).
-        try:
-            rc = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            t_exit = time.monotonic() - t0
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            os.killpg(proc.pid, signal.SIGKILL)
-            rc = proc.wait()
-            t_exit = None
+    rc, t_exit, timed_out = reap(proc, timed_out, deadline, t0, 0.0)
     proc.stdout.close()
     if log_path:
         with open(log_path, "wb") as f:

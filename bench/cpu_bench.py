@@ -119,22 +119,7 @@ def run_streaming(argv, timeout, log_path, cwd=REPO):
                 init_s = now
     if pending:
         lines.append((time.monotonic() - t0, pending.decode("utf-8", "replace")))
-    if timed_out:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        rc = proc.wait()
-        exit_s = None
-    else:
-        try:
-            rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-            exit_s = time.monotonic() - t0
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            os.killpg(proc.pid, signal.SIGKILL)
-            rc = proc.wait()
-            exit_s = None
+    rc, exit_s, timed_out = boot_timer.reap(proc, timed_out, deadline, t0, 1.0)
     proc.stdout.close()
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_s = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)

@@ -138,6 +138,16 @@ impl Cpu {
     fn st_empty(&self, i: usize) -> bool {
         self.s.fpu.ftw & (1 << self.fpu_phys(i)) == 0
     }
+    /// ST0 for a store and the status bits to add: on stack underflow the
+    /// indefinite value with IE|SF, or None when the unmasked underflow
+    /// suppresses the store.
+    fn st0_for_store(&mut self) -> Option<(F80, u16)> {
+        if !self.st_empty(0) {
+            return Some((self.st(0), 0));
+        }
+        self.fpu_underflow().then_some((INDEF, IE | SF))
+    }
+
     fn st(&self, i: usize) -> F80 {
         self.s.fpu.st[self.fpu_phys(i)]
     }
@@ -271,15 +281,8 @@ fn fild(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
 fn fst(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
     cpu.x87_enter(i)?;
     let pop = i.mnemonic() != Mnemonic::Fst;
-    let mut hsw = 0;
-    let v = if cpu.st_empty(0) {
-        if !cpu.fpu_underflow() {
-            return Ok(());
-        }
-        hsw = IE | SF;
-        INDEF
-    } else {
-        cpu.st(0)
+    let Some((v, hsw)) = cpu.st0_for_store() else {
+        return Ok(());
     };
     if i.op0_kind() == OpKind::Memory {
         let lin = cpu.mem_lin(i);
@@ -318,15 +321,8 @@ fn fst(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
 fn fist(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
     cpu.x87_enter(i)?;
     let pop = i.mnemonic() != Mnemonic::Fist;
-    let mut hsw = 0;
-    let v = if cpu.st_empty(0) {
-        if !cpu.fpu_underflow() {
-            return Ok(());
-        }
-        hsw = IE | SF;
-        INDEF
-    } else {
-        cpu.st(0)
+    let Some((v, hsw)) = cpu.st0_for_store() else {
+        return Ok(());
     };
     let tt = i.mnemonic() == Mnemonic::Fisttp;
     let (f, n): (fn(&mut host::HBuf), usize) = match (i.memory_size(), tt) {
