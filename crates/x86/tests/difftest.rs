@@ -49,6 +49,19 @@ fn jit_integer_matches_native() {
     assert_eq!(r.mismatches, 0, "see the report above");
 }
 
+/// The same through the LAHF/SAHF soft-TLB lookup that hosts without a
+/// fast PEXT use.
+#[test]
+fn jit_integer_matches_native_without_bmi2() {
+    let mut c = cfg(&[Class::Int, Class::Str], 10_000, 0x0b0b_cafe);
+    c.engine = mat_x86::Engine::Jit;
+    c.jit_no_bmi2 = true;
+    let r = run_cases(&c);
+    println!("{r}");
+    assert!(r.error.is_none());
+    assert_eq!(r.mismatches, 0, "see the report above");
+}
+
 #[test]
 fn jit_sse_matches_native() {
     let mut c = cfg(&[Class::Sse], 10_000, 0x5eed_0f5e);

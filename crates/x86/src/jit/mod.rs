@@ -37,7 +37,7 @@ pub enum Engine {
 #[repr(C)]
 #[derive(Default)]
 pub struct JitCtx {
-    pub(crate) spill: [u64; 8],
+    pub(crate) spill: [u64; 16],
     /// Guest arithmetic flags as LAHF (bits 8..15) and SETO (bit 0).
     pub(crate) fl: u64,
     pub(crate) kick: u64,
@@ -50,6 +50,11 @@ pub struct JitCtx {
     pub(crate) arg: u64,
     pub(crate) helper: u64,
     pub(crate) jc_base: u64,
+    /// PEXT masks for the flag-free TLB lookup: the TLB index bits, the
+    /// page number, and the page number with the low 4 bits (alignment).
+    pub(crate) m_idx: u64,
+    pub(crate) m_vpn: u64,
+    pub(crate) m_vpn16: u64,
 }
 
 /// Jump cache entry: guest rip -> translated entry, valid while the TLB
@@ -110,6 +115,24 @@ pub struct Jit {
     fp: bool,
     /// Helper calls by instruction (MATRYOSHKA_JIT_PROFILE=1).
     profile: Option<HashMap<iced_x86::Code, u64>>,
+    /// The host has a fast PEXT (BMI2): memory accesses use the flag-free
+    /// TLB lookup (MATRYOSHKA_JIT_NO_BMI2=1 forces the LAHF/SAHF one).
+    bmi2: bool,
+    /// `perf` symbol map of translated blocks (MATRYOSHKA_JIT_PERFMAP=1
+    /// writes /tmp/perf-PID.map, which `perf report` reads).
+    perf_map: Option<std::io::BufWriter<std::fs::File>>,
+}
+
+/// BMI2 with a fast PEXT: everything with BMI2 except AMD before Zen 3
+/// (family 0x19), where PEXT is microcoded and slow.
+fn fast_pext() -> bool {
+    if std::env::var_os("MATRYOSHKA_JIT_NO_BMI2").is_some() || !is_x86_feature_detected!("bmi2") {
+        return false;
+    }
+    let (v, f) = (std::arch::x86_64::__cpuid(0), std::arch::x86_64::__cpuid(1));
+    let amd = v.ebx == 0x6874_7541; // "Auth"
+    let family = ((f.eax >> 8) & 0xf) + ((f.eax >> 20) & 0xff);
+    !amd || family >= 0x19
 }
 
 const CODE_SIZE: usize = 64 << 20;
@@ -151,6 +174,13 @@ impl Jit {
                 .unwrap_or(DEFAULT_THRESHOLD),
             stats: JitStats::default(),
             profile: std::env::var_os("MATRYOSHKA_JIT_PROFILE").map(|_| HashMap::new()),
+            bmi2: fast_pext(),
+            perf_map: std::env::var_os("MATRYOSHKA_JIT_PERFMAP").and_then(|_| {
+                let path = format!("/tmp/perf-{}.map", std::process::id());
+                std::fs::File::create(path)
+                    .ok()
+                    .map(std::io::BufWriter::new)
+            }),
         })
     }
 
@@ -178,6 +208,9 @@ impl Cpu {
         // jump cache never move).
         self.jctx.kick = Arc::as_ptr(&self.kick) as u64;
         self.jctx.helper = jit_helper as *const () as u64;
+        self.jctx.m_idx = ((crate::mmu::TLB_SIZE as u64) - 1) << 12;
+        self.jctx.m_vpn = !0xfff;
+        self.jctx.m_vpn16 = !0xff0;
         if let Some(j) = self.jit.as_ref() {
             self.jctx.jc_base = j.jc.as_ptr() as u64;
         }
@@ -194,6 +227,15 @@ impl Cpu {
 
     pub fn jit_stats(&self) -> Option<&JitStats> {
         self.jit.as_ref().map(|j| &j.stats)
+    }
+
+    /// Use the flag-free PEXT soft-TLB lookup (where the host has a fast
+    /// PEXT) or always the LAHF/SAHF one. Drops existing translations.
+    pub fn set_jit_fast_lookup(&mut self, on: bool) {
+        if let Some(j) = self.jit.as_mut() {
+            j.bmi2 = on && fast_pext();
+            j.flush();
+        }
     }
 
     /// Set the number of interpreted executions before a block is
@@ -271,12 +313,15 @@ impl Cpu {
         }
         let jit = self.jit.as_mut()?;
         let t0 = Instant::now();
-        let (sse, fp) = (jit.sse, jit.fp);
-        let mut result =
-            translate::translate(block, &gens, jit.stubs, jit.buf.next_addr(), sse, fp);
+        let opts = translate::Opts {
+            sse: jit.sse,
+            fp: jit.fp,
+            bmi2: jit.bmi2,
+        };
+        let mut result = translate::translate(block, &gens, jit.stubs, jit.buf.next_addr(), opts);
         if matches!(&result, Ok(t) if t.code.len() > jit.buf.free()) {
             jit.flush();
-            result = translate::translate(block, &gens, jit.stubs, jit.buf.next_addr(), sse, fp);
+            result = translate::translate(block, &gens, jit.stubs, jit.buf.next_addr(), opts);
         }
         jit.stats.translate_ms += t0.elapsed().as_secs_f64() * 1e3;
         let t = match result {
@@ -291,6 +336,16 @@ impl Cpu {
         if jit.buf.push(&t.code).is_none() {
             block.jit_entry.set(1);
             return None;
+        }
+        if let Some(f) = jit.perf_map.as_mut() {
+            use std::io::Write;
+            let _ = writeln!(
+                f,
+                "{:x} {:x} guest_{:x}",
+                t.entry,
+                t.code.len(),
+                block.lin_pc
+            );
         }
         let src_ppn = block.phys_pc >> 12;
         for c in t.chains {

@@ -130,6 +130,10 @@ const SP_C: usize = 3;
 const SP_R1: usize = 4;
 const SP_R2: usize = 5;
 const SP_ENTRY: usize = 6;
+/// Guest rcx around a flag-free TLB lookup when rcx is not parked.
+const SP_RCX: usize = 7;
+/// Parked registers (see [`Tx::parked`]), in order.
+const SP_PARK0: usize = 8;
 
 pub(super) type R<T> = Result<T, IcedError>;
 
@@ -164,6 +168,24 @@ fn load_resident(a: &mut CodeAssembler, skip_rax: bool) -> R<()> {
             continue;
         }
         a.mov(r64(GPR64[i]), m(o_gpr(i)))?;
+    }
+    Ok(())
+}
+
+/// Guest XMM registers live in the host XMM registers of the same number
+/// while translated code runs; these move them to and from CpuState.
+fn store_all_xmm(a: &mut CodeAssembler) -> R<()> {
+    for n in 0..16u32 {
+        let r = Register::XMM0 + n;
+        a.movdqu(xmmword_ptr(r15 + o_xmm(r)), get_xmm(r).unwrap_or(xmm0))?;
+    }
+    Ok(())
+}
+
+fn load_all_xmm(a: &mut CodeAssembler) -> R<()> {
+    for n in 0..16u32 {
+        let r = Register::XMM0 + n;
+        a.movdqu(get_xmm(r).unwrap_or(xmm0), xmmword_ptr(r15 + o_xmm(r)))?;
     }
     Ok(())
 }
@@ -208,6 +230,7 @@ pub fn build_stubs(at: u64) -> R<(Vec<u8>, Stubs)> {
     a.mov(m(o_ctx!(target)), rsi)?;
     load_flags(&mut a)?;
     load_resident(&mut a, false)?;
+    load_all_xmm(&mut a)?;
     a.jmp(m(o_ctx!(target)))?;
 
     // leave: guest state already stored.
@@ -225,12 +248,16 @@ pub fn build_stubs(at: u64) -> R<(Vec<u8>, Stubs)> {
     a.set_label(&mut l_exit)?;
     save_flags(&mut a)?;
     store_resident(&mut a, true)?;
+    store_all_xmm(&mut a)?;
     a.jmp(l_leave)?;
 
-    // helper: called with guest rax stored and ctx.arg = &DInsn.
+    // helper: called with guest rax stored and ctx.arg = &DInsn. The
+    // helper is Rust code, which clobbers every XMM register: they go
+    // through CpuState (where the interpreter reads and writes them).
     a.set_label(&mut l_helper)?;
     save_flags(&mut a)?;
     store_resident(&mut a, true)?;
+    store_all_xmm(&mut a)?;
     a.mov(rdi, r15)?;
     a.mov(rsi, m(o_ctx!(arg)))?;
     a.sub(rsp, 8)?;
@@ -240,6 +267,7 @@ pub fn build_stubs(at: u64) -> R<(Vec<u8>, Stubs)> {
     a.jnz(l_hexit)?;
     load_flags(&mut a)?;
     load_resident(&mut a, false)?;
+    load_all_xmm(&mut a)?;
     a.ret()?;
     a.set_label(&mut l_hexit)?;
     a.add(rsp, 8)?;
@@ -334,6 +362,19 @@ struct Slow {
     back: CodeLabel,
     dn: *const DInsn,
     restore: Vec<(Register, usize)>,
+    /// Entered with the guest flags in ax (LAHF/SETO lookup).
+    flags_in_ax: bool,
+}
+
+/// What translated code may assume about the guest and the host.
+#[derive(Clone, Copy)]
+pub struct Opts {
+    /// SSE instructions may run natively (CR0.TS/EM clear, CR4.OSFXSR set).
+    pub sse: bool,
+    /// SSE floating point may run natively (MXCSR masks every exception).
+    pub fp: bool,
+    /// The host has a fast PEXT: flag-free TLB lookups.
+    pub bmi2: bool,
 }
 
 struct Tx<'a> {
@@ -356,6 +397,14 @@ struct Tx<'a> {
     /// The memory operand being translated must be 16-byte aligned.
     align16: bool,
     helper_codes: Vec<Code>,
+    bmi2: bool,
+    /// Host registers whose guest values are parked in spill slots for the
+    /// whole block (the block never names them), so translated code may
+    /// use them as scratch: stored at block entry, reloaded before every
+    /// helper call and exit. rcx comes first when it is among them.
+    parked: Vec<Register>,
+    /// The block's entry after parking (target of jumps to its own start).
+    l_count: Option<CodeLabel>,
 }
 
 /// Translate `block` for placement at address `at`. Returns None when the
@@ -365,12 +414,14 @@ pub fn translate(
     page_gens: &[(*const u32, u32)],
     stubs: Stubs,
     at: u64,
-    sse: bool,
-    fp: bool,
+    opts: Opts,
 ) -> R<Translation> {
     let mut tx = Tx {
-        sse,
-        fp,
+        sse: opts.sse,
+        fp: opts.fp,
+        bmi2: opts.bmi2,
+        parked: Vec::new(),
+        l_count: None,
         a: CodeAssembler::new(64)?,
         stubs,
         block,
@@ -384,13 +435,27 @@ pub fn translate(
         align16: false,
         helper_codes: Vec::new(),
     };
+    tx.parked = choose_parked(block, &mut tx.info, opts.bmi2);
+    let rcx_parked = tx.rcx_parked();
     let mut l_entry = tx.a.create_label();
     let mut l_stale = tx.a.create_label();
     tx.a.set_label(&mut l_entry)?;
+    tx.park_spill()?;
     // Count instructions and check that the guest code is unchanged (a
-    // chained jump may arrive here without passing the dispatcher).
+    // chained jump may arrive here without passing the dispatcher). A
+    // jump back to the block's own start re-enters here: its registers
+    // are still parked.
+    if tx.parked.is_empty() {
+        tx.l_count = Some(l_entry);
+    } else {
+        let mut l_count = tx.a.create_label();
+        tx.a.set_label(&mut l_count)?;
+        tx.l_count = Some(l_count);
+    }
     let a = &mut tx.a;
-    a.mov(m(o_spill(SP_ENTRY)), rcx)?;
+    if !rcx_parked {
+        a.mov(m(o_spill(SP_ENTRY)), rcx)?;
+    }
     a.mov(rcx, m(o_ctx!(left)))?;
     a.lea(rcx, qword_ptr(rcx + block.insns.len() as i32))?;
     a.mov(m(o_ctx!(left)), rcx)?;
@@ -400,11 +465,15 @@ pub fn translate(
         a.mov(ecx, dword_ptr(rcx))?;
         a.lea(ecx, dword_ptr(rcx + (gen.wrapping_neg() as i32)))?;
         a.jrcxz(ok)?;
-        a.mov(rcx, m(o_spill(SP_ENTRY)))?;
+        if !rcx_parked {
+            a.mov(rcx, m(o_spill(SP_ENTRY)))?;
+        }
         a.jmp(l_stale)?;
         a.set_label(&mut ok)?;
     }
-    a.mov(rcx, m(o_spill(SP_ENTRY)))?;
+    if !rcx_parked {
+        a.mov(rcx, m(o_spill(SP_ENTRY)))?;
+    }
 
     let n = block.insns.len();
     let mut ended = false;
@@ -427,9 +496,11 @@ pub fn translate(
     let slow = std::mem::take(&mut tx.slow);
     for mut s in slow {
         tx.a.set_label(&mut s.label)?;
-        // Entered with the guest flags in ax and guest rax spilled.
-        tx.a.add(al, 0x7f)?;
-        tx.a.sahf()?;
+        if s.flags_in_ax {
+            // Entered with the guest flags in ax and guest rax spilled.
+            tx.a.add(al, 0x7f)?;
+            tx.a.sahf()?;
+        }
         for &(r, k) in s.restore.iter() {
             tx.a.mov(r64(r), m(o_spill(k)))?;
         }
@@ -453,6 +524,46 @@ pub fn translate(
         helpers: tx.helpers,
         helper_codes: tx.helper_codes,
     })
+}
+
+/// Registers to park for the whole block (see [`Tx::parked`]): rcx if the
+/// block never names it (the flag-free branches test rcx), then, when the
+/// block accesses memory and the host has a fast PEXT, three more.
+fn choose_parked(block: &Block, info: &mut InstructionInfoFactory, bmi2: bool) -> Vec<Register> {
+    let mut used = [false; 16];
+    let mut mem = false;
+    for dn in block.insns.iter() {
+        let i = &dn.insn;
+        for u in info.info(i).used_registers() {
+            let r = u.register();
+            if r.is_gpr() {
+                used[gidx(r.full_register())] = true;
+            }
+        }
+        if i.mnemonic() != Mnemonic::Lea
+            && (0..i.op_count()).any(|n| i.op_kind(n) == OpKind::Memory)
+            || i.stack_pointer_increment() != 0
+        {
+            mem = true;
+        }
+    }
+    let mut v = Vec::new();
+    if !used[1] {
+        v.push(Register::RCX);
+    }
+    if bmi2 && mem {
+        let more: Vec<Register> = POOL
+            .iter()
+            .copied()
+            .chain([Register::RAX])
+            .filter(|&r| r != Register::RCX && !used[gidx(r)])
+            .take(3)
+            .collect();
+        if more.len() == 3 {
+            v.extend(more);
+        }
+    }
+    v
 }
 
 enum ExitTarget {
@@ -929,11 +1040,42 @@ impl Tx<'_> {
     }
 
     fn call_helper(&mut self, dn: *const DInsn) -> R<()> {
+        self.park_reload()?;
         let a = &mut self.a;
         a.mov(m(o_gpr(0)), rax)?;
         a.mov(rax, dn as u64)?;
         a.mov(m(o_ctx!(arg)), rax)?;
         a.call(self.stubs.helper)?;
+        // The helper may have changed any register: park the new values.
+        self.park_spill()
+    }
+
+    fn rcx_parked(&self) -> bool {
+        self.parked.first() == Some(&Register::RCX)
+    }
+
+    /// Parked registers other than rcx (scratch for the fast TLB path).
+    fn free3(&self) -> Option<(Register, Register, Register)> {
+        let v: Vec<Register> = self
+            .parked
+            .iter()
+            .copied()
+            .filter(|&r| r != Register::RCX)
+            .collect();
+        (self.bmi2 && v.len() >= 3).then(|| (v[0], v[1], v[2]))
+    }
+
+    fn park_spill(&mut self) -> R<()> {
+        for (k, &r) in self.parked.iter().enumerate() {
+            self.a.mov(m(o_spill(SP_PARK0 + k)), r64(r))?;
+        }
+        Ok(())
+    }
+
+    fn park_reload(&mut self) -> R<()> {
+        for (k, &r) in self.parked.iter().enumerate() {
+            self.a.mov(r64(r), m(o_spill(SP_PARK0 + k)))?;
+        }
         Ok(())
     }
 
@@ -945,6 +1087,7 @@ impl Tx<'_> {
 
     /// Leave translated code for the dispatcher, rip = target.
     fn exit_to(&mut self, t: ExitTarget, site: Option<CodeLabel>) -> R<()> {
+        self.park_reload()?;
         let a = &mut self.a;
         if site.is_none() && !self.no_jc {
             // Through the jump cache (target stored in cpu.s.rip).
@@ -978,6 +1121,7 @@ impl Tx<'_> {
         if target >> 12 != self.block.lin_pc >> 12 {
             return self.exit_to(ExitTarget::Imm(target), None);
         }
+        let rcx_parked = self.rcx_parked();
         let a = &mut self.a;
         let mut go = a.create_label();
         let mut slow = a.create_label();
@@ -986,23 +1130,247 @@ impl Tx<'_> {
         // Leave for the dispatcher when kicked (pending interrupt, timer)
         // or when the budget ran out: `left` counts up from -budget, so its
         // top byte becomes 0 when it reaches 0. Flag-free (jrcxz).
-        a.mov(m(o_spill(SP_ENTRY)), rcx)?;
+        if !rcx_parked {
+            a.mov(m(o_spill(SP_ENTRY)), rcx)?;
+        }
         a.mov(rcx, m(o_ctx!(kick)))?;
         a.movzx(ecx, byte_ptr(rcx))?;
         a.jrcxz(go)?;
         a.set_label(&mut stop)?;
-        a.mov(rcx, m(o_spill(SP_ENTRY)))?;
+        if !rcx_parked {
+            a.mov(rcx, m(o_spill(SP_ENTRY)))?;
+        }
         a.jmp(slow)?;
         a.set_label(&mut go)?;
         a.movzx(ecx, byte_ptr(r15 + (o_ctx!(left) + 7)))?;
         a.jrcxz(stop)?;
-        a.mov(rcx, m(o_spill(SP_ENTRY)))?;
+        if !rcx_parked {
+            a.mov(rcx, m(o_spill(SP_ENTRY)))?;
+        }
+        if target == self.block.insns[0].insn.ip() {
+            if let Some(l) = self.l_count {
+                // A loop on itself: straight back, registers still parked.
+                a.jmp(l)?;
+                a.set_label(&mut slow)?;
+                return self.exit_to(ExitTarget::Imm(target), None);
+            }
+        }
+        self.park_reload()?;
+        let a = &mut self.a;
         a.set_label(&mut site)?;
         // jmp rel32 to the next instruction until patched.
         a.db(&[0xe9, 0, 0, 0, 0])?;
         a.set_label(&mut slow)?;
         self.chain_labels.push((site, target));
         self.exit_to(ExitTarget::Imm(target), Some(site))
+    }
+
+    /// Flag-free soft-TLB lookup (BMI2). `sa` holds the linear address;
+    /// rcx, `sb` and `sc` are free (parked or spilled). On a hit it falls
+    /// through with `sc` = the entry's addend (host pointer = sa + sc);
+    /// otherwise it jumps to the returned label. Flags are untouched, so
+    /// the slow path sees the exact guest state.
+    fn lookup_fast(
+        &mut self,
+        sa: Register,
+        sb: Register,
+        sc: Register,
+        size: usize,
+        write: bool,
+        align16: bool,
+    ) -> R<CodeLabel> {
+        let (a_, b, c) = (r64(sa), r64(sb), r64(sc));
+        let tag = if write {
+            offset_of!(TlbEntry, write_tag)
+        } else {
+            offset_of!(TlbEntry, read_tag)
+        } as i32;
+        const _: () = assert!(size_of::<TlbEntry>() == 48);
+        let x = &mut self.a;
+        let slow = x.create_label();
+        let mut hit = x.create_label();
+        // b = &tlb[idx], 48-byte entries: idx*3*8*2.
+        x.pext(rcx, a_, m(o_ctx!(m_idx)))?;
+        x.lea(rcx, qword_ptr(rcx + rcx * 2))?;
+        x.mov(b, m(o_ctx!(tlb_base)))?;
+        x.lea(b, qword_ptr(b + rcx * 8))?;
+        x.lea(b, qword_ptr(b + rcx * 8))?;
+        x.mov(c, qword_ptr(b + tag))?;
+        if align16 {
+            // Compare (vpn << 4 | addr & 15) with tag << 4: a misaligned
+            // address never matches.
+            x.pext(rcx, a_, m(o_ctx!(m_vpn16)))?;
+            x.lea(c, qword_ptr(c * 8))?;
+            x.lea(c, qword_ptr(c + c))?;
+        } else if size > 1 {
+            // The page of the last byte: a crossing access never matches
+            // (that page's tag cannot sit at this index).
+            x.lea(rcx, qword_ptr(a_ + (size as i32 - 1)))?;
+            x.pext(rcx, rcx, m(o_ctx!(m_vpn)))?;
+        } else {
+            x.pext(rcx, a_, m(o_ctx!(m_vpn)))?;
+        }
+        // rcx = tag - vpn = tag + !vpn + 1: zero on a hit.
+        x.not(rcx)?;
+        x.lea(rcx, qword_ptr(rcx + c + 1))?;
+        x.jrcxz(hit)?;
+        x.jmp(slow)?;
+        x.set_label(&mut hit)?;
+        x.mov(c, qword_ptr(b + offset_of!(TlbEntry, addend) as i32))?;
+        Ok(slow)
+    }
+
+    /// Linear address of a memory operand into `sa` (guest rsp/r15 read
+    /// from CpuState through `sa`/`sb`), flag-free. None for forms this
+    /// path does not handle.
+    fn ea_fast(&mut self, i: &Instruction, sa: Register, sb: Register) -> R<bool> {
+        if !is64addr(i) {
+            return Ok(false);
+        }
+        let base = i.memory_base();
+        let index = i.memory_index();
+        let disp = i.memory_displacement64() as i64;
+        let x = &mut self.a;
+        if base == Register::RIP || base == Register::None && index == Register::None {
+            x.mov(r64(sa), i.memory_displacement64())?;
+        } else {
+            let mut b = base;
+            let mut ix = index;
+            if b == Register::RSP || b == Register::R15 {
+                x.mov(r64(sa), m(o_gpr(gidx(b))))?;
+                b = sa;
+            }
+            if ix == Register::R15 {
+                x.mov(r64(sb), m(o_gpr(gidx(ix))))?;
+                ix = sb;
+            }
+            let mo = MemoryOperand::new(
+                b,
+                ix,
+                i.memory_index_scale(),
+                disp,
+                if disp == 0 { 0 } else { 8 },
+                false,
+                Register::None,
+            );
+            let li = Instruction::with2(Code::Lea_r64_m, sa, mo)?;
+            x.add_instruction(li)?;
+        }
+        let seg = i.memory_segment();
+        if seg == Register::FS || seg == Register::GS {
+            let s = if seg == Register::FS { FS } else { GS };
+            x.mov(r64(sb), m(o_segbase(s)))?;
+            x.lea(r64(sa), qword_ptr(r64(sa) + r64(sb)))?;
+        }
+        Ok(true)
+    }
+
+    /// The fast memory path for a whitelisted instruction (see
+    /// [`Self::lookup_fast`]); false when it does not apply.
+    fn native_mem_fast(&mut self, dn: &DInsn, size: usize, write: bool, align16: bool) -> R<bool> {
+        let Some((sa, sb, sc)) = self.free3() else {
+            return Ok(false);
+        };
+        let i = &dn.insn;
+        if !is64addr(i) {
+            return Ok(false);
+        }
+        let rcx_parked = self.rcx_parked();
+        let used = self.used_full_regs(i);
+        // Register operands naming rsp/r15 need a host register too.
+        let mut avoid = used.clone();
+        avoid.extend(self.parked.iter().copied());
+        avoid.extend([Register::RSP, Register::R15, Register::RCX]);
+        let reg_ops: Vec<Register> = (0..i.op_count())
+            .filter(|&n| i.op_kind(n) == OpKind::Register)
+            .map(|n| i.op_register(n).full_register())
+            .collect();
+        let need = [Register::RSP, Register::R15]
+            .iter()
+            .filter(|r| reg_ops.contains(r))
+            .count();
+        let Some(free) = self.pick(&avoid, need) else {
+            return Ok(false);
+        };
+        let remap = Remap::new(&reg_ops, &free);
+        let mut ni = *i;
+        remap.rewrite_registers(&mut ni);
+        ni.set_memory_base(sa);
+        ni.set_memory_index(sc);
+        ni.set_memory_index_scale(1);
+        ni.set_memory_displacement64(0);
+        ni.set_memory_displ_size(0);
+        ni.set_segment_prefix(Register::None);
+        // Implicit rsp/r15 uses would run on the host's registers.
+        let still: Vec<Register> = self.used_full_regs(&ni);
+        if still.contains(&Register::RSP) || still.contains(&Register::R15) {
+            return Ok(false);
+        }
+        if !encodable(&ni) {
+            return Ok(false);
+        }
+        if !rcx_parked {
+            self.a.mov(m(o_spill(SP_RCX)), rcx)?;
+        }
+        if !self.ea_fast(i, sa, sb)? {
+            return Ok(false);
+        }
+        let slow = self.lookup_fast(sa, sb, sc, size, write, align16)?;
+        if !rcx_parked {
+            self.a.mov(rcx, m(o_spill(SP_RCX)))?;
+        }
+        self.remap_in(&remap)?;
+        self.a.add_instruction(ni)?;
+        self.remap_out(&remap)?;
+        let mut back = self.a.create_label();
+        self.defer_fast(slow, back, dn);
+        self.a.set_label(&mut back)?;
+        self.a.nop()?;
+        Ok(true)
+    }
+
+    /// Cold path of a fast lookup: exact guest state is in the registers
+    /// (rcx in its slot when not parked); the helper runs the instruction.
+    fn defer_fast(&mut self, slow: CodeLabel, back: CodeLabel, dn: &DInsn) {
+        let restore = if self.rcx_parked() {
+            vec![]
+        } else {
+            vec![(Register::RCX, SP_RCX)]
+        };
+        self.slow.push(Slow {
+            label: slow,
+            back,
+            dn: dn as *const DInsn,
+            restore,
+            flags_in_ax: false,
+        });
+    }
+
+    /// PUSH/POP/RET on the fast path: `f` emits the access with the stack
+    /// address in `sa` and the addend in `sc`. Returns false when the fast
+    /// path does not apply.
+    fn stack_fast(
+        &mut self,
+        push: bool,
+        f: &dyn Fn(&mut CodeAssembler, AsmMemoryOperand, Register, Register) -> R<()>,
+    ) -> R<Option<CodeLabel>> {
+        let Some((sa, sb, sc)) = self.free3() else {
+            return Ok(None);
+        };
+        let rcx_parked = self.rcx_parked();
+        if !rcx_parked {
+            self.a.mov(m(o_spill(SP_RCX)), rcx)?;
+        }
+        self.a.mov(r64(sa), m(o_gpr(4)))?;
+        if push {
+            self.a.lea(r64(sa), qword_ptr(r64(sa) - 8))?;
+        }
+        let slow = self.lookup_fast(sa, sb, sc, 8, push, false)?;
+        if !rcx_parked {
+            self.a.mov(rcx, m(o_spill(SP_RCX)))?;
+        }
+        f(&mut self.a, qword_ptr(r64(sa) + r64(sc)), sa, sb)?;
+        Ok(Some(slow))
     }
 
     /// Spill `regs` into the given slots.
@@ -1104,11 +1472,33 @@ impl Tx<'_> {
             back,
             dn: dn as *const DInsn,
             restore: restore_all,
+            flags_in_ax: true,
         });
         Ok(())
     }
 
     fn push(&mut self, dn: &DInsn, src: PushSrc) -> R<()> {
+        let f = move |a: &mut CodeAssembler, mo: AsmMemoryOperand, sa: Register, sb: Register| {
+            match src {
+                PushSrc::Imm(v) => {
+                    a.mov(r64(sb), v)?;
+                    a.mov(mo, r64(sb))?;
+                }
+                PushSrc::Reg(r) if r == Register::RSP || r == Register::R15 => {
+                    a.mov(r64(sb), m(o_gpr(gidx(r))))?;
+                    a.mov(mo, r64(sb))?;
+                }
+                PushSrc::Reg(r) => a.mov(mo, r64(r))?,
+            }
+            a.mov(m(o_gpr(4)), r64(sa))
+        };
+        if let Some(slow) = self.stack_fast(true, &f)? {
+            let mut back = self.a.create_label();
+            self.defer_fast(slow, back, dn);
+            self.a.set_label(&mut back)?;
+            self.a.nop()?;
+            return Ok(());
+        }
         let mut avoid = vec![Register::RAX, Register::RSP, Register::R15];
         if let PushSrc::Reg(r) = src {
             avoid.push(r);
@@ -1158,6 +1548,23 @@ impl Tx<'_> {
     }
 
     fn pop(&mut self, dn: &DInsn, dst: Register) -> R<()> {
+        let f = move |a: &mut CodeAssembler, mo: AsmMemoryOperand, sa: Register, sb: Register| {
+            a.mov(r64(sb), mo)?;
+            a.lea(r64(sa), qword_ptr(r64(sa) + 8))?;
+            a.mov(m(o_gpr(4)), r64(sa))?;
+            if dst == Register::RSP || dst == Register::R15 {
+                a.mov(m(o_gpr(gidx(dst))), r64(sb))
+            } else {
+                a.mov(r64(dst), r64(sb))
+            }
+        };
+        if let Some(slow) = self.stack_fast(false, &f)? {
+            let mut back = self.a.create_label();
+            self.defer_fast(slow, back, dn);
+            self.a.set_label(&mut back)?;
+            self.a.nop()?;
+            return Ok(());
+        }
         let avoid = [Register::RAX, Register::RSP, Register::R15, dst];
         let Some(s) = self.pick(&avoid, 3) else {
             return self.helper_insn(dn);
@@ -1193,6 +1600,19 @@ impl Tx<'_> {
     }
 
     fn ret(&mut self, dn: &DInsn, extra: i32) -> R<()> {
+        let f = move |a: &mut CodeAssembler, mo: AsmMemoryOperand, sa: Register, sb: Register| {
+            a.mov(r64(sb), mo)?;
+            a.mov(m(o_rip()), r64(sb))?;
+            a.lea(r64(sa), qword_ptr(r64(sa) + (8 + extra)))?;
+            a.mov(m(o_gpr(4)), r64(sa))
+        };
+        if let Some(slow) = self.stack_fast(false, &f)? {
+            self.exit_to(ExitTarget::Stored, None)?;
+            let mut back = self.a.create_label();
+            self.defer_fast(slow, back, dn);
+            self.a.set_label(&mut back)?;
+            return self.exit_to(ExitTarget::Imm(dn.insn.next_ip()), None);
+        }
         let avoid = [Register::RAX, Register::RSP, Register::R15];
         let s = self.pick(&avoid, 3).expect("pool has room");
         let (sa, sb, sc) = (s[0], s[1], s[2]);
@@ -1274,14 +1694,8 @@ impl Tx<'_> {
                 _ => return Ok(false),
             }
         }
-        let xmms = self.xmm_regs(i);
-        self.load_xmm(&xmms)?;
         let Some(n) = mem else {
-            let ok = self.remapped_plain(i)?;
-            if ok {
-                self.store_xmm(&xmms)?;
-            }
-            return Ok(ok);
+            return self.remapped_plain(i);
         };
         let size = i.memory_size().size();
         let sse_mem = sse_whitelisted(i) || self.fp && sse_fp_whitelisted(i);
@@ -1314,6 +1728,10 @@ impl Tx<'_> {
             OpAccess::Write | OpAccess::ReadWrite | OpAccess::CondWrite | OpAccess::ReadCondWrite
         );
         let _ = n;
+        if self.native_mem_fast(dn, size, write, self.align16)? {
+            self.align16 = false;
+            return Ok(true);
+        }
         let used = self.used_full_regs(i);
         let mut avoid = used.clone();
         avoid.extend([Register::RAX, Register::RSP, Register::R15]);
@@ -1395,7 +1813,6 @@ impl Tx<'_> {
         )?;
         self.align16 = false;
         self.a.add_instruction(ni)?;
-        self.store_xmm(&xmms)?;
         self.remap_out(&remap)?;
         self.a.mov(r64(sa), m(o_spill(SP_A)))?;
         let mut back = self.a.create_label();
@@ -1405,47 +1822,6 @@ impl Tx<'_> {
         self.a.set_label(&mut back)?;
         self.a.nop()?;
         Ok(true)
-    }
-
-    /// XMM registers an instruction uses, with whether it writes them.
-    fn xmm_regs(&mut self, i: &Instruction) -> Vec<(Register, bool)> {
-        let info = self.info.info(i);
-        let mut v: Vec<(Register, bool)> = Vec::new();
-        for u in info.used_registers() {
-            let r = u.register();
-            if !r.is_xmm() {
-                continue;
-            }
-            let w = !matches!(
-                u.access(),
-                OpAccess::Read | OpAccess::CondRead | OpAccess::None
-            );
-            match v.iter_mut().find(|(x, _)| *x == r) {
-                Some(e) => e.1 |= w,
-                None => v.push((r, w)),
-            }
-        }
-        v
-    }
-
-    /// Guest XMM registers live in CpuState; an SSE instruction runs on the
-    /// host register of the same number, loaded before and stored after.
-    fn load_xmm(&mut self, regs: &[(Register, bool)]) -> R<()> {
-        for &(r, _) in regs {
-            let x = get_xmm(r).unwrap_or(xmm0);
-            self.a.movdqu(x, xmmword_ptr(r15 + o_xmm(r)))?;
-        }
-        Ok(())
-    }
-
-    fn store_xmm(&mut self, regs: &[(Register, bool)]) -> R<()> {
-        for &(r, w) in regs {
-            if w {
-                let x = get_xmm(r).unwrap_or(xmm0);
-                self.a.movdqu(xmmword_ptr(r15 + o_xmm(r)), x)?;
-            }
-        }
-        Ok(())
     }
 
     /// Register-only instruction (or LEA without RIP): run as is, with
@@ -1557,6 +1933,7 @@ impl Remap {
     }
 }
 
+#[derive(Clone, Copy)]
 enum PushSrc {
     Imm(u64),
     Reg(Register),
@@ -1645,8 +2022,11 @@ mod tests {
             &[(&gen as *const u32, 0)],
             stubs,
             0x2000,
-            true,
-            true,
+            Opts {
+                sse: true,
+                fp: true,
+                bmi2: true,
+            },
         )
         .expect("translates");
         eprintln!("helpers: {:?}", t.helper_codes);

@@ -108,6 +108,9 @@ pub struct Config {
     pub report_filter: Option<String>,
     /// Engine under test (the JIT translates every case on first use).
     pub engine: crate::Engine,
+    /// JIT only: use the LAHF/SAHF soft-TLB lookup even where the host
+    /// has a fast PEXT (the path hosts without BMI2 take).
+    pub jit_no_bmi2: bool,
 }
 
 impl Default for Config {
@@ -123,6 +126,7 @@ impl Default for Config {
             corrupt_emulated_rax: false,
             report_filter: None,
             engine: crate::Engine::Interp,
+            jit_no_bmi2: false,
         }
     }
 }
@@ -209,13 +213,16 @@ struct Outcome {
 }
 
 impl Emu {
-    fn new(engine: crate::Engine) -> Emu {
+    fn new(engine: crate::Engine, no_bmi2: bool) -> Emu {
         let mut cpu = cpu64(RAM_SIZE, &[], SEQ_START);
         if engine == crate::Engine::Jit {
             if let Err(e) = cpu.set_engine(engine) {
                 panic!("cannot create the JIT code buffer: {e}");
             }
             cpu.set_jit_threshold(0);
+            if no_bmi2 {
+                cpu.set_jit_fast_lookup(false);
+            }
             cpu.capture_faults = true;
         }
         let mut cs = flat64_code(3);
@@ -588,7 +595,7 @@ pub fn run_cases(cfg: &Config) -> Report {
     };
     let mut t = Tester {
         native,
-        emu: Emu::new(cfg.engine),
+        emu: Emu::new(cfg.engine, cfg.jit_no_bmi2),
         corrupt: cfg.corrupt_emulated_rax,
     };
     let mut gen = Generator::new();
