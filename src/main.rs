@@ -7,6 +7,11 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 
+// The translator allocates and frees many small objects per block (the
+// assembler's instruction lists); mimalloc halves that cost against glibc.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "matryoshka",
