@@ -99,8 +99,11 @@ pub struct Jit {
     buf: CodeBuf,
     stubs: Stubs,
     stub_len: usize,
-    /// Patchable exit sites: site -> (target rip, source physical page).
-    chains: HashMap<u64, (u64, u64)>,
+    /// Patchable exit sites: site -> (target rip, source physical page,
+    /// the site's fast jmp, the source's parked-register key).
+    chains: HashMap<u64, (u64, u64, u64, u64)>,
+    /// Block entry -> (entry past parking and page checks, parked key).
+    fast_entries: HashMap<u64, (u64, u64)>,
     /// Translated blocks, kept alive while their code may run (the code
     /// points at their decoded instructions).
     blocks: Vec<Rc<Block>>,
@@ -164,6 +167,7 @@ impl Jit {
             buf,
             stubs,
             chains: HashMap::new(),
+            fast_entries: HashMap::new(),
             blocks: Vec::new(),
             jc: vec![JC_EMPTY; JC_SIZE].into_boxed_slice(),
             sse: false,
@@ -191,6 +195,7 @@ impl Jit {
             b.heat.set(0);
         }
         self.chains.clear();
+        self.fast_entries.clear();
         self.jc.fill(JC_EMPTY);
         self.buf.reset(self.stub_len);
         self.stats.flushes += 1;
@@ -288,8 +293,11 @@ impl Cpu {
         if let Some((site, target, ppn)) = chain {
             if block.lin_pc == target && block.phys_pc >> 12 == ppn {
                 let jit = self.jit.as_mut()?;
-                if jit.chains.remove(&site).is_some() {
-                    jit.buf.patch_jmp(site, entry);
+                if let Some((_, _, fast_site, key)) = jit.chains.remove(&site) {
+                    match jit.fast_entries.get(&entry) {
+                        Some(&(ce, k)) if k == key => jit.buf.patch_jmp(fast_site, ce),
+                        _ => jit.buf.patch_jmp(site, entry),
+                    }
                     jit.stats.chain_patches += 1;
                 }
             }
@@ -337,6 +345,20 @@ impl Cpu {
             block.jit_entry.set(1);
             return None;
         }
+        if std::env::var("MATRYOSHKA_JIT_DUMP")
+            .ok()
+            .and_then(|v| u64::from_str_radix(&v, 16).ok())
+            == Some(block.lin_pc)
+        {
+            use iced_x86::Formatter;
+            let mut d = iced_x86::Decoder::with_ip(64, &t.code, t.entry, 0);
+            let mut f = iced_x86::IntelFormatter::new();
+            for i in &mut d {
+                let mut out = String::new();
+                f.format(&i, &mut out);
+                eprintln!("{:x} {out}", i.ip());
+            }
+        }
         if let Some(f) = jit.perf_map.as_mut() {
             use std::io::Write;
             let _ = writeln!(
@@ -349,7 +371,11 @@ impl Cpu {
         }
         let src_ppn = block.phys_pc >> 12;
         for c in t.chains {
-            jit.chains.insert(c.site, (c.target, src_ppn));
+            jit.chains
+                .insert(c.site, (c.target, src_ppn, c.fast_site, t.park_key));
+        }
+        if let Some(ce) = t.count_entry {
+            jit.fast_entries.insert(t.entry, (ce, t.park_key));
         }
         jit.stats.translations += 1;
         jit.stats.code_bytes += t.code.len() as u64;
@@ -389,7 +415,7 @@ impl Cpu {
         let jit = self.jit.as_mut()?;
         jit.stats.entries += 1;
         if site != 0 {
-            if let Some(&(target, ppn)) = jit.chains.get(&site) {
+            if let Some(&(target, ppn, _, _)) = jit.chains.get(&site) {
                 if self.s.rip == target {
                     return Some((site, target, ppn));
                 }

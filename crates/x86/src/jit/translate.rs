@@ -343,12 +343,19 @@ pub fn build_stubs(at: u64) -> R<(Vec<u8>, Stubs)> {
 /// straight to the block for `target` (same guest page as the source).
 pub struct ChainSite {
     pub site: u64,
+    /// Patchable jmp placed before the parked registers are reloaded:
+    /// a target with the same parked set is entered at its count.
+    pub fast_site: u64,
     pub target: u64,
 }
 
 pub struct Translation {
     pub code: Vec<u8>,
     pub entry: u64,
+    /// Entry past the parking and the page checks (single-page blocks).
+    pub count_entry: Option<u64>,
+    /// The parked registers, in order (equal keys: same slots).
+    pub park_key: u64,
     pub chains: Vec<ChainSite>,
     pub native: u32,
     pub helpers: u32,
@@ -387,7 +394,7 @@ struct Tx<'a> {
     stubs: Stubs,
     block: &'a Block,
     tlb_entry: usize,
-    chain_labels: Vec<(CodeLabel, u64)>,
+    chain_labels: Vec<(CodeLabel, CodeLabel, u64)>,
     slow: Vec<Slow>,
     info: InstructionInfoFactory,
     native: u32,
@@ -441,24 +448,17 @@ pub fn translate(
     let mut l_stale = tx.a.create_label();
     tx.a.set_label(&mut l_entry)?;
     tx.park_spill()?;
-    // Count instructions and check that the guest code is unchanged (a
-    // chained jump may arrive here without passing the dispatcher). A
-    // jump back to the block's own start re-enters here: its registers
-    // are still parked.
-    if tx.parked.is_empty() {
-        tx.l_count = Some(l_entry);
-    } else {
-        let mut l_count = tx.a.create_label();
-        tx.a.set_label(&mut l_count)?;
-        tx.l_count = Some(l_count);
-    }
+    // Check that the guest code is unchanged (a chained jump may arrive
+    // here without passing the dispatcher), then count instructions.
+    // Jumps back to the block's own start, and chained jumps from a block
+    // of the same page with the same parked registers, enter at the count
+    // (`l_count`): their source checked this page and nothing can have
+    // written it since without leaving translated code (a helper that
+    // writes decoded code exits).
     let a = &mut tx.a;
     if !rcx_parked {
         a.mov(m(o_spill(SP_ENTRY)), rcx)?;
     }
-    a.mov(rcx, m(o_ctx!(left)))?;
-    a.lea(rcx, qword_ptr(rcx + block.insns.len() as i32))?;
-    a.mov(m(o_ctx!(left)), rcx)?;
     for &(ptr, gen) in page_gens {
         let mut ok = a.create_label();
         a.mov(rcx, ptr as u64)?;
@@ -471,6 +471,14 @@ pub fn translate(
         a.jmp(l_stale)?;
         a.set_label(&mut ok)?;
     }
+    // (Keeps l_count off any label set above.)
+    a.nop()?;
+    let mut l_count = a.create_label();
+    a.set_label(&mut l_count)?;
+    tx.l_count = Some(l_count);
+    a.mov(rcx, m(o_ctx!(left)))?;
+    a.lea(rcx, qword_ptr(rcx + block.insns.len() as i32))?;
+    a.mov(m(o_ctx!(left)), rcx)?;
     if !rcx_parked {
         a.mov(rcx, m(o_spill(SP_ENTRY)))?;
     }
@@ -510,14 +518,25 @@ pub fn translate(
     let res =
         tx.a.assemble_options(at, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)?;
     let mut chains = Vec::new();
-    for (l, target) in tx.chain_labels.iter() {
+    for (l, f, target) in tx.chain_labels.iter() {
         chains.push(ChainSite {
             site: res.label_ip(l)?,
+            fast_site: res.label_ip(f)?,
             target: *target,
         });
     }
+    let single_page = block.pages[1].0 == u64::MAX;
     Ok(Translation {
         entry: res.label_ip(&l_entry)?,
+        count_entry: match (single_page, tx.l_count) {
+            (true, Some(l)) => Some(res.label_ip(&l)?),
+            _ => None,
+        },
+        park_key: tx
+            .parked
+            .iter()
+            .enumerate()
+            .fold(0, |k, (n, &r)| k | (gidx(r) as u64 + 1) << (4 * n)),
         code: res.inner.code_buffer,
         chains,
         native: tx.native,
@@ -1155,13 +1174,17 @@ impl Tx<'_> {
                 return self.exit_to(ExitTarget::Imm(target), None);
             }
         }
+        // Two patchable jmp rel32, both to the next instruction until one
+        // is patched: the first skips the reload (same parked set).
+        let mut fast_site = a.create_label();
+        a.set_label(&mut fast_site)?;
+        a.db(&[0xe9, 0, 0, 0, 0])?;
         self.park_reload()?;
         let a = &mut self.a;
         a.set_label(&mut site)?;
-        // jmp rel32 to the next instruction until patched.
         a.db(&[0xe9, 0, 0, 0, 0])?;
         a.set_label(&mut slow)?;
-        self.chain_labels.push((site, target));
+        self.chain_labels.push((site, fast_site, target));
         self.exit_to(ExitTarget::Imm(target), Some(site))
     }
 
