@@ -173,7 +173,7 @@ impl Cpu {
     // ---------------------------------------------------------------
 
     #[inline(always)]
-    fn tlb_host(&self, lin: u64, len: usize, kind: AccessKind) -> Option<*mut u8> {
+    pub(crate) fn tlb_host(&self, lin: u64, len: usize, kind: AccessKind) -> Option<*mut u8> {
         let vpn = lin >> 12;
         if (lin & 0xfff) as usize + len > 4096 {
             return None;

@@ -77,6 +77,41 @@ pub const FEATURES_EDX81: u32 = (1 << 11) | (1 << 20) | (1 << 26) | (1 << 27) | 
 /// TSC_ADJUST plus the invariant TSC lets Linux trust the TSC without a
 /// clocksource watchdog, as on current hardware.
 pub const FEATURES_EBX7: u32 = (1 << 1) | (1 << 9);
+/// CPUID.7.0:EDX — the IA32_ARCH_CAPABILITIES MSR exists.
+pub const FEATURES_EDX7: u32 = 1 << 29;
+
+/// IA32_ARCH_CAPABILITIES (MSR 0x10a): the "not affected" bits for the
+/// speculative-execution side channels. This CPU does not speculate (the
+/// soft TLB checks every permission before an access, no fill or store
+/// buffers hold other contexts' data), so none apply; without them an Intel
+/// guest assumes the worst and pays for it on every kernel entry (Linux:
+/// page-table isolation, two CR3 writes and TLB flushes per system call;
+/// VERW buffer clearing on every return to user; ITS return thunks).
+pub mod arch_cap {
+    pub const RDCL_NO: u64 = 1 << 0;
+    pub const SSB_NO: u64 = 1 << 4;
+    pub const MDS_NO: u64 = 1 << 5;
+    pub const PSCHANGE_MC_NO: u64 = 1 << 6;
+    pub const TAA_NO: u64 = 1 << 8;
+    pub const SBDR_SSDP_NO: u64 = 1 << 13;
+    pub const FBSDP_NO: u64 = 1 << 14;
+    pub const PSDP_NO: u64 = 1 << 15;
+    pub const GDS_NO: u64 = 1 << 26;
+    pub const RFDS_NO: u64 = 1 << 27;
+    pub const ITS_NO: u64 = 1 << 62;
+}
+
+pub const ARCH_CAPABILITIES: u64 = arch_cap::RDCL_NO
+    | arch_cap::SSB_NO
+    | arch_cap::MDS_NO
+    | arch_cap::PSCHANGE_MC_NO
+    | arch_cap::TAA_NO
+    | arch_cap::SBDR_SSDP_NO
+    | arch_cap::FBSDP_NO
+    | arch_cap::PSDP_NO
+    | arch_cap::GDS_NO
+    | arch_cap::RFDS_NO
+    | arch_cap::ITS_NO;
 
 fn str_regs(s: &[u8; 12]) -> [u32; 3] {
     [
@@ -103,7 +138,7 @@ pub fn cpuid(cfg: &CpuConfig, leaf: u32, sub: u32) -> [u32; 4] {
             }
             [0x0002_06a7, ebx, FEATURES_ECX1, edx]
         }
-        7 if sub == 0 => [0, FEATURES_EBX7, 0, 0],
+        7 if sub == 0 => [0, FEATURES_EBX7, 0, FEATURES_EDX7],
         0xb => {
             // x2APIC topology: one thread per core, cores = cpu_count.
             let n = cfg.cpu_count.max(1);
@@ -146,5 +181,42 @@ pub fn cpuid(cfg: &CpuConfig, leaf: u32, sub: u32) -> [u32; 4] {
         0x8000_0007 => [0, 0, 0, 1 << 8], // invariant TSC
         0x8000_0008 => [crate::mmu::PHYS_ADDR_BITS | (48 << 8), 0, 0, 0],
         _ => [0, 0, 0, 0],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{asm64, cpu64};
+    use iced_x86::code_asm::*;
+
+    /// The guest finds IA32_ARCH_CAPABILITIES through CPUID.7 and reads the
+    /// "not affected" bits, and only those: no bit that announces an MSR or
+    /// control we do not implement (IBRS_ALL, TSX_CTRL, FB_CLEAR_CTRL, ...).
+    #[test]
+    fn arch_capabilities_is_advertised_and_readable() {
+        let code = asm64(0x10000, |a| {
+            a.mov(eax, 7u32).unwrap();
+            a.xor(ecx, ecx).unwrap();
+            a.cpuid().unwrap();
+            a.mov(r8, rdx).unwrap();
+            a.mov(ecx, 0x10au32).unwrap();
+            a.rdmsr().unwrap();
+        });
+        let mut cpu = cpu64(16 << 20, &code, 0x10000);
+        for _ in 0..6 {
+            assert!(cpu.step().is_none(), "faulted at {:#x}", cpu.s.rip);
+        }
+        assert_ne!(
+            cpu.s.gpr[8] & (1 << 29),
+            0,
+            "CPUID.7.0:EDX.ARCH_CAPABILITIES"
+        );
+        let v = (cpu.s.gpr[2] << 32) | (cpu.s.gpr[0] & 0xffff_ffff);
+        assert_eq!(v, ARCH_CAPABILITIES);
+        assert_ne!(v & arch_cap::RDCL_NO, 0);
+        assert_ne!(v & arch_cap::MDS_NO, 0);
+        let control_bits = (1 << 1) | (1 << 2) | (1 << 7) | (1 << 9) | (1 << 17) | (1 << 18);
+        assert_eq!(v & control_bits, 0);
     }
 }

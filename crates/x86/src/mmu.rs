@@ -5,6 +5,8 @@
 //! the fast path; anything else (misses, MMIO, pages not yet dirty, code
 //! pages on write) takes the slow path through [`Cpu::translate`].
 
+use std::collections::HashSet;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::Ordering;
 
 use crate::cpu::Cpu;
@@ -46,68 +48,223 @@ impl TlbEntry {
 }
 
 /// Two direct-mapped arrays: index 0 for supervisor accesses, 1 for user.
+///
+/// Besides the entries (whose layout translated code reads), the TLB keeps
+/// bitmaps of the filled slots and of the slots holding large-page pieces,
+/// plus the set of large pages those pieces come from, so that CR3 writes
+/// and INVLPG touch only what is filled instead of all 2 × 1024 entries.
 pub struct Tlb {
     pub e: [[TlbEntry; TLB_SIZE]; 2],
-    /// Some entry may come from a large page (INVLPG must then scan).
-    pub has_large: bool,
+    /// Bit i of `filled[u]`: `e[u][i]` holds a translation (exact).
+    filled: [[u64; TLB_WORDS]; 2],
+    /// Bit i of `large[u]`: `e[u][i]` holds a piece of a large page (exact).
+    large: [[u64; TLB_WORDS]; 2],
+    /// Large pages that may have pieces in the TLB, as [`large_key`]s: a
+    /// superset (evicted pieces leave stale keys), so INVLPG of an address
+    /// outside all of them needs no scan.
+    large_pages: HashSet<u64, BuildHasherDefault<KeyHasher>>,
+    /// The key inserted last (it is in `large_pages`): saves hashing on
+    /// consecutive fills from the same large page.
+    last_large: u64,
+}
+
+const TLB_WORDS: usize = TLB_SIZE / 64;
+
+/// Multiplicative hash for the large-page keys: they are not attacker
+/// controlled in any way that matters (a guest can only slow its own TLB),
+/// and SipHash showed up in profiles of copy-heavy guest code.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(b as u64);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0 ^ v).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+    fn finish(&self) -> u64 {
+        self.0 ^ (self.0 >> 29)
+    }
+}
+
+/// `large_pages` is rebuilt from the entries when it grows past this.
+const MAX_LARGE_KEYS: usize = 2 * TLB_SIZE;
+
+/// Identifies the large page of `1 << large_bits` 4 KiB pages containing
+/// linear page `vpn` (large_bits is at most 18, it fits the low byte).
+#[inline]
+fn large_key(vpn: u64, large_bits: u8) -> u64 {
+    ((vpn >> large_bits) << 8) | large_bits as u64
+}
+
+/// Calls `f` with the index of every set bit of `bits`, clearing the bit
+/// when `f` returns true.
+#[inline]
+fn for_each_set(bits: &mut [u64; TLB_WORDS], mut f: impl FnMut(usize) -> bool) {
+    for (w, word) in bits.iter_mut().enumerate() {
+        let mut m = *word;
+        while m != 0 {
+            let b = m.trailing_zeros() as usize;
+            m &= m - 1;
+            if f(w * 64 + b) {
+                *word &= !(1u64 << b);
+            }
+        }
+    }
 }
 
 impl Default for Tlb {
     fn default() -> Self {
         Tlb {
             e: [[TlbEntry::EMPTY; TLB_SIZE]; 2],
-            has_large: false,
+            filled: [[0; TLB_WORDS]; 2],
+            large: [[0; TLB_WORDS]; 2],
+            large_pages: HashSet::default(),
+            last_large: NO_TAG,
         }
     }
 }
 
 impl Tlb {
     pub fn flush_all(&mut self) {
-        for m in self.e.iter_mut() {
-            m.fill(TlbEntry::EMPTY);
+        for u in 0..2 {
+            let (e, large) = (&mut self.e[u], &mut self.large[u]);
+            for_each_set(&mut self.filled[u], |i| {
+                e[i] = TlbEntry::EMPTY;
+                true
+            });
+            *large = [0; TLB_WORDS];
         }
-        self.has_large = false;
+        self.forget_large_pages();
     }
+
+    /// CR3 write: drop everything but global entries.
     pub fn flush_nonglobal(&mut self) {
-        for m in self.e.iter_mut() {
-            for e in m.iter_mut() {
-                if !e.global {
-                    *e = TlbEntry::EMPTY;
+        let mut any_large = false;
+        for u in 0..2 {
+            let (e, large) = (&mut self.e[u], &mut self.large[u]);
+            for_each_set(&mut self.filled[u], |i| {
+                if e[i].global {
+                    return false;
                 }
-            }
+                e[i] = TlbEntry::EMPTY;
+                large[i / 64] &= !(1u64 << (i % 64));
+                true
+            });
+            any_large |= large.iter().any(|&w| w != 0);
+        }
+        if !any_large {
+            self.forget_large_pages();
         }
     }
+
     /// Remove write permission for entries mapping physical page `ppn`
     /// (it now holds decoded code: writes must take the slow path).
     pub fn drop_write(&mut self, ppn: u64) {
-        for m in self.e.iter_mut() {
-            for e in m.iter_mut() {
-                if e.ppn == ppn {
-                    e.write_tag = NO_TAG;
+        for u in 0..2 {
+            let e = &mut self.e[u];
+            for_each_set(&mut self.filled[u], |i| {
+                if e[i].ppn == ppn {
+                    e[i].write_tag = NO_TAG;
                 }
+                false
+            });
+        }
+    }
+
+    /// INVLPG: drop the translations of `lin`'s page, and of every page of
+    /// the large page containing `lin` (the TLB holds a large page as
+    /// separate 4 KiB pieces).
+    pub fn flush_page(&mut self, lin: u64) {
+        let vpn = lin >> 12;
+        let idx = (vpn as usize) & (TLB_SIZE - 1);
+        for u in 0..2 {
+            self.clear_slot(u, idx);
+        }
+        if self.large_pages.is_empty() {
+            return;
+        }
+        // Each large-page size in use (9: 2 MiB, 10: 4 MiB, 18: 1 GiB).
+        for lb in [9u8, 10, 18] {
+            if !self.large_pages.remove(&large_key(vpn, lb)) {
+                continue;
+            }
+            self.last_large = NO_TAG;
+            for u in 0..2 {
+                let (e, filled) = (&mut self.e[u], &mut self.filled[u]);
+                for_each_set(&mut self.large[u], |i| {
+                    let x = &mut e[i];
+                    if x.large_bits == lb && (x.read_tag ^ vpn) >> lb == 0 {
+                        *x = TlbEntry::EMPTY;
+                        filled[i / 64] &= !(1u64 << (i % 64));
+                        return true;
+                    }
+                    false
+                });
             }
         }
     }
 
-    pub fn flush_page(&mut self, lin: u64) {
-        let vpn = lin >> 12;
-        let idx = (vpn as usize) & (TLB_SIZE - 1);
-        self.e[0][idx] = TlbEntry::EMPTY;
-        self.e[1][idx] = TlbEntry::EMPTY;
-        // INVLPG drops the whole large page containing `lin`, and the TLB
-        // holds it as separate 4 KiB entries.
-        if self.has_large {
-            for m in self.e.iter_mut() {
-                for e in m.iter_mut() {
-                    if e.large_bits != 0
-                        && e.read_tag != NO_TAG
-                        && (e.read_tag ^ vpn) >> e.large_bits == 0
-                    {
-                        *e = TlbEntry::EMPTY;
-                    }
-                }
-            }
+    fn clear_slot(&mut self, u: usize, idx: usize) {
+        let (w, bit) = (idx / 64, 1u64 << (idx % 64));
+        if self.filled[u][w] & bit != 0 {
+            self.e[u][idx] = TlbEntry::EMPTY;
+            self.filled[u][w] &= !bit;
+            self.large[u][w] &= !bit;
         }
+    }
+
+    fn forget_large_pages(&mut self) {
+        if !self.large_pages.is_empty() {
+            self.large_pages.clear();
+        }
+        self.last_large = NO_TAG;
+    }
+
+    /// Record that `e[u][idx]` was just filled (`large_bits` from its entry).
+    #[inline]
+    fn note_fill(&mut self, u: usize, idx: usize) {
+        let (w, bit) = (idx / 64, 1u64 << (idx % 64));
+        self.filled[u][w] |= bit;
+        let e = &self.e[u][idx];
+        if e.large_bits == 0 {
+            self.large[u][w] &= !bit;
+            return;
+        }
+        self.large[u][w] |= bit;
+        let key = large_key(e.read_tag, e.large_bits);
+        if key != self.last_large {
+            if self.large_pages.len() >= MAX_LARGE_KEYS {
+                self.rebuild_large_pages();
+            }
+            self.large_pages.insert(key);
+            self.last_large = key;
+        }
+    }
+
+    /// Replace the (stale-key) set of large pages by the exact one.
+    fn rebuild_large_pages(&mut self) {
+        self.large_pages.clear();
+        self.last_large = NO_TAG;
+        for u in 0..2 {
+            let (e, pages) = (&self.e[u], &mut self.large_pages);
+            for_each_set(&mut self.large[u], |i| {
+                pages.insert(large_key(e[i].read_tag, e[i].large_bits));
+                false
+            });
+        }
+    }
+
+    /// Number of filled entries (tests, statistics).
+    pub fn filled_count(&self) -> usize {
+        self.filled
+            .iter()
+            .flatten()
+            .map(|w| w.count_ones() as usize)
+            .sum()
     }
 }
 
@@ -412,7 +569,7 @@ impl Cpu {
             e.ppn = page_phys >> 12;
             e.global = t.global;
             e.large_bits = t.large_bits;
-            self.tlb.has_large |= t.large_bits != 0;
+            self.tlb.note_fill(acc.user as usize, idx);
         }
         Ok(t.phys)
     }
@@ -423,6 +580,219 @@ impl Cpu {
         Access {
             kind,
             user: self.user_mode(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Fill the slot of `vpn` in array `u` the way `translate_fill` does.
+    fn fill(t: &mut Tlb, u: usize, vpn: u64, ppn: u64, global: bool, large_bits: u8) {
+        let idx = (vpn as usize) & (TLB_SIZE - 1);
+        t.e[u][idx] = TlbEntry {
+            read_tag: vpn,
+            write_tag: vpn,
+            exec_tag: vpn,
+            addend: 0x1000,
+            ppn,
+            global,
+            large_bits,
+        };
+        t.note_fill(u, idx);
+    }
+
+    fn holds(t: &Tlb, u: usize, vpn: u64) -> bool {
+        t.e[u][(vpn as usize) & (TLB_SIZE - 1)].read_tag == vpn
+    }
+
+    fn all_empty(t: &Tlb) -> bool {
+        t.e.iter()
+            .flatten()
+            .all(|e| e.read_tag == NO_TAG && e.write_tag == NO_TAG && e.exec_tag == NO_TAG)
+    }
+
+    #[test]
+    fn entry_layout_is_what_translated_code_expects() {
+        assert_eq!(std::mem::size_of::<TlbEntry>(), 48);
+    }
+
+    #[test]
+    fn flush_after_fill_empties_every_filled_slot() {
+        let mut t = Tlb::default();
+        for k in 0..300u64 {
+            fill(&mut t, (k % 2) as usize, 0x4000 + k * 7, k, k % 3 == 0, 0);
+        }
+        assert_eq!(t.filled_count(), 300);
+        t.flush_all();
+        assert_eq!(t.filled_count(), 0);
+        assert!(all_empty(&t));
+    }
+
+    #[test]
+    fn global_entries_survive_cr3_writes_only() {
+        let mut t = Tlb::default();
+        fill(&mut t, 0, 0xf_fff8_0000_0000, 1, true, 0);
+        fill(&mut t, 0, 0x401, 2, false, 0);
+        fill(&mut t, 1, 0x402, 3, false, 0);
+        fill(&mut t, 1, 0x7f00_0000, 4, true, 0);
+        t.flush_nonglobal();
+        assert!(holds(&t, 0, 0xf_fff8_0000_0000));
+        assert!(holds(&t, 1, 0x7f00_0000));
+        assert!(!holds(&t, 0, 0x401));
+        assert!(!holds(&t, 1, 0x402));
+        assert_eq!(t.filled_count(), 2);
+        // INVLPG drops global translations too.
+        t.flush_page(0xf_fff8_0000_0000 << 12);
+        assert!(!holds(&t, 0, 0xf_fff8_0000_0000));
+        t.flush_all();
+        assert!(all_empty(&t));
+    }
+
+    #[test]
+    fn invlpg_drops_the_whole_large_page_and_nothing_else() {
+        let mut t = Tlb::default();
+        let big = 0x4_0000u64; // 2 MiB page at 1 GiB: vpns 0x40000..0x40200
+        for k in [0u64, 1, 0x55, 0x1ff] {
+            fill(&mut t, (k & 1) as usize, big + k, 0x100 + k, true, 9);
+        }
+        fill(&mut t, 0, big + 0x200, 7, false, 9); // next 2 MiB page
+        fill(&mut t, 0, big - 1, 8, false, 0); // 4 KiB page just below
+        let giga = 0xc_0000u64; // 1 GiB page at 3 GiB
+        fill(&mut t, 1, giga + 0x3_0000, 9, false, 18);
+        // An address in no large page: only its own slot goes.
+        t.flush_page(0x1234_5000);
+        assert_eq!(t.filled_count(), 7);
+        // Another 4 KiB page of the first large page.
+        t.flush_page((big + 0x100) << 12 | 0x123);
+        for k in [0u64, 1, 0x55, 0x1ff] {
+            assert!(!holds(&t, (k & 1) as usize, big + k), "piece {k:#x} kept");
+        }
+        assert!(holds(&t, 0, big + 0x200));
+        assert!(holds(&t, 0, big - 1));
+        assert!(holds(&t, 1, giga + 0x3_0000));
+        t.flush_page((giga + 5) << 12);
+        assert!(!holds(&t, 1, giga + 0x3_0000));
+        assert_eq!(t.filled_count(), 2);
+    }
+
+    #[test]
+    fn large_page_set_stays_bounded_and_exact_enough() {
+        let mut t = Tlb::default();
+        // Many large pages through one slot: all but the last are evicted.
+        for k in 0..(3 * MAX_LARGE_KEYS as u64) {
+            fill(&mut t, 0, k << 10, k, false, 9);
+        }
+        assert!(t.large_pages.len() <= MAX_LARGE_KEYS);
+        let last = (3 * MAX_LARGE_KEYS as u64 - 1) << 10;
+        assert!(holds(&t, 0, last));
+        t.flush_page((last + 3) << 12);
+        assert!(!holds(&t, 0, last));
+        assert_eq!(t.filled_count(), 0);
+    }
+
+    #[test]
+    fn drop_write_clears_only_that_physical_page() {
+        let mut t = Tlb::default();
+        fill(&mut t, 0, 0x10, 0x99, false, 0);
+        fill(&mut t, 1, 0x11, 0x99, false, 0);
+        fill(&mut t, 1, 0x12, 0x98, false, 0);
+        t.drop_write(0x99);
+        assert_eq!(t.e[0][0x10].write_tag, NO_TAG);
+        assert_eq!(t.e[1][0x11].write_tag, NO_TAG);
+        assert_eq!(t.e[1][0x11].read_tag, 0x11);
+        assert_eq!(t.e[1][0x12].write_tag, 0x12);
+    }
+
+    /// The bookkeeping against the plain full scans it replaces, over random
+    /// fills and flushes.
+    #[test]
+    fn matches_full_scan_reference() {
+        struct Ref(Vec<[TlbEntry; TLB_SIZE]>);
+        impl Ref {
+            fn flush_nonglobal(&mut self) {
+                for e in self.0.iter_mut().flatten() {
+                    if !e.global {
+                        *e = TlbEntry::EMPTY;
+                    }
+                }
+            }
+            fn flush_page(&mut self, vpn: u64) {
+                let idx = (vpn as usize) & (TLB_SIZE - 1);
+                self.0[0][idx] = TlbEntry::EMPTY;
+                self.0[1][idx] = TlbEntry::EMPTY;
+                for e in self.0.iter_mut().flatten() {
+                    if e.large_bits != 0
+                        && e.read_tag != NO_TAG
+                        && (e.read_tag ^ vpn) >> e.large_bits == 0
+                    {
+                        *e = TlbEntry::EMPTY;
+                    }
+                }
+            }
+        }
+        let mut t = Tlb::default();
+        let mut r = Ref(vec![[TlbEntry::EMPTY; TLB_SIZE]; 2]);
+        let mut seed = 0x1234_5678_9abc_def1u64;
+        let mut rnd = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for step in 0..200_000 {
+            let x = rnd();
+            // Addresses from a few large-page-sized regions so pieces collide.
+            let vpn = ((x >> 8) % 6) << 18 | (x >> 20) & 0x3_ffff;
+            match x % 100 {
+                0 => {
+                    t.flush_nonglobal();
+                    r.flush_nonglobal();
+                }
+                1 => {
+                    t.flush_all();
+                    r.0.iter_mut().for_each(|a| a.fill(TlbEntry::EMPTY));
+                }
+                2..=11 => {
+                    t.flush_page(vpn << 12);
+                    r.flush_page(vpn);
+                }
+                12..=14 => {
+                    t.drop_write(x >> 40 & 0xff);
+                    for e in r.0.iter_mut().flatten() {
+                        if e.ppn == x >> 40 & 0xff {
+                            e.write_tag = NO_TAG;
+                        }
+                    }
+                }
+                _ => {
+                    let u = (x >> 3 & 1) as usize;
+                    let lb = [0u8, 0, 9, 10, 18][(x >> 4) as usize % 5];
+                    let global = x >> 7 & 1 != 0;
+                    fill(&mut t, u, vpn, x >> 40 & 0xff, global, lb);
+                    let idx = (vpn as usize) & (TLB_SIZE - 1);
+                    r.0[u][idx] = t.e[u][idx];
+                }
+            }
+            if step % 1000 == 0 || x % 100 < 15 {
+                for u in 0..2 {
+                    for i in 0..TLB_SIZE {
+                        let (a, b) = (&t.e[u][i], &r.0[u][i]);
+                        assert_eq!(
+                            (a.read_tag, a.write_tag, a.exec_tag),
+                            (b.read_tag, b.write_tag, b.exec_tag),
+                            "step {step}: slot {u}/{i} differs"
+                        );
+                    }
+                }
+                let live =
+                    r.0.iter()
+                        .flatten()
+                        .filter(|e| e.read_tag != NO_TAG)
+                        .count();
+                assert_eq!(t.filled_count(), live, "step {step}");
+            }
         }
     }
 }

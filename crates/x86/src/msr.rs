@@ -11,6 +11,7 @@ pub const TSC_ADJUST: u32 = 0x3b;
 pub const APIC_BASE: u32 = 0x1b;
 pub const FEATURE_CONTROL: u32 = 0x3a;
 pub const BIOS_SIGN_ID: u32 = 0x8b;
+pub const ARCH_CAPABILITIES: u32 = 0x10a;
 pub const MTRRCAP: u32 = 0xfe;
 pub const SYSENTER_CS: u32 = 0x174;
 pub const SYSENTER_ESP: u32 = 0x175;
@@ -46,6 +47,7 @@ pub fn read(cpu: &mut Cpu, msr: u32) -> XResult<u64> {
         TSC_ADJUST => s.tsc_adjust as u64,
         FEATURE_CONTROL => 1, // locked, VMX off
         BIOS_SIGN_ID => 0,
+        ARCH_CAPABILITIES => crate::cpuid::ARCH_CAPABILITIES,
         MTRRCAP => 0x508, // 8 variable ranges, fixed ranges, WC
         SYSENTER_CS => s.sysenter_cs,
         SYSENTER_ESP => s.sysenter_esp,

@@ -155,6 +155,11 @@ fn bulk_ptr(cpu: &mut Cpu, lin: u64, len: usize, write: bool) -> XResult<Option<
     } else {
         crate::mmu::AccessKind::Read
     };
+    // A TLB hit is RAM with A/D already set (and, for writes, no decoded
+    // code): no page walk. Short copies (system call buffers) live on this.
+    if let Some(p) = cpu.tlb_host(lin, len, kind) {
+        return Ok(Some(p));
+    }
     let phys = cpu.translate_fill(lin, cpu.access(kind))?;
     if write && cpu.ram.is_code_page(phys >> 12) {
         return Ok(None);
