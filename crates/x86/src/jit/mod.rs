@@ -402,13 +402,19 @@ impl Cpu {
         // Translated code runs under the guest's MXCSR (native SSE floating
         // point); it is read back afterwards for the sticky exception flags.
         let host_mxcsr = get_mxcsr();
-        set_mxcsr(self.s.fpu.mxcsr);
+        // LDMXCSR is slow (serialising on some hosts): skip it when the
+        // guest runs with the host's value, as it usually does.
+        if self.s.fpu.mxcsr != host_mxcsr {
+            set_mxcsr(self.s.fpu.mxcsr);
+        }
         unsafe {
             let f: extern "C" fn(*mut Cpu, u64) = std::mem::transmute(enter as usize);
             f(self as *mut Cpu, entry);
         }
         self.s.fpu.mxcsr = get_mxcsr();
-        set_mxcsr(host_mxcsr);
+        if self.s.fpu.mxcsr != host_mxcsr {
+            set_mxcsr(host_mxcsr);
+        }
         self.s.rflags = fl_merge(self.s.rflags, self.jctx.fl);
         self.stats.instructions += self.jctx.left.wrapping_sub(left0);
         let site = self.jctx.exit_site;
@@ -433,7 +439,8 @@ extern "C" fn jit_helper(cpu: *mut Cpu, di: *const DInsn) -> u64 {
     // holds `&mut Cpu` for the whole call) and a DInsn inside a Block that
     // Jit::blocks keeps alive while its translation exists.
     let (cpu, di) = unsafe { (&mut *cpu, &*di) };
-    cpu.s.fpu.mxcsr = get_mxcsr();
+    let mxcsr = get_mxcsr();
+    cpu.s.fpu.mxcsr = mxcsr;
     cpu.s.rflags = fl_merge(cpu.s.rflags, cpu.jctx.fl);
     cpu.s.rip = di.insn.ip();
     cpu.next_rip = di.insn.next_ip();
@@ -459,7 +466,9 @@ extern "C" fn jit_helper(cpu: *mut Cpu, di: *const DInsn) -> u64 {
     };
     cpu.end_block = false;
     cpu.jctx.fl = fl_from(cpu.s.rflags);
-    set_mxcsr(cpu.s.fpu.mxcsr);
+    if cpu.s.fpu.mxcsr != mxcsr {
+        set_mxcsr(cpu.s.fpu.mxcsr);
+    }
     cpu.jctx.exit_site = 0;
     if let Some(j) = cpu.jit.as_mut() {
         j.stats.helper_calls += 1;

@@ -1043,9 +1043,17 @@ impl Tx<'_> {
         }
         if matches!(
             i.mnemonic(),
-            Mnemonic::Nop | Mnemonic::Endbr64 | Mnemonic::Pause
+            Mnemonic::Nop
+                | Mnemonic::Endbr64
+                | Mnemonic::Pause
+                | Mnemonic::Prefetcht0
+                | Mnemonic::Prefetcht1
+                | Mnemonic::Prefetcht2
+                | Mnemonic::Prefetchnta
+                | Mnemonic::Prefetchw
         ) {
-            // Multi-byte NOPs have a memory operand that is never accessed.
+            // Multi-byte NOPs have a memory operand that is never accessed;
+            // prefetches are hints that never fault.
             self.native += 1;
             return Ok(false);
         }
