@@ -11,6 +11,7 @@
 //! [`ApicBus::flush`] does both; call it after every LAPIC MMIO/MSR write
 //! with the LAPIC lock released.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::bus::{lock, MmioDevice};
@@ -103,6 +104,81 @@ fn get_bit(bits: &[u32; 8], v: u8) -> bool {
     bits[(v >> 5) as usize] & (1 << (v & 31)) != 0
 }
 
+const HINT_IRQ: u32 = 1;
+const HINT_NMI: u32 = 2;
+
+/// Lock-free "this vCPU may have an interrupt to take" summary, so that the
+/// vCPU's check at every block boundary is one atomic load, not a mutex, in
+/// the common case where nothing is pending. One per vCPU, owned by its
+/// [`Lapic`]; the [`Pic`](crate::pic::Pic) raises it too (see
+/// [`Pic::connect_cpu`](crate::pic::Pic::connect_cpu)).
+///
+/// Protocol, which never loses an interrupt:
+/// * Raise: every change to interrupt-controller state that can make an NMI
+///   or a maskable interrupt deliverable to this CPU (IRR set, ISR or TPR
+///   lowered, LAPIC enabled, LINT0/ExtINT, PIC INTR asserted, NMI) is
+///   followed by `raise_*`, under the mutex that guards that state.
+/// * Clear (the vCPU only): `clear_*` FIRST, then re-read the state under
+///   the same mutexes, and `raise_*` again if something is deliverable.
+///   If a concurrent change is missed by that re-read, its critical section
+///   came after the vCPU's in that mutex's order, so the clear
+///   happens-before its raise: the raise is later in the flag's
+///   modification order and the bit stays set. If the change is seen, the
+///   vCPU reports it (and re-raises). So no mutex is ever nested.
+/// * Fast path: a load that misses a raise sees an interrupt still in
+///   flight, as if it had been posted a moment later; the load is repeated
+///   at every block boundary, and the poster's kick (unchanged) still ends
+///   the vCPU's slice or HLT sleep.
+///
+/// The argument needs only the mutexes' happens-before edges; SeqCst is
+/// used anyway (on x86 it costs the same: RMWs are locked either way and
+/// loads are plain moves).
+#[derive(Debug)]
+pub struct InterruptHint(AtomicU32);
+
+impl Default for InterruptHint {
+    /// Starts raised, so the first check looks at the real state.
+    fn default() -> Self {
+        InterruptHint(AtomicU32::new(HINT_IRQ | HINT_NMI))
+    }
+}
+
+impl InterruptHint {
+    /// A maskable interrupt may have become deliverable.
+    #[inline]
+    pub fn raise_irq(&self) {
+        self.0.fetch_or(HINT_IRQ, Ordering::SeqCst);
+    }
+
+    /// An NMI may be pending.
+    #[inline]
+    pub fn raise_nmi(&self) {
+        self.0.fetch_or(HINT_NMI, Ordering::SeqCst);
+    }
+
+    #[inline]
+    pub fn irq_maybe(&self) -> bool {
+        self.0.load(Ordering::SeqCst) & HINT_IRQ != 0
+    }
+
+    #[inline]
+    pub fn nmi_maybe(&self) -> bool {
+        self.0.load(Ordering::SeqCst) & HINT_NMI != 0
+    }
+
+    /// Call BEFORE re-reading the state (see the type's protocol).
+    #[inline]
+    pub fn clear_irq(&self) {
+        self.0.fetch_and(!HINT_IRQ, Ordering::SeqCst);
+    }
+
+    /// Call BEFORE re-reading the state (see the type's protocol).
+    #[inline]
+    pub fn clear_nmi(&self) {
+        self.0.fetch_and(!HINT_NMI, Ordering::SeqCst);
+    }
+}
+
 pub struct Lapic {
     clock: Arc<dyn Clock>,
     cfg: LapicConfig,
@@ -131,6 +207,8 @@ pub struct Lapic {
     init_pending: bool,
     sipi_vector: Option<u8>,
     extint_pending: bool,
+    /// Raised after every change that can make something deliverable.
+    hint: Arc<InterruptHint>,
 }
 
 impl Lapic {
@@ -163,6 +241,7 @@ impl Lapic {
             init_pending: false,
             sipi_vector: None,
             extint_pending: false,
+            hint: Arc::default(),
         };
         l.reset_registers();
         if bsp {
@@ -175,6 +254,8 @@ impl Lapic {
 
     /// Register state after power-on / INIT (ID and APIC base preserved).
     fn reset_registers(&mut self) {
+        // Wholesale change (TPR/ISR drop too): let the CPU look again.
+        self.hint.raise_irq();
         self.tpr = 0;
         self.ldr = 0;
         self.dfr = 0xffff_ffff;
@@ -194,6 +275,11 @@ impl Lapic {
 
     pub fn apic_id(&self) -> u32 {
         self.id
+    }
+
+    /// This CPU's lock-free pending summary (see [`InterruptHint`]).
+    pub fn interrupt_hint(&self) -> &Arc<InterruptHint> {
+        &self.hint
     }
 
     pub fn is_bsp(&self) -> bool {
@@ -243,6 +329,8 @@ impl Lapic {
         }
         let was_en = self.hw_enabled();
         self.apic_base = (val & !APIC_BASE_BSP) | (self.apic_base & APIC_BASE_BSP);
+        // Enabling can expose the IRR; disabling routes the PIC to the CPU.
+        self.hint.raise_irq();
         if was_en && !en {
             self.reset_registers();
             self.id = self.initial_id;
@@ -260,7 +348,7 @@ impl Lapic {
     }
 
     pub fn set_cr8(&mut self, v: u64) {
-        self.tpr = ((v & 0xf) << 4) as u8;
+        self.set_tpr(((v & 0xf) << 4) as u8);
     }
 
     pub fn tpr(&self) -> u8 {
@@ -268,6 +356,10 @@ impl Lapic {
     }
 
     pub fn set_tpr(&mut self, tpr: u8) {
+        if tpr < self.tpr {
+            // A lower priority threshold can unblock an IRR vector.
+            self.hint.raise_irq();
+        }
         self.tpr = tpr;
     }
 
@@ -292,6 +384,7 @@ impl Lapic {
         }
         set_bit(&mut self.irr, vector, true);
         set_bit(&mut self.tmr, vector, level_triggered);
+        self.hint.raise_irq();
         true
     }
 
@@ -301,14 +394,21 @@ impl Lapic {
             DeliveryMode::Fixed | DeliveryMode::LowestPriority => {
                 self.accept_interrupt(vector, level_triggered);
             }
-            DeliveryMode::Nmi => self.nmi_pending = true,
+            DeliveryMode::Nmi => {
+                self.nmi_pending = true;
+                self.hint.raise_nmi();
+            }
             DeliveryMode::Init => {
                 self.reset_registers();
                 self.init_pending = true;
                 self.sipi_vector = None;
             }
             DeliveryMode::StartUp => self.sipi_vector = Some(vector),
-            DeliveryMode::ExtInt => self.extint_pending = true,
+            DeliveryMode::ExtInt => {
+                // Opens the CPU to the PIC (accepts_pic_interrupts).
+                self.extint_pending = true;
+                self.hint.raise_irq();
+            }
             DeliveryMode::Smi | DeliveryMode::Reserved => {}
         }
     }
@@ -336,6 +436,8 @@ impl Lapic {
     pub fn eoi(&mut self) -> Option<u8> {
         let v = highest(&self.isr)?;
         set_bit(&mut self.isr, v, false);
+        // The processor priority dropped: a blocked IRR vector may go.
+        self.hint.raise_irq();
         if get_bit(&self.tmr, v) && self.svr & SVR_SUPPRESS_EOI_BROADCAST == 0 {
             self.eoi_broadcasts.push(v);
         }
@@ -546,7 +648,7 @@ impl Lapic {
         let x2 = self.x2apic_mode();
         match off {
             0x20 if !x2 => self.id = val >> 24,
-            0x80 => self.tpr = val as u8,
+            0x80 => self.set_tpr(val as u8),
             0xb0 => {
                 self.eoi();
             }
@@ -554,6 +656,7 @@ impl Lapic {
             0xe0 if !x2 => self.dfr = val | 0x0fff_ffff,
             0xf0 => {
                 self.svr = val & 0x13ff;
+                self.hint.raise_irq(); // software enable exposes the IRR
                 if !self.sw_enabled() {
                     for l in &mut self.lvt {
                         *l |= LVT_MASKED;
@@ -580,6 +683,10 @@ impl Lapic {
                 };
                 let old_mode = self.timer_mode();
                 self.lvt[i] = self.mask_lvt(val & writable);
+                if i == LVT_LINT0 {
+                    // May open the virtual wire to the PIC.
+                    self.hint.raise_irq();
+                }
                 if i == LVT_TIMER && self.timer_mode() != old_mode {
                     // Switching timer modes disarms the timer.
                     self.timer_initial = 0;
@@ -878,6 +985,53 @@ mod tests {
         l.set_cr8(2);
         assert_eq!(l.ack(), Some(0x31));
         assert_eq!(r(&mut l, 0x100 + 0x10), 1 << 17); // ISR bit 0x31
+    }
+
+    /// Every change that can make something deliverable raises the hint.
+    #[test]
+    fn interrupt_hint_raises() {
+        let (c, mut l) = setup();
+        let h = l.interrupt_hint().clone();
+        assert!(h.irq_maybe() && h.nmi_maybe(), "starts raised");
+        h.clear_irq();
+        h.clear_nmi();
+        let cleared = |h: &InterruptHint| {
+            let was = h.irq_maybe();
+            h.clear_irq();
+            was
+        };
+        w(&mut l, 0xf0, 0x1ff);
+        assert!(cleared(&h), "SVR enable");
+        l.accept_interrupt(0x50, false);
+        assert!(cleared(&h), "IRR");
+        l.ack();
+        assert!(!cleared(&h), "ack only lowers");
+        w(&mut l, 0x80, 0x20);
+        assert!(!cleared(&h), "raising TPR only lowers");
+        w(&mut l, 0x80, 0x10);
+        assert!(cleared(&h), "TPR lowered");
+        l.set_cr8(0);
+        assert!(cleared(&h), "CR8 lowered");
+        w(&mut l, 0xb0, 0);
+        assert!(cleared(&h), "EOI");
+        w(&mut l, 0x350, 0x700);
+        assert!(cleared(&h), "LINT0");
+        w(&mut l, 0x300, 0x4_0051);
+        assert!(cleared(&h), "self IPI");
+        w(&mut l, 0x3e0, 0xb); // divide by 1
+        w(&mut l, 0x320, 0x52);
+        w(&mut l, 0x380, 10);
+        assert!(!cleared(&h), "timer armed, not fired");
+        c.advance_ns(10);
+        l.poll_timer();
+        assert!(cleared(&h), "timer fired");
+        l.deliver(DeliveryMode::ExtInt, 0, false);
+        assert!(cleared(&h), "ExtINT");
+        assert!(!h.nmi_maybe());
+        l.deliver(DeliveryMode::Nmi, 0, false);
+        assert!(h.nmi_maybe() && !h.irq_maybe());
+        assert!(l.wrmsr(MSR_IA32_APIC_BASE, 0xfee0_0100));
+        assert!(cleared(&h), "APIC disabled: PIC reaches the CPU");
     }
 
     #[test]

@@ -6,11 +6,14 @@
 //! [`PIC_SLAVE_ALIAS_OFFSET`] and 0x4d0 (len 2) with [`ELCR_ALIAS_OFFSET`].
 //! The CPU side: when `interrupt_pending()` and the LAPIC
 //! `accepts_pic_interrupts()` and RFLAGS.IF=1, call `ack()` for the vector.
+//! Each CPU's [`InterruptHint`] is connected with [`Pic::connect_cpu`], so
+//! that a CPU need not lock the PIC while its hint is clear.
 
 use std::sync::{Arc, Mutex};
 
 use crate::bus::{lock, PioDevice};
 use crate::irq::IrqLine;
+use crate::lapic::InterruptHint;
 
 pub const PIC_MASTER_BASE: u16 = 0x20;
 pub const PIC_SLAVE_BASE: u16 = 0xa0;
@@ -181,6 +184,8 @@ impl Chip {
 
 pub struct Pic {
     chips: [Chip; 2],
+    /// Raised whenever a change leaves INTR asserted.
+    hints: Vec<Arc<InterruptHint>>,
 }
 
 impl Default for Pic {
@@ -203,6 +208,24 @@ impl Pic {
         };
         Pic {
             chips: [master, slave],
+            hints: Vec::new(),
+        }
+    }
+
+    /// Connects a CPU that may take PIC interrupts (ExtINT / virtual wire):
+    /// its hint is raised after every change that leaves INTR asserted.
+    pub fn connect_cpu(&mut self, hint: Arc<InterruptHint>) {
+        hint.raise_irq();
+        self.hints.push(hint);
+    }
+
+    /// Called (with the PIC lock held) after every state change: INTR can
+    /// only become asserted through one of them.
+    fn notify(&self) {
+        if !self.hints.is_empty() && self.interrupt_pending() {
+            for h in &self.hints {
+                h.raise_irq();
+            }
         }
     }
 
@@ -214,6 +237,7 @@ impl Pic {
             _ => return,
         }
         self.update();
+        self.notify();
     }
 
     /// Propagates the slave's output to master IRQ2.
@@ -245,6 +269,7 @@ impl Pic {
             self.chips[0].irq_base | irq
         };
         self.update();
+        self.notify();
         Some(vector)
     }
 
@@ -310,10 +335,12 @@ impl Pic {
 impl PioDevice for Pic {
     fn pio_read(&mut self, offset: u16, data: &mut [u8]) {
         crate::bus::read_bytes(offset, data, |o| self.read_port(o));
+        self.notify(); // a poll-mode read acknowledges, like INTA
     }
 
     fn pio_write(&mut self, offset: u16, data: &[u8]) {
         crate::bus::write_bytes(offset, data, |o, v| self.write_port(o, v));
+        self.notify();
     }
 }
 
@@ -392,6 +419,37 @@ mod tests {
         p.pio_write(1, &[0x10]);
         assert!(!p.interrupt_pending());
         assert_eq!(rd(&mut p, 1), 0x10);
+    }
+
+    /// A connected CPU's hint is raised exactly when a change leaves INTR
+    /// asserted (including guest unmask/EOI writes).
+    #[test]
+    fn connected_hint() {
+        let mut p = Pic::new();
+        let h = Arc::new(InterruptHint::default());
+        p.connect_cpu(h.clone());
+        let raised = |h: &InterruptHint| {
+            let was = h.irq_maybe();
+            h.clear_irq();
+            was
+        };
+        assert!(raised(&h));
+        linux_init(&mut p);
+        assert!(!raised(&h));
+        p.pio_write(1, &[0x02]); // mask IRQ1
+        p.set_irq(1, true);
+        assert!(!raised(&h), "masked line");
+        p.pio_write(1, &[0x00]);
+        assert!(raised(&h), "unmask");
+        assert_eq!(p.ack(), Some(0x31));
+        assert!(!raised(&h));
+        p.set_irq(3, true);
+        assert!(!raised(&h), "blocked by IRQ1 in service");
+        p.pio_write(0, &[0x20]);
+        assert!(raised(&h), "EOI");
+        p.set_irq(1, false);
+        p.set_irq(1, true);
+        assert!(raised(&h), "higher priority edge");
     }
 
     #[test]

@@ -273,6 +273,7 @@ fn run_once(
         apic_bus: apic_bus.clone(),
         ioapic: ioapic.clone(),
         pic: pic.clone(),
+        hint: VcpuBus::connect_interrupts(&lapics[0], &pic),
         clock: clock.clone(),
         tsc_hz: TSC_HZ,
         io_trace: false,
