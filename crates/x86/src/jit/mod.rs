@@ -5,7 +5,7 @@
 //! a dual-mapped [`codebuf::CodeBuf`]. Translated blocks end in exits that
 //! either return to the dispatcher ([`Cpu::run`]) or, for targets in the
 //! same guest page, are patched to jump straight to the target's
-//! translation (chaining). Every translated block starts by checking the
+//! translation (chaining). Blocks entered from the dispatcher start by checking the
 //! write generation of its guest pages, so self-modifying code, module
 //! loading and DMA into code pages make stale translations leave at once.
 //! Each chained jump also checks the vCPU's kick flag, which bounds how

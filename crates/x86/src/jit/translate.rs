@@ -4,7 +4,9 @@
 //! - host `r15` points at the [`Cpu`]; host `rsp` is the host stack;
 //! - every other guest GPR lives in the host register of the same name;
 //!   guest `rsp` and `r15` live in `cpu.s.gpr` and are loaded into a free
-//!   host register around each instruction that names them;
+//!   host register around each instruction that names them; registers a
+//!   block never names may be parked (see `Tx::parked`) and used as scratch;
+//! - guest XMM0-15 live in host XMM0-15 (through CpuState around helpers);
 //! - guest arithmetic flags live in host RFLAGS (host DF stays 0: guest DF is
 //!   kept in `cpu.s.rflags` and only string instructions, run by helpers,
 //!   read it). Emitted glue only uses flag-free instructions, or saves the
