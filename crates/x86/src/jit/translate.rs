@@ -1379,31 +1379,60 @@ impl Tx<'_> {
         });
     }
 
-    /// PUSH/POP/RET on the fast path: `f` emits the access with the stack
-    /// address in `sa` and the addend in `sc`. Returns false when the fast
-    /// path does not apply.
-    fn stack_fast(
+    /// PUSH/POP/RET: look up the stack slot (`rsp - 8` for a push, else
+    /// `rsp`) and let `f` emit the access with the slot operand, a register
+    /// holding the slot's linear address and a scratch register. The slow
+    /// path (the helper runs the whole instruction) resumes at the returned
+    /// label, which the caller places. None when no scratch registers are
+    /// free.
+    fn stack_op(
         &mut self,
+        dn: &DInsn,
         push: bool,
+        avoid: &[Register],
         f: &dyn Fn(&mut CodeAssembler, AsmMemoryOperand, Register, Register) -> R<()>,
     ) -> R<Option<CodeLabel>> {
-        let Some((sa, sb, sc)) = self.free3() else {
+        let back = self.a.create_label();
+        let rsp_off = o_gpr(4);
+        let lin = move |x: &mut CodeAssembler, sa: Register| -> R<()> {
+            x.mov(r64(sa), m(rsp_off))?;
+            if push {
+                x.lea(r64(sa), qword_ptr(r64(sa) - 8))?;
+            }
+            Ok(())
+        };
+        if let Some((sa, sb, sc)) = self.free3() {
+            let rcx_parked = self.rcx_parked();
+            if !rcx_parked {
+                self.a.mov(m(o_spill(SP_RCX)), rcx)?;
+            }
+            lin(&mut self.a, sa)?;
+            let slow = self.lookup_fast(sa, sb, sc, 8, push, false)?;
+            if !rcx_parked {
+                self.a.mov(rcx, m(o_spill(SP_RCX)))?;
+            }
+            f(&mut self.a, qword_ptr(r64(sa) + r64(sc)), sa, sb)?;
+            self.defer_fast(slow, back, dn);
+            return Ok(Some(back));
+        }
+        let mut avoid = avoid.to_vec();
+        avoid.extend([Register::RAX, Register::RSP, Register::R15]);
+        let Some(s) = self.pick(&avoid, 3) else {
             return Ok(None);
         };
-        let rcx_parked = self.rcx_parked();
-        if !rcx_parked {
-            self.a.mov(m(o_spill(SP_RCX)), rcx)?;
+        let (sa, sb, sc) = (s[0], s[1], s[2]);
+        let slow = self.mem_prologue(sa, sb, sc, &|x| lin(x, sa), Register::None, 8, push)?;
+        // The host pointer moves to sc (spilled) so that sa holds the
+        // linear address again, as on the fast path.
+        self.a.mov(r64(sc), r64(sa))?;
+        lin(&mut self.a, sa)?;
+        f(&mut self.a, qword_ptr(r64(sc)), sa, sb)?;
+        let restore = vec![(sa, SP_A), (sb, SP_B), (sc, SP_C)];
+        for &(r, k) in restore.iter() {
+            self.a.mov(r64(r), m(o_spill(k)))?;
         }
-        self.a.mov(r64(sa), m(o_gpr(4)))?;
-        if push {
-            self.a.lea(r64(sa), qword_ptr(r64(sa) - 8))?;
-        }
-        let slow = self.lookup_fast(sa, sb, sc, 8, push, false)?;
-        if !rcx_parked {
-            self.a.mov(rcx, m(o_spill(SP_RCX)))?;
-        }
-        f(&mut self.a, qword_ptr(r64(sa) + r64(sc)), sa, sb)?;
-        Ok(Some(slow))
+        self.defer_slow(slow, back, dn, restore)?;
+        Ok(Some(back))
     }
 
     /// Spill `regs` into the given slots.
@@ -1525,54 +1554,13 @@ impl Tx<'_> {
             }
             a.mov(m(o_gpr(4)), r64(sa))
         };
-        if let Some(slow) = self.stack_fast(true, &f)? {
-            let mut back = self.a.create_label();
-            self.defer_fast(slow, back, dn);
-            self.a.set_label(&mut back)?;
-            self.a.nop()?;
-            return Ok(());
-        }
-        let mut avoid = vec![Register::RAX, Register::RSP, Register::R15];
-        if let PushSrc::Reg(r) = src {
-            avoid.push(r);
-        }
-        let Some(s) = self.pick(&avoid, 3) else {
+        let avoid: &[Register] = match src {
+            PushSrc::Reg(r) => &[r],
+            PushSrc::Imm(_) => &[],
+        };
+        let Some(mut back) = self.stack_op(dn, true, avoid, &f)? else {
             return self.helper_insn(dn);
         };
-        let (sa, sb, sc) = (s[0], s[1], s[2]);
-        let rsp_off = o_gpr(4);
-        let slow = self.mem_prologue(
-            sa,
-            sb,
-            sc,
-            &|x: &mut CodeAssembler| {
-                x.mov(r64(sa), m(rsp_off))?;
-                x.lea(r64(sa), qword_ptr(r64(sa) - 8))
-            },
-            Register::None,
-            8,
-            true,
-        )?;
-        let a = &mut self.a;
-        match src {
-            PushSrc::Imm(v) => {
-                a.mov(r64(sb), v)?;
-                a.mov(qword_ptr(r64(sa)), r64(sb))?;
-                a.mov(r64(sb), m(o_spill(SP_B)))?;
-            }
-            PushSrc::Reg(r) if r == Register::RSP || r == Register::R15 => {
-                a.mov(r64(sb), m(o_gpr(gidx(r))))?;
-                a.mov(qword_ptr(r64(sa)), r64(sb))?;
-                a.mov(r64(sb), m(o_spill(SP_B)))?;
-            }
-            PushSrc::Reg(r) => a.mov(qword_ptr(r64(sa)), r64(r))?,
-        }
-        a.mov(r64(sa), m(rsp_off))?;
-        a.lea(r64(sa), qword_ptr(r64(sa) - 8))?;
-        a.mov(m(rsp_off), r64(sa))?;
-        a.mov(r64(sa), m(o_spill(SP_A)))?;
-        let mut back = a.create_label();
-        self.defer_slow(slow, back, dn, vec![(sa, SP_A), (sb, SP_B), (sc, SP_C)])?;
         // For call: the helper performed the whole call and exits (rip
         // changed), so `back` is only reached by plain pushes.
         self.a.set_label(&mut back)?;
@@ -1591,42 +1579,9 @@ impl Tx<'_> {
                 a.mov(r64(dst), r64(sb))
             }
         };
-        if let Some(slow) = self.stack_fast(false, &f)? {
-            let mut back = self.a.create_label();
-            self.defer_fast(slow, back, dn);
-            self.a.set_label(&mut back)?;
-            self.a.nop()?;
-            return Ok(());
-        }
-        let avoid = [Register::RAX, Register::RSP, Register::R15, dst];
-        let Some(s) = self.pick(&avoid, 3) else {
+        let Some(mut back) = self.stack_op(dn, false, &[dst], &f)? else {
             return self.helper_insn(dn);
         };
-        let (sa, sb, sc) = (s[0], s[1], s[2]);
-        let rsp_off = o_gpr(4);
-        let slow = self.mem_prologue(
-            sa,
-            sb,
-            sc,
-            &|x: &mut CodeAssembler| x.mov(r64(sa), m(rsp_off)),
-            Register::None,
-            8,
-            false,
-        )?;
-        let a = &mut self.a;
-        a.mov(r64(sb), qword_ptr(r64(sa)))?;
-        a.mov(r64(sa), m(rsp_off))?;
-        a.lea(r64(sa), qword_ptr(r64(sa) + 8))?;
-        a.mov(m(rsp_off), r64(sa))?;
-        if dst == Register::RSP || dst == Register::R15 {
-            a.mov(m(o_gpr(gidx(dst))), r64(sb))?;
-        } else {
-            a.mov(r64(dst), r64(sb))?;
-        }
-        a.mov(r64(sa), m(o_spill(SP_A)))?;
-        a.mov(r64(sb), m(o_spill(SP_B)))?;
-        let mut back = a.create_label();
-        self.defer_slow(slow, back, dn, vec![(sa, SP_A), (sb, SP_B), (sc, SP_C)])?;
         self.a.set_label(&mut back)?;
         self.a.nop()?;
         Ok(())
@@ -1639,42 +1594,15 @@ impl Tx<'_> {
             a.lea(r64(sa), qword_ptr(r64(sa) + (8 + extra)))?;
             a.mov(m(o_gpr(4)), r64(sa))
         };
-        if let Some(slow) = self.stack_fast(false, &f)? {
-            self.exit_to(ExitTarget::Stored, None)?;
-            let mut back = self.a.create_label();
-            self.defer_fast(slow, back, dn);
-            self.a.set_label(&mut back)?;
+        let Some(mut back) = self.stack_op(dn, false, &[], &f)? else {
+            self.helper_insn(dn)?;
             return self.exit_to(ExitTarget::Imm(dn.insn.next_ip()), None);
-        }
-        let avoid = [Register::RAX, Register::RSP, Register::R15];
-        let s = self.pick(&avoid, 3).expect("pool has room");
-        let (sa, sb, sc) = (s[0], s[1], s[2]);
-        let rsp_off = o_gpr(4);
-        let slow = self.mem_prologue(
-            sa,
-            sb,
-            sc,
-            &|x: &mut CodeAssembler| x.mov(r64(sa), m(rsp_off)),
-            Register::None,
-            8,
-            false,
-        )?;
-        let a = &mut self.a;
-        a.mov(r64(sb), qword_ptr(r64(sa)))?;
-        a.mov(m(o_rip()), r64(sb))?;
-        a.mov(r64(sa), m(rsp_off))?;
-        a.lea(r64(sa), qword_ptr(r64(sa) + (8 + extra)))?;
-        a.mov(m(rsp_off), r64(sa))?;
-        a.mov(r64(sa), m(o_spill(SP_A)))?;
-        a.mov(r64(sb), m(o_spill(SP_B)))?;
+        };
         self.exit_to(ExitTarget::Stored, None)?;
         // Slow path: the helper runs the whole RET; it only comes back if
         // the return address happens to be the next instruction.
-        let mut back = self.a.create_label();
-        self.defer_slow(slow, back, dn, vec![(sa, SP_A), (sb, SP_B), (sc, SP_C)])?;
         self.a.set_label(&mut back)?;
-        self.exit_to(ExitTarget::Imm(dn.insn.next_ip()), None)?;
-        Ok(())
+        self.exit_to(ExitTarget::Imm(dn.insn.next_ip()), None)
     }
 
     /// LEA: no memory access; rewrite RIP-relative forms and remap rsp/r15.
