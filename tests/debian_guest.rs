@@ -67,17 +67,7 @@ fn require_tool(tool: &str, package: &str) {
 
 /// guest/out/{vmlinuz,initramfs.cpio.gz,debian.img}, built if missing.
 fn ensure_debian_image() -> PathBuf {
-    let out = root().join("guest/out");
-    if !(out.join("vmlinuz").exists() && out.join("initramfs.cpio.gz").exists()) {
-        let st = Command::new("bash")
-            .arg(root().join("guest/build.sh"))
-            .status()
-            .expect("run guest/build.sh");
-        assert!(
-            st.success(),
-            "guest/build.sh failed (the guest kernel and initramfs are required)"
-        );
-    }
+    let out = common::ensure_guest();
     let img = out.join("debian.img");
     if !img.exists() {
         let st = Command::new("bash")

@@ -9,14 +9,12 @@
 //! Needs guest/out/ (built by guest/build.sh when missing) and qemu-img
 //! (`apt-get install qemu-utils`). Run with --release.
 
-use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::ensure_guest;
+use common::{collect_output, ensure_guest};
 
 fn qemu_img(args: &[&str]) -> String {
     let o = Command::new("qemu-img")
@@ -64,26 +62,7 @@ fn run_until(args: &[String], marker: &str, timeout: Duration) -> String {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn matryoshka");
-    let out = Arc::new(Mutex::new(String::new()));
-    let mut readers = Vec::new();
-    for stream in [
-        Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
-        Box::new(child.stderr.take().unwrap()),
-    ] {
-        let out = out.clone();
-        readers.push(std::thread::spawn(move || {
-            let mut stream = stream;
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = stream.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                out.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        }));
-    }
+    let (out, readers) = collect_output(&mut child);
     let start = Instant::now();
     loop {
         if out.lock().unwrap().contains(marker) {

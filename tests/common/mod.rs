@@ -6,6 +6,7 @@ use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 pub fn root() -> PathBuf {
@@ -28,6 +29,32 @@ pub fn ensure_guest() -> PathBuf {
     out
 }
 
+/// Collect a child's stdout and stderr into one string, in the background
+/// (the readers end when the child closes its output).
+pub fn collect_output(child: &mut Child) -> (Arc<Mutex<String>>, Vec<JoinHandle<()>>) {
+    let out = Arc::new(Mutex::new(String::new()));
+    let mut readers = Vec::new();
+    for stream in [
+        Box::new(child.stdout.take().expect("stdout piped")) as Box<dyn Read + Send>,
+        Box::new(child.stderr.take().expect("stderr piped")),
+    ] {
+        let out = out.clone();
+        readers.push(std::thread::spawn(move || {
+            let mut stream = stream;
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stream.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                out.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        }));
+    }
+    (out, readers)
+}
+
 /// A running VM: its console output (stdout and stderr) is collected in the
 /// background; lines are sent to its stdin (the guest's serial port).
 pub struct Vm {
@@ -48,25 +75,7 @@ impl Vm {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn the VM");
-        let out = Arc::new(Mutex::new(String::new()));
-        for stream in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let out = out.clone();
-            std::thread::spawn(move || {
-                let mut stream = stream;
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = stream.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    out.lock()
-                        .unwrap()
-                        .push_str(&String::from_utf8_lossy(&buf[..n]));
-                }
-            });
-        }
+        let (out, _readers) = collect_output(&mut child);
         Vm {
             child,
             out,

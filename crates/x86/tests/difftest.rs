@@ -20,20 +20,22 @@ fn cfg(classes: &[Class], cases: u64, seed: u64) -> Config {
     }
 }
 
-#[test]
-fn integer_matches_native() {
-    let r = run_cases(&cfg(&[Class::Int, Class::Str], 20_000, 0x1234_5678));
+/// Run `c` and require no error and no mismatch.
+fn assert_clean(c: &Config) {
+    let r = run_cases(c);
     println!("{r}");
     assert!(r.error.is_none());
     assert_eq!(r.mismatches, 0, "see the report above");
 }
 
 #[test]
+fn integer_matches_native() {
+    assert_clean(&cfg(&[Class::Int, Class::Str], 20_000, 0x1234_5678));
+}
+
+#[test]
 fn sse_matches_native() {
-    let r = run_cases(&cfg(&[Class::Sse], 20_000, 0x05ee_d55e));
-    println!("{r}");
-    assert!(r.error.is_none());
-    assert_eq!(r.mismatches, 0, "see the report above");
+    assert_clean(&cfg(&[Class::Sse], 20_000, 0x05ee_d55e));
 }
 
 /// The binary translator against the host (it translates every case on
@@ -43,10 +45,7 @@ fn sse_matches_native() {
 fn jit_integer_matches_native() {
     let mut c = cfg(&[Class::Int, Class::Str], 20_000, 0x0bad_cafe);
     c.engine = mat_x86::Engine::Jit;
-    let r = run_cases(&c);
-    println!("{r}");
-    assert!(r.error.is_none());
-    assert_eq!(r.mismatches, 0, "see the report above");
+    assert_clean(&c);
 }
 
 /// The same through the LAHF/SAHF soft-TLB lookup that hosts without a
@@ -56,20 +55,14 @@ fn jit_integer_matches_native_without_bmi2() {
     let mut c = cfg(&[Class::Int, Class::Str], 10_000, 0x0b0b_cafe);
     c.engine = mat_x86::Engine::Jit;
     c.jit_no_bmi2 = true;
-    let r = run_cases(&c);
-    println!("{r}");
-    assert!(r.error.is_none());
-    assert_eq!(r.mismatches, 0, "see the report above");
+    assert_clean(&c);
 }
 
 #[test]
 fn jit_sse_matches_native() {
     let mut c = cfg(&[Class::Sse], 10_000, 0x5eed_0f5e);
     c.engine = mat_x86::Engine::Jit;
-    let r = run_cases(&c);
-    println!("{r}");
-    assert!(r.error.is_none());
-    assert_eq!(r.mismatches, 0, "see the report above");
+    assert_clean(&c);
 }
 
 #[test]
