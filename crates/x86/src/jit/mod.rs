@@ -124,6 +124,9 @@ pub struct Jit {
     /// `perf` symbol map of translated blocks (MATRYOSHKA_JIT_PERFMAP=1
     /// writes /tmp/perf-PID.map, which `perf report` reads).
     perf_map: Option<std::io::BufWriter<std::fs::File>>,
+    /// Disassemble the translation of the block at this guest RIP
+    /// (MATRYOSHKA_JIT_DUMP=<hex>), read once.
+    dump: Option<u64>,
 }
 
 /// BMI2 with a fast PEXT: everything with BMI2 except AMD before Zen 3
@@ -179,6 +182,9 @@ impl Jit {
             stats: JitStats::default(),
             profile: std::env::var_os("MATRYOSHKA_JIT_PROFILE").map(|_| HashMap::new()),
             bmi2: fast_pext(),
+            dump: std::env::var("MATRYOSHKA_JIT_DUMP")
+                .ok()
+                .and_then(|v| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok()),
             perf_map: std::env::var_os("MATRYOSHKA_JIT_PERFMAP").and_then(|_| {
                 let path = format!("/tmp/perf-{}.map", std::process::id());
                 std::fs::File::create(path)
@@ -345,11 +351,7 @@ impl Cpu {
             block.jit_entry.set(1);
             return None;
         }
-        if std::env::var("MATRYOSHKA_JIT_DUMP")
-            .ok()
-            .and_then(|v| u64::from_str_radix(&v, 16).ok())
-            == Some(block.lin_pc)
-        {
+        if jit.dump == Some(block.lin_pc) {
             use iced_x86::Formatter;
             let mut d = iced_x86::Decoder::with_ip(64, &t.code, t.entry, 0);
             let mut f = iced_x86::IntelFormatter::new();

@@ -1326,14 +1326,7 @@ impl Tx<'_> {
             return Ok(false);
         };
         let remap = Remap::new(&reg_ops, &free);
-        let mut ni = *i;
-        remap.rewrite_registers(&mut ni);
-        ni.set_memory_base(sa);
-        ni.set_memory_index(sc);
-        ni.set_memory_index_scale(1);
-        ni.set_memory_displacement64(0);
-        ni.set_memory_displ_size(0);
-        ni.set_segment_prefix(Register::None);
+        let ni = remap.rewrite_with_memory(i, sa, sc);
         // Implicit rsp/r15 uses would run on the host's registers.
         let still: Vec<Register> = self.used_full_regs(&ni);
         if still.contains(&Register::RSP) || still.contains(&Register::R15) {
@@ -1705,14 +1698,7 @@ impl Tx<'_> {
         let (sa, sb, sc) = (s[0], s[1], s[2]);
         let remap = Remap::new(&used, &s[3..]);
         // The rewritten instruction: memory operand [sa], rsp/r15 remapped.
-        let mut ni = *i;
-        remap.rewrite_registers(&mut ni);
-        ni.set_memory_base(sa);
-        ni.set_memory_index(Register::None);
-        ni.set_memory_index_scale(1);
-        ni.set_memory_displacement64(0);
-        ni.set_memory_displ_size(0);
-        ni.set_segment_prefix(Register::None);
+        let ni = remap.rewrite_with_memory(i, sa, Register::None);
         if !encodable(&ni) {
             return Ok(false);
         }
@@ -1887,6 +1873,20 @@ impl Remap {
                 ni.set_op_register(n, self.map(ni.op_register(n)));
             }
         }
+    }
+
+    /// `i` with rsp/r15 operands remapped and its memory operand replaced
+    /// by `[base + index]` (a host pointer, no segment).
+    fn rewrite_with_memory(&self, i: &Instruction, base: Register, index: Register) -> Instruction {
+        let mut ni = *i;
+        self.rewrite_registers(&mut ni);
+        ni.set_memory_base(base);
+        ni.set_memory_index(index);
+        ni.set_memory_index_scale(1);
+        ni.set_memory_displacement64(0);
+        ni.set_memory_displ_size(0);
+        ni.set_segment_prefix(Register::None);
+        ni
     }
 
     fn spills(&self) -> Vec<(Register, usize)> {
