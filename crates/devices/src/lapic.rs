@@ -177,6 +177,12 @@ impl InterruptHint {
     pub fn clear_nmi(&self) {
         self.0.fetch_and(!HINT_NMI, Ordering::SeqCst);
     }
+
+    /// The raw word (non-zero while raised), for readers that cannot call
+    /// into this crate (the CPU's translated code).
+    pub fn word(&self) -> &AtomicU32 {
+        &self.0
+    }
 }
 
 pub struct Lapic {

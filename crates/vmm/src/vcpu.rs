@@ -165,6 +165,10 @@ impl x86::Bus for VcpuBus {
         ns_to_tsc(self.clock.now_ns(), self.tsc_hz)
     }
 
+    fn irq_hint(&self) -> Option<&std::sync::atomic::AtomicU32> {
+        Some(self.hint.word())
+    }
+
     fn set_tpr(&mut self, tpr: u8) {
         lock(&self.lapic).set_cr8(tpr as u64);
     }

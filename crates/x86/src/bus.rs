@@ -33,4 +33,12 @@ pub trait Bus: Send {
     fn tsc(&mut self) -> u64;
     /// Called when the guest writes CR8 (task priority).
     fn set_tpr(&mut self, _tpr: u8) {}
+    /// A word that is non-zero whenever [`Bus::irq_pending`] or
+    /// [`Bus::nmi_take`] might find something (it must stay raised while an
+    /// interrupt is pending and the CPU has not asked). Translated code
+    /// reads it so that STI can skip the dispatcher when nothing waits;
+    /// `None` sends every STI the slow way.
+    fn irq_hint(&self) -> Option<&std::sync::atomic::AtomicU32> {
+        None
+    }
 }

@@ -48,7 +48,6 @@ pub fn ends_block(i: &Instruction) -> bool {
             | Invlpg
             | Wrmsr
             | Sti
-            | Cli
             | Popf
             | Popfd
             | Popfq
@@ -81,11 +80,13 @@ pub fn ends_block(i: &Instruction) -> bool {
             || i.op0_kind() == OpKind::Register && i.op0_register().is_segment_register())
 }
 
+/// MOV to or from a control or debug register, or to a segment register
+/// (reading a selector changes nothing).
 fn is_sys_mov(i: &Instruction) -> bool {
     (0..i.op_count()).any(|n| {
         i.op_kind(n) == OpKind::Register && {
             let r = i.op_register(n);
-            r.is_cr() || r.is_dr() || r.is_segment_register()
+            r.is_cr() || r.is_dr() || n == 0 && r.is_segment_register()
         }
     })
 }

@@ -12,6 +12,7 @@
 //! long translated code runs before pending interrupts are noticed.
 
 pub mod codebuf;
+mod emit;
 mod translate;
 
 use std::collections::HashMap;
@@ -55,7 +56,12 @@ pub struct JitCtx {
     pub(crate) m_idx: u64,
     pub(crate) m_vpn: u64,
     pub(crate) m_vpn16: u64,
+    /// The bus's interrupt hint word (non-zero: an interrupt may wait).
+    pub(crate) hint: u64,
 }
+
+/// Stands in for a bus without an interrupt hint: always raised.
+static NO_HINT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
 
 /// Jump cache entry: guest rip -> translated entry, valid while the TLB
 /// maps the rip to physical page `ppn`.
@@ -397,6 +403,9 @@ impl Cpu {
         let left0 = (budget.clamp(1, 1 << 50) as i64).wrapping_neg() as u64;
         self.jctx.left = left0;
         self.jctx.exit_site = 0;
+        // The bus (owned by this Cpu) keeps the word alive while the
+        // translated code runs.
+        self.jctx.hint = self.bus.irq_hint().unwrap_or(&NO_HINT) as *const _ as u64;
         // SAFETY: `enter` is the stub assembled by build_stubs in the
         // executable view; it saves the host callee-saved registers, runs
         // translated code that only touches this Cpu (via r15), guest RAM

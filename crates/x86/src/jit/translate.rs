@@ -29,7 +29,7 @@ use iced_x86::{
 use super::JitCtx;
 use crate::cpu::{Block, Cpu, DInsn};
 use crate::mmu::TlbEntry;
-use crate::state::{CpuState, Segment, FS, GS};
+use crate::state::{CpuState, Segment, CS, DS, ES, FS, GS, SS};
 
 const GPR64: [Register; 16] = [
     Register::RAX,
@@ -114,6 +114,20 @@ fn o_xmm(r: Register) -> i32 {
 }
 fn o_segbase(seg: usize) -> i32 {
     (o_s() + offset_of!(CpuState, seg) + seg * size_of::<Segment>() + offset_of!(Segment, base))
+        as i32
+}
+fn o_irq_shadow() -> i32 {
+    (o_s() + offset_of!(CpuState, irq_shadow)) as i32
+}
+fn o_rflags() -> i32 {
+    (o_s() + offset_of!(CpuState, rflags)) as i32
+}
+fn o_seg_attr(seg: usize) -> i32 {
+    (o_s() + offset_of!(CpuState, seg) + seg * size_of::<Segment>() + offset_of!(Segment, attr))
+        as i32
+}
+fn o_seg_sel(seg: usize) -> i32 {
+    (o_s() + offset_of!(CpuState, seg) + seg * size_of::<Segment>() + offset_of!(Segment, selector))
         as i32
 }
 macro_rules! o_ctx {
@@ -373,6 +387,8 @@ struct Slow {
     restore: Vec<(Register, usize)>,
     /// Entered with the guest flags in ax (LAHF/SETO lookup).
     flags_in_ax: bool,
+    /// Entered with the guest flags pushed on the host stack.
+    popf: bool,
 }
 
 /// What translated code may assume about the guest and the host.
@@ -506,6 +522,9 @@ pub fn translate(
     let slow = std::mem::take(&mut tx.slow);
     for mut s in slow {
         tx.a.set_label(&mut s.label)?;
+        if s.popf {
+            tx.a.popfq()?;
+        }
         if s.flags_in_ax {
             // Entered with the guest flags in ax and guest rax spilled.
             tx.a.add(al, 0x7f)?;
@@ -684,7 +703,19 @@ fn whitelisted(i: &Instruction) -> bool {
             | Movbe
             | Pause
             | Endbr64
-    )
+            | Lfence
+            | Mfence
+            | Sfence
+            | Cmpxchg16b
+    ) || matches!(i.mnemonic(), Tzcnt | Lzcnt) && host_lzcnt_tzcnt()
+}
+
+/// The host runs TZCNT/LZCNT as such (not as BSF/BSR): the interpreter
+/// gives them their BMI1/ABM meaning too.
+fn host_lzcnt_tzcnt() -> bool {
+    use std::sync::OnceLock;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| is_x86_feature_detected!("bmi1") && is_x86_feature_detected!("lzcnt"))
 }
 
 /// Legacy (not VEX) encoding with only XMM and general registers.
@@ -1010,11 +1041,23 @@ impl Tx<'_> {
                 self.exit_to(ExitTarget::Stored, None)?;
                 return Ok(true);
             }
+            FlowControl::IndirectBranch | FlowControl::IndirectCall
+                if matches!(i.code(), Code::Jmp_rm64 | Code::Call_rm64)
+                    && i.op0_kind() == OpKind::Memory
+                    && self.indirect_mem(dn)? =>
+            {
+                self.native += 1;
+                return Ok(true);
+            }
             _ => {
                 self.helper_insn(dn)?;
                 self.exit_direct(i.next_ip())?;
                 return Ok(true);
             }
+        }
+        if self.system_inline(dn)? {
+            self.native += 1;
+            return Ok(false);
         }
         if crate::exec::ends_block(i) {
             self.helper_insn(dn)?;
@@ -1369,6 +1412,7 @@ impl Tx<'_> {
             dn: dn as *const DInsn,
             restore,
             flags_in_ax: false,
+            popf: false,
         });
     }
 
@@ -1381,18 +1425,22 @@ impl Tx<'_> {
     fn stack_op(
         &mut self,
         dn: &DInsn,
-        push: bool,
+        slot: StackSlot,
         avoid: &[Register],
         f: &dyn Fn(&mut CodeAssembler, AsmMemoryOperand, Register, Register) -> R<()>,
     ) -> R<Option<CodeLabel>> {
         let back = self.a.create_label();
         let rsp_off = o_gpr(4);
+        let push = slot == StackSlot::Push;
         let lin = move |x: &mut CodeAssembler, sa: Register| -> R<()> {
-            x.mov(r64(sa), m(rsp_off))?;
-            if push {
-                x.lea(r64(sa), qword_ptr(r64(sa) - 8))?;
+            match slot {
+                StackSlot::Push => {
+                    x.mov(r64(sa), m(rsp_off))?;
+                    x.lea(r64(sa), qword_ptr(r64(sa) - 8))
+                }
+                StackSlot::Pop => x.mov(r64(sa), m(rsp_off)),
+                StackSlot::Rbp => x.mov(r64(sa), rbp),
             }
-            Ok(())
         };
         if let Some((sa, sb, sc)) = self.free3() {
             let rcx_parked = self.rcx_parked();
@@ -1528,6 +1576,7 @@ impl Tx<'_> {
             dn: dn as *const DInsn,
             restore: restore_all,
             flags_in_ax: true,
+            popf: false,
         });
         Ok(())
     }
@@ -1551,7 +1600,7 @@ impl Tx<'_> {
             PushSrc::Reg(r) => &[r],
             PushSrc::Imm(_) => &[],
         };
-        let Some(mut back) = self.stack_op(dn, true, avoid, &f)? else {
+        let Some(mut back) = self.stack_op(dn, StackSlot::Push, avoid, &f)? else {
             return self.helper_insn(dn);
         };
         // For call: the helper performed the whole call and exits (rip
@@ -1572,7 +1621,7 @@ impl Tx<'_> {
                 a.mov(r64(dst), r64(sb))
             }
         };
-        let Some(mut back) = self.stack_op(dn, false, &[dst], &f)? else {
+        let Some(mut back) = self.stack_op(dn, StackSlot::Pop, &[dst], &f)? else {
             return self.helper_insn(dn);
         };
         self.a.set_label(&mut back)?;
@@ -1587,7 +1636,7 @@ impl Tx<'_> {
             a.lea(r64(sa), qword_ptr(r64(sa) + (8 + extra)))?;
             a.mov(m(o_gpr(4)), r64(sa))
         };
-        let Some(mut back) = self.stack_op(dn, false, &[], &f)? else {
+        let Some(mut back) = self.stack_op(dn, StackSlot::Pop, &[], &f)? else {
             self.helper_insn(dn)?;
             return self.exit_to(ExitTarget::Imm(dn.insn.next_ip()), None);
         };
@@ -1596,6 +1645,302 @@ impl Tx<'_> {
         // the return address happens to be the next instruction.
         self.a.set_label(&mut back)?;
         self.exit_to(ExitTarget::Imm(dn.insn.next_ip()), None)
+    }
+
+    /// Sensitive or implicit-operand instructions with a short inline
+    /// form. False when `dn` is none of them or its operands do not fit
+    /// (the caller then uses the helper).
+    fn system_inline(&mut self, dn: &DInsn) -> R<bool> {
+        let i = &dn.insn;
+        match i.code() {
+            Code::Cli => self.if_flag(dn, false),
+            Code::Sti => self.if_flag(dn, true),
+            Code::Pushfq => self.pushf(dn),
+            Code::Leaveq => self.leave(dn),
+            Code::Mov_r32m16_Sreg | Code::Mov_r64m16_Sreg | Code::Mov_rm16_Sreg => {
+                self.read_sreg(i)
+            }
+            Code::Div_rm64 | Code::Div_rm32 => self.div(dn),
+            _ => Ok(false),
+        }
+    }
+
+    /// A cold path that runs the helper for the whole instruction and
+    /// resumes at `back`; `popf` first drops host flags pushed on the host
+    /// stack.
+    fn defer_plain(&mut self, slow: CodeLabel, back: CodeLabel, dn: &DInsn, popf: bool) {
+        self.slow.push(Slow {
+            label: slow,
+            back,
+            dn: dn as *const DInsn,
+            restore: vec![],
+            flags_in_ax: false,
+            popf,
+        });
+    }
+
+    /// CLI / STI at CPL 0: clear or set IF in the guest RFLAGS (guest
+    /// arithmetic flags saved on the host stack around the test). STI
+    /// leaves for the helper when the bus's interrupt hint is raised, so a
+    /// waiting interrupt is delivered right after the next instruction.
+    fn if_flag(&mut self, dn: &DInsn, set: bool) -> R<bool> {
+        let rcx_parked = self.rcx_parked();
+        let a = &mut self.a;
+        let slow = a.create_label();
+        let mut back = a.create_label();
+        a.pushfq()?;
+        a.test(byte_ptr(r15 + o_seg_attr(CS)), 0x60)?;
+        a.jnz(slow)?;
+        if set {
+            if !rcx_parked {
+                a.mov(m(o_spill(SP_RCX)), rcx)?;
+            }
+            a.mov(rcx, m(o_ctx!(hint)))?;
+            a.cmp(dword_ptr(rcx), 0)?;
+            if !rcx_parked {
+                a.mov(rcx, m(o_spill(SP_RCX)))?;
+            }
+            a.jne(slow)?;
+            a.or(dword_ptr(r15 + o_rflags()), 0x200)?;
+            // The shadow holds off an interrupt that arrives from now
+            // until the next instruction (STI; HLT must not lose it); the
+            // dispatcher honours and clears it.
+            a.mov(byte_ptr(r15 + o_irq_shadow()), 1)?;
+        } else {
+            a.and(dword_ptr(r15 + o_rflags()), !0x200)?;
+        }
+        a.popfq()?;
+        a.set_label(&mut back)?;
+        a.nop()?;
+        self.defer_plain(slow, back, dn, true);
+        Ok(true)
+    }
+
+    /// PUSHFQ: the guest's arithmetic flags (host RFLAGS) merged into the
+    /// rest of the guest RFLAGS (VM and RF are never pushed).
+    fn pushf(&mut self, dn: &DInsn) -> R<bool> {
+        let rfl = o_rflags();
+        let f = move |a: &mut CodeAssembler, mo: AsmMemoryOperand, sa: Register, sb: Register| {
+            let b = r64(sb);
+            a.pushfq()?;
+            a.mov(b, qword_ptr(rsp))?;
+            a.xor(b, qword_ptr(r15 + rfl))?;
+            a.and(b, 0x8d5)?;
+            a.xor(b, qword_ptr(r15 + rfl))?;
+            a.and(b, !0x3_0000)?;
+            a.popfq()?;
+            a.mov(mo, b)?;
+            a.mov(m(o_gpr(4)), r64(sa))
+        };
+        let Some(mut back) = self.stack_op(dn, StackSlot::Push, &[], &f)? else {
+            return Ok(false);
+        };
+        self.a.set_label(&mut back)?;
+        self.a.nop()?;
+        Ok(true)
+    }
+
+    /// LEAVE: rsp = rbp + 8, rbp = [rbp].
+    fn leave(&mut self, dn: &DInsn) -> R<bool> {
+        let f = move |a: &mut CodeAssembler, mo: AsmMemoryOperand, sa: Register, sb: Register| {
+            a.mov(r64(sb), mo)?;
+            a.lea(r64(sa), qword_ptr(r64(sa) + 8))?;
+            a.mov(m(o_gpr(4)), r64(sa))?;
+            a.mov(rbp, r64(sb))
+        };
+        let Some(mut back) = self.stack_op(dn, StackSlot::Rbp, &[Register::RBP], &f)? else {
+            return Ok(false);
+        };
+        self.a.set_label(&mut back)?;
+        self.a.nop()?;
+        Ok(true)
+    }
+
+    /// MOV reg, Sreg: the selector, zero-extended to 32 bits (a 16-bit
+    /// destination keeps its upper bits).
+    fn read_sreg(&mut self, i: &Instruction) -> R<bool> {
+        if i.op0_kind() != OpKind::Register {
+            return Ok(false);
+        }
+        let dst = i.op0_register();
+        let full = dst.full_register();
+        if full == Register::RSP || full == Register::R15 {
+            return Ok(false);
+        }
+        let seg = match i.op1_register() {
+            Register::ES => ES,
+            Register::CS => CS,
+            Register::SS => SS,
+            Register::DS => DS,
+            Register::FS => FS,
+            Register::GS => GS,
+            _ => return Ok(false),
+        };
+        let sel = word_ptr(r15 + o_seg_sel(seg));
+        if dst.size() == 2 {
+            self.a.mov(get_gpr16(dst).unwrap_or(ax), sel)?;
+        } else {
+            self.a
+                .movzx(get_gpr32(sized(full, 4)).unwrap_or(eax), sel)?;
+        }
+        Ok(true)
+    }
+
+    /// DIV r/m32 and r/m64 run natively when they cannot fault: a
+    /// divisor above the high half of the dividend (edx/rdx), which also
+    /// rules out zero. Otherwise the helper runs it (and raises #DE) with
+    /// the guest flags untouched: the compare runs between PUSHFQ/POPFQ.
+    /// A memory divisor is read through the soft TLB into a scratch
+    /// register first.
+    fn div(&mut self, dn: &DInsn) -> R<bool> {
+        let i = &dn.insn;
+        let wide = i.code() == Code::Div_rm64;
+        let mut ni = no_ip(i);
+        let mut back = self.a.create_label();
+        let src = if i.op0_kind() == OpKind::Register {
+            let full = i.op0_register().full_register();
+            if full == Register::RSP || full == Register::R15 {
+                return Ok(false);
+            }
+            full
+        } else {
+            let Some((sa, sb, sc)) = self.free3() else {
+                return Ok(false);
+            };
+            if !is64addr(i) {
+                return Ok(false);
+            }
+            let rcx_parked = self.rcx_parked();
+            if !rcx_parked {
+                self.a.mov(m(o_spill(SP_RCX)), rcx)?;
+            }
+            self.ea_fast(i, sa, sb)?;
+            let size = if wide { 8 } else { 4 };
+            let slow = self.lookup_fast(sa, sb, sc, size, false, false)?;
+            if !rcx_parked {
+                self.a.mov(rcx, m(o_spill(SP_RCX)))?;
+            }
+            self.defer_fast(slow, back, dn);
+            let mo = qword_ptr(r64(sa) + r64(sc));
+            if wide {
+                self.a.mov(r64(sb), mo)?;
+                ni = Instruction::with1(Code::Div_rm64, sb)?;
+            } else {
+                let sb32 = sized(sb, 4);
+                self.a
+                    .mov(get_gpr32(sb32).unwrap_or(eax), dword_ptr(r64(sa) + r64(sc)))?;
+                ni = Instruction::with1(Code::Div_rm32, sb32)?;
+            }
+            sb
+        };
+        let a = &mut self.a;
+        let slow = a.create_label();
+        a.pushfq()?;
+        if wide {
+            a.cmp(rdx, r64(src))?;
+        } else {
+            a.cmp(edx, get_gpr32(sized(src, 4)).unwrap_or(eax))?;
+        }
+        a.jae(slow)?;
+        a.popfq()?;
+        a.add_instruction(ni)?;
+        a.set_label(&mut back)?;
+        a.nop()?;
+        self.defer_plain(slow, back, dn, true);
+        Ok(true)
+    }
+
+    /// JMP/CALL through a memory operand: the target is read through the
+    /// soft TLB into cpu.s.rip, then (CALL) the return address is pushed
+    /// and the block leaves through the jump cache. A TLB miss runs the
+    /// whole instruction in the helper. False when no scratch registers
+    /// are parked.
+    fn indirect_mem(&mut self, dn: &DInsn) -> R<bool> {
+        let Some((sa, sb, sc)) = self.free3() else {
+            return Ok(false);
+        };
+        let i = &dn.insn;
+        if !is64addr(i) {
+            return Ok(false);
+        }
+        let rcx_parked = self.rcx_parked();
+        if !rcx_parked {
+            self.a.mov(m(o_spill(SP_RCX)), rcx)?;
+        }
+        if !self.ea_fast(i, sa, sb)? {
+            return Ok(false);
+        }
+        let slow = self.lookup_fast(sa, sb, sc, 8, false, false)?;
+        if !rcx_parked {
+            self.a.mov(rcx, m(o_spill(SP_RCX)))?;
+        }
+        self.a.mov(r64(sb), qword_ptr(r64(sa) + r64(sc)))?;
+        self.a.mov(m(o_rip()), r64(sb))?;
+        let mut back = self.a.create_label();
+        self.defer_fast(slow, back, dn);
+        if i.code() == Code::Call_rm64 {
+            self.push(dn, PushSrc::Imm(i.next_ip()))?;
+        }
+        self.exit_to(ExitTarget::Stored, None)?;
+        // The helper ran the whole instruction; it only comes back when
+        // the target is the next instruction.
+        self.a.set_label(&mut back)?;
+        self.exit_to(ExitTarget::Imm(i.next_ip()), None)?;
+        Ok(true)
+    }
+
+    /// BT/BTS/BTR/BTC m32/m64 with a register bit offset: the operand
+    /// addressed is `ea + (offset >> 5 or 6) * size` (signed). The TLB is
+    /// looked up for that element, and the instruction runs natively on
+    /// `[ea + addend]` (the CPU adds the element offset itself).
+    fn bt_mem(&mut self, dn: &DInsn, write: bool) -> R<bool> {
+        let Some((sa, sb, sc)) = self.free3() else {
+            return Ok(false);
+        };
+        let i = &dn.insn;
+        let size = i.memory_size().size();
+        let off = i.op1_register();
+        let full = off.full_register();
+        if !is64addr(i) || !matches!(size, 4 | 8) || full == Register::RSP || full == Register::R15
+        {
+            return Ok(false);
+        }
+        let ni = no_ip(&Remap(vec![]).rewrite_with_memory(i, sa, sc));
+        if !encodable(&ni) {
+            return Ok(false);
+        }
+        let rcx_parked = self.rcx_parked();
+        if !rcx_parked {
+            self.a.mov(m(o_spill(SP_RCX)), rcx)?;
+        }
+        if !self.ea_fast(i, sa, sb)? {
+            return Ok(false);
+        }
+        let a = &mut self.a;
+        if size == 8 {
+            a.mov(get_gpr32(sized(sc, 4)).unwrap_or(eax), 6)?;
+            a.sarx(r64(sb), r64(full), r64(sc))?;
+            a.lea(r64(sa), qword_ptr(r64(sa) + r64(sb) * 8))?;
+        } else {
+            let sc32 = get_gpr32(sized(sc, 4)).unwrap_or(eax);
+            let sb32 = get_gpr32(sized(sb, 4)).unwrap_or(eax);
+            a.mov(sc32, 5)?;
+            a.sarx(sb32, get_gpr32(sized(full, 4)).unwrap_or(eax), sc32)?;
+            a.movsxd(r64(sb), sb32)?;
+            a.lea(r64(sa), qword_ptr(r64(sa) + r64(sb) * 4))?;
+        }
+        let slow = self.lookup_fast(sa, sb, sc, size, write, false)?;
+        if !rcx_parked {
+            self.a.mov(rcx, m(o_spill(SP_RCX)))?;
+        }
+        // The operand's own address again (guest rcx is back in place).
+        self.ea_fast(i, sa, sb)?;
+        self.a.add_instruction(ni)?;
+        let mut back = self.a.create_label();
+        self.defer_fast(slow, back, dn);
+        self.a.set_label(&mut back)?;
+        self.a.nop()?;
+        Ok(true)
     }
 
     /// LEA: no memory access; rewrite RIP-relative forms and remap rsp/r15.
@@ -1653,12 +1998,13 @@ impl Tx<'_> {
         };
         let size = i.memory_size().size();
         let sse_mem = sse_whitelisted(i) || self.fp && sse_fp_whitelisted(i);
-        if !(matches!(size, 1 | 2 | 4 | 8) || size == 16 && sse_mem) {
+        let cx16 = i.mnemonic() == Mnemonic::Cmpxchg16b;
+        if !(matches!(size, 1 | 2 | 4 | 8) || size == 16 && (sse_mem || cx16)) {
             return Ok(false);
         }
-        // Legacy SSE m128 operands must be 16-byte aligned (#GP otherwise,
-        // which the helper raises); only the explicitly unaligned moves
-        // are exempt.
+        // Legacy SSE m128 operands (and CMPXCHG16B's) must be 16-byte
+        // aligned (#GP otherwise, which the helper raises); only the
+        // explicitly unaligned moves are exempt.
         self.align16 = size == 16
             && !matches!(
                 i.mnemonic(),
@@ -1670,7 +2016,7 @@ impl Tx<'_> {
             Mnemonic::Bt | Mnemonic::Bts | Mnemonic::Btr | Mnemonic::Btc
         ) && i.op1_kind() == OpKind::Register
         {
-            return Ok(false);
+            return self.bt_mem(dn, i.mnemonic() != Mnemonic::Bt);
         }
         let info = self.info.info(i);
         if info.used_memory().len() != 1 {
@@ -1894,6 +2240,25 @@ impl Remap {
     }
 }
 
+/// The stack slot a [`Tx::stack_op`] accesses.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum StackSlot {
+    /// `[rsp - 8]`
+    Push,
+    /// `[rsp]`
+    Pop,
+    /// `[rbp]` (LEAVE)
+    Rbp,
+}
+
+/// `i` without its address: the block assembler reads a non-zero ip as
+/// a label.
+fn no_ip(i: &Instruction) -> Instruction {
+    let mut n = *i;
+    n.set_ip(0);
+    n
+}
+
 #[derive(Clone, Copy)]
 enum PushSrc {
     Imm(u64),
@@ -2026,12 +2391,36 @@ mod tests {
     }
 
     #[test]
-    fn division_and_system_instructions_use_helpers() {
+    fn signed_division_and_system_instructions_use_helpers() {
         let code = asm(|a| {
-            a.div(rcx).unwrap();
+            a.idiv(rcx).unwrap();
             a.rdtsc().unwrap();
         });
         let (_, helpers) = counts(&code);
         assert_eq!(helpers, 2);
+    }
+
+    #[test]
+    fn common_kernel_instructions_have_inline_forms() {
+        let code = asm(|a| {
+            a.pushfq().unwrap();
+            a.cli().unwrap();
+            a.div(rcx).unwrap();
+            a.div(qword_ptr(rbx + 8)).unwrap();
+            a.div(ecx).unwrap();
+            a.bt(qword_ptr(rdi), rsi).unwrap();
+            a.lock().bts(qword_ptr(rdi + 16), rsi).unwrap();
+            a.btr(dword_ptr(rdi), esi).unwrap();
+            a.mov(eax, ds).unwrap();
+            a.lfence().unwrap();
+            a.lock().cmpxchg16b(xmmword_ptr(rdi)).unwrap();
+            a.leave().unwrap();
+            a.sti().unwrap();
+        });
+        let (native, helpers) = counts(&code);
+        assert_eq!(helpers, 0, "no helper for these");
+        assert_eq!(native, 13);
+        let code = asm(|a| a.call(qword_ptr(rax + 0x10)).unwrap());
+        assert_eq!(counts(&code), (1, 0));
     }
 }
