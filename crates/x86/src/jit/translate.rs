@@ -26,7 +26,7 @@ use iced_x86::{
     InstructionInfoFactory, MemoryOperand, Mnemonic, OpAccess, OpKind, Register,
 };
 
-use super::JitCtx;
+use super::{emit, JitCtx};
 use crate::cpu::{Block, Cpu, DInsn};
 use crate::mmu::TlbEntry;
 use crate::state::{CpuState, Segment, CS, DS, ES, FS, GS, SS};
@@ -152,6 +152,15 @@ const SP_RCX: usize = 7;
 const SP_PARK0: usize = 8;
 
 pub(super) type R<T> = Result<T, IcedError>;
+
+/// Why a block was not translated (the interpreter keeps running it).
+#[derive(Debug, thiserror::Error)]
+pub enum TranslateError {
+    #[error("assembling: {0}")]
+    Asm(#[from] IcedError),
+    #[error("a patch site or entry has no address after assembly")]
+    Layout,
+}
 
 /// Fixed entry points shared by all blocks (assembled once at the start of
 /// the code buffer).
@@ -412,7 +421,9 @@ struct Tx<'a> {
     stubs: Stubs,
     block: &'a Block,
     tlb_entry: usize,
-    chain_labels: Vec<(CodeLabel, CodeLabel, u64)>,
+    /// Chainable exits: (index of the patchable jmp, index of the fast
+    /// one, target rip); indices into the assembler's instruction list.
+    chain_sites: Vec<(usize, usize, u64)>,
     slow: Vec<Slow>,
     info: InstructionInfoFactory,
     native: u32,
@@ -440,7 +451,7 @@ pub fn translate(
     stubs: Stubs,
     at: u64,
     opts: Opts,
-) -> R<Translation> {
+) -> Result<Translation, TranslateError> {
     let mut tx = Tx {
         sse: opts.sse,
         fp: opts.fp,
@@ -451,7 +462,7 @@ pub fn translate(
         stubs,
         block,
         tlb_entry: size_of::<TlbEntry>(),
-        chain_labels: Vec::new(),
+        chain_sites: Vec::new(),
         slow: Vec::new(),
         info: InstructionInfoFactory::new(),
         native: 0,
@@ -462,9 +473,8 @@ pub fn translate(
     };
     tx.parked = choose_parked(block, &mut tx.info, opts.bmi2);
     let rcx_parked = tx.rcx_parked();
-    let mut l_entry = tx.a.create_label();
+    // The entry is the first instruction (index 0).
     let mut l_stale = tx.a.create_label();
-    tx.a.set_label(&mut l_entry)?;
     tx.park_spill()?;
     // Check that the guest code is unchanged (a chained jump may arrive
     // here without passing the dispatcher), then count instructions.
@@ -492,6 +502,7 @@ pub fn translate(
     // (Keeps l_count off any label set above.)
     a.nop()?;
     let mut l_count = a.create_label();
+    let count_idx = a.instructions().len();
     a.set_label(&mut l_count)?;
     tx.l_count = Some(l_count);
     a.mov(rcx, m(o_ctx!(left)))?;
@@ -536,29 +547,44 @@ pub fn translate(
         tx.call_helper(s.dn)?;
         tx.a.jmp(s.back)?;
     }
-    let res =
-        tx.a.assemble_options(at, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)?;
+    // The block's own assembler; iced's BlockEncoder for what it refuses
+    // (a JRCXZ out of rel8 range, say).
+    let (code, offsets) = match emit::assemble(tx.a.instructions(), at) {
+        Ok(r) => (r.code, r.offsets),
+        Err(_) => {
+            let r =
+                tx.a.assemble_options(at, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)?;
+            (r.inner.code_buffer, r.inner.new_instruction_offsets)
+        }
+    };
+    let addr = |idx: usize| -> Result<u64, TranslateError> {
+        match offsets.get(idx) {
+            Some(&o) if o != u32::MAX => Ok(at + o as u64),
+            _ => Err(TranslateError::Layout),
+        }
+    };
     let mut chains = Vec::new();
-    for (l, f, target) in tx.chain_labels.iter() {
+    for &(site, fast, target) in tx.chain_sites.iter() {
         chains.push(ChainSite {
-            site: res.label_ip(l)?,
-            fast_site: res.label_ip(f)?,
-            target: *target,
+            site: addr(site)?,
+            fast_site: addr(fast)?,
+            target,
         });
     }
     let single_page = block.pages[1].0 == u64::MAX;
     Ok(Translation {
-        entry: res.label_ip(&l_entry)?,
-        count_entry: match (single_page, tx.l_count) {
-            (true, Some(l)) => Some(res.label_ip(&l)?),
-            _ => None,
+        entry: addr(0)?,
+        count_entry: if single_page {
+            Some(addr(count_idx)?)
+        } else {
+            None
         },
         park_key: tx
             .parked
             .iter()
             .enumerate()
             .fold(0, |k, (n, &r)| k | (gidx(r) as u64 + 1) << (4 * n)),
-        code: res.inner.code_buffer,
+        code,
         chains,
         native: tx.native,
         helpers: tx.helpers,
@@ -1229,15 +1255,15 @@ impl Tx<'_> {
         }
         // Two patchable jmp rel32, both to the next instruction until one
         // is patched: the first skips the reload (same parked set).
-        let mut fast_site = a.create_label();
-        a.set_label(&mut fast_site)?;
+        let fast_idx = a.instructions().len();
         a.db(&[0xe9, 0, 0, 0, 0])?;
         self.park_reload()?;
         let a = &mut self.a;
+        let site_idx = a.instructions().len();
         a.set_label(&mut site)?;
         a.db(&[0xe9, 0, 0, 0, 0])?;
         a.set_label(&mut slow)?;
-        self.chain_labels.push((site, fast_site, target));
+        self.chain_sites.push((site_idx, fast_idx, target));
         self.exit_to(ExitTarget::Imm(target), Some(site))
     }
 
@@ -1330,7 +1356,7 @@ impl Tx<'_> {
                 Register::None,
             );
             let li = Instruction::with2(Code::Lea_r64_m, sa, mo)?;
-            x.add_instruction(li)?;
+            x.add_instruction(no_ip(&li))?;
         }
         let seg = i.memory_segment();
         if seg == Register::FS || seg == Register::GS {
@@ -1389,7 +1415,7 @@ impl Tx<'_> {
             self.a.mov(rcx, m(o_spill(SP_RCX)))?;
         }
         self.remap_in(&remap)?;
-        self.a.add_instruction(ni)?;
+        self.a.add_instruction(no_ip(&ni))?;
         self.remap_out(&remap)?;
         let mut back = self.a.create_label();
         self.defer_fast(slow, back, dn);
@@ -1843,7 +1869,7 @@ impl Tx<'_> {
         }
         a.jae(slow)?;
         a.popfq()?;
-        a.add_instruction(ni)?;
+        a.add_instruction(no_ip(&ni))?;
         a.set_label(&mut back)?;
         a.nop()?;
         self.defer_plain(slow, back, dn, true);
@@ -1935,7 +1961,7 @@ impl Tx<'_> {
         }
         // The operand's own address again (guest rcx is back in place).
         self.ea_fast(i, sa, sb)?;
-        self.a.add_instruction(ni)?;
+        self.a.add_instruction(no_ip(&ni))?;
         let mut back = self.a.create_label();
         self.defer_fast(slow, back, dn);
         self.a.set_label(&mut back)?;
@@ -2097,7 +2123,7 @@ impl Tx<'_> {
             sb,
             sc,
             &|x: &mut CodeAssembler| match lea {
-                Some(li) => x.add_instruction(li),
+                Some(li) => x.add_instruction(no_ip(&li)),
                 None => x.mov(r64(sa), abs),
             },
             seg,
@@ -2105,7 +2131,7 @@ impl Tx<'_> {
             write,
         )?;
         self.align16 = false;
-        self.a.add_instruction(ni)?;
+        self.a.add_instruction(no_ip(&ni))?;
         self.remap_out(&remap)?;
         self.a.mov(r64(sa), m(o_spill(SP_A)))?;
         let mut back = self.a.create_label();
@@ -2127,7 +2153,7 @@ impl Tx<'_> {
             if !encodable(i) {
                 return Ok(false);
             }
-            self.a.add_instruction(*i)?;
+            self.a.add_instruction(no_ip(i))?;
             return Ok(true);
         }
         // Implicit rsp users (push/pop/enter/...) are not handled here.
@@ -2157,7 +2183,7 @@ impl Tx<'_> {
             return Ok(false);
         }
         self.remap_in(&remap)?;
-        self.a.add_instruction(ni)?;
+        self.a.add_instruction(no_ip(&ni))?;
         self.remap_out(&remap)?;
         Ok(true)
     }

@@ -1,0 +1,878 @@
+//! Single-pass assembler for translated blocks (replaces iced's
+//! BlockEncoder on the translation hot path).
+//!
+//! BlockEncoder boxes every instruction and encodes each one at least
+//! twice while it iterates branch sizes to a fixpoint. Here every
+//! instruction is encoded once, at address 0 with a dummy target, into a
+//! reused scratch buffer (the "long layout": label JMP/Jcc in rel32 form).
+//! Label JMP/Jcc whose distance fits rel8 in the long layout are then
+//! shortened (distances only shrink when other instructions shrink, so the
+//! choice stays valid without iterating), the final offsets are computed,
+//! and the bytes are copied out with branch and RIP-relative fields
+//! patched for the final addresses.
+
+use std::cell::RefCell;
+
+use iced_x86::{
+    BlockEncoder, BlockEncoderOptions, Code, Encoder, IcedError, Instruction, InstructionBlock,
+    OpKind, Register,
+};
+
+/// Result of [`assemble`].
+pub(super) struct Assembled {
+    pub code: Vec<u8>,
+    /// Offset from `at` of each input instruction.
+    pub offsets: Vec<u32>,
+}
+
+/// What an instruction's address-dependent field refers to.
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+enum Fix {
+    /// Nothing depends on the address.
+    #[default]
+    None,
+    /// Branch to the instruction with index `target`.
+    BrLabel,
+    /// Branch to the absolute address `target`.
+    BrAbs,
+    /// RIP-relative memory operand addressing instruction `target`.
+    RipLabel,
+    /// RIP-relative memory operand addressing absolute `target`.
+    RipAbs,
+}
+
+#[derive(Clone, Copy, Default)]
+struct Item {
+    /// Offset of the long-form bytes in the scratch buffer, which is also
+    /// the offset in the long layout.
+    start: u32,
+    /// Final offset.
+    off: u32,
+    /// Instruction index (label kinds) or absolute address.
+    target: u64,
+    fix: Fix,
+    /// Long-form length.
+    len: u8,
+    /// Position and size of the field to patch in the long form.
+    fix_off: u8,
+    fix_size: u8,
+    /// Short opcode (EB or 7x) when this is a label JMP/Jcc that has a
+    /// rel8 form; 0 otherwise.
+    short_op: u8,
+    /// Prefix bytes before the opcode (short form: `pfx` + opcode + rel8).
+    pfx: u8,
+    /// The short form was chosen.
+    short: bool,
+}
+
+impl Item {
+    fn final_len(&self) -> u32 {
+        if self.short {
+            self.pfx as u32 + 2
+        } else {
+            self.len as u32
+        }
+    }
+}
+
+/// Reused buffers and encoder (no per-instruction heap allocation).
+struct State {
+    enc: Encoder,
+    items: Vec<Item>,
+    /// (label id, instruction index), sorted by id.
+    labels: Vec<(u64, u32)>,
+    /// Optimistic short/near passes before the fallback (tests lower it).
+    opt_passes: usize,
+}
+
+thread_local! {
+    static STATE: RefCell<Option<State>> = const { RefCell::new(None) };
+}
+
+/// Inputs above this many instructions go to BlockEncoder (keeps every
+/// offset well inside u32; never reached by translated blocks).
+const MAX_INSTRS: usize = 1 << 24;
+
+/// Passes for the short/near choice (see `run`).
+const RELAX_PASSES: usize = 8;
+
+/// Encode `instrs` (as produced by `CodeAssembler::instructions()`) for
+/// placement at `at`; same semantics as BlockEncoder with
+/// RETURN_NEW_INSTRUCTION_OFFSETS, given that instructions without a
+/// label have `ip() == 0`:
+/// - `ip() != 0` is a label id;
+/// - a near branch or a RIP-relative memory operand whose target is a
+///   label id refers to that instruction, any other target is absolute;
+/// - label JMP/Jcc use rel8 when it fits, otherwise rel32; branches to
+///   absolute targets use rel32 where the instruction has it;
+/// - rel8-only branches (JRCXZ, LOOP) out of range and targets beyond
+///   ±2 GiB are errors (BlockEncoder would rewrite them).
+pub(super) fn assemble(instrs: &[Instruction], at: u64) -> Result<Assembled, IcedError> {
+    STATE.with(|s| match s.try_borrow_mut() {
+        Ok(mut g) => {
+            let st = match &mut *g {
+                Some(st) => st,
+                None => g.insert(State::new()?),
+            };
+            st.run(instrs, at)
+        }
+        // Re-entered (cannot happen today): use a fresh state.
+        Err(_) => State::new()?.run(instrs, at),
+    })
+}
+
+/// The slow path, for inputs the fast path does not handle.
+fn via_block_encoder(instrs: &[Instruction], at: u64) -> Result<Assembled, IcedError> {
+    let r = BlockEncoder::encode(
+        64,
+        InstructionBlock::new(instrs, at),
+        BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
+    )?;
+    Ok(Assembled {
+        code: r.code_buffer,
+        offsets: r.new_instruction_offsets,
+    })
+}
+
+/// Does `v` fit a signed field of `size` bytes?
+fn fits(v: i64, size: u8) -> bool {
+    match size {
+        1 => i8::try_from(v).is_ok(),
+        2 => i16::try_from(v).is_ok(),
+        4 => i32::try_from(v).is_ok(),
+        _ => false,
+    }
+}
+
+impl State {
+    fn new() -> Result<State, IcedError> {
+        Ok(State {
+            enc: Encoder::try_new(64)?,
+            items: Vec::new(),
+            labels: Vec::new(),
+            opt_passes: RELAX_PASSES,
+        })
+    }
+
+    fn label(&self, id: u64) -> Option<u32> {
+        if id == 0 {
+            return None;
+        }
+        self.labels
+            .binary_search_by_key(&id, |l| l.0)
+            .ok()
+            .map(|k| self.labels[k].1)
+    }
+
+    /// Offsets for the current short/near choices.
+    fn layout(&mut self) {
+        let mut off = 0u32;
+        for it in self.items.iter_mut() {
+            it.off = off;
+            off += it.final_len();
+        }
+    }
+
+    /// Does label branch `i`, in its current form, reach its target in the
+    /// current layout? (A shortened branch's own size is part of a
+    /// backward distance: `final_len` gives the form being tried.)
+    fn branch_fits(&self, i: usize) -> bool {
+        let it = &self.items[i];
+        let Some(t) = self.items.get(it.target as usize) else {
+            return false;
+        };
+        let d = t.off as i64 - (it.off as i64 + it.final_len() as i64);
+        fits(d, if it.short { 1 } else { it.fix_size })
+    }
+
+    fn run(&mut self, instrs: &[Instruction], at: u64) -> Result<Assembled, IcedError> {
+        if instrs.len() > MAX_INSTRS {
+            return via_block_encoder(instrs, at);
+        }
+        self.labels.clear();
+        for (i, ins) in instrs.iter().enumerate() {
+            if ins.ip() != 0 {
+                self.labels.push((ins.ip(), i as u32));
+            }
+        }
+        self.labels.sort_unstable_by_key(|l| l.0);
+        if self.labels.windows(2).any(|w| w[0].0 == w[1].0) {
+            // BlockEncoder reports the duplicate.
+            return via_block_encoder(instrs, at);
+        }
+        let mut scratch = self.enc.take_buffer();
+        scratch.clear();
+        self.enc.set_buffer(scratch);
+        self.items.clear();
+
+        // Long layout: encode each instruction once.
+        let mut pos = 0u32;
+        for ins in instrs {
+            let mut it = Item {
+                start: pos,
+                ..Item::default()
+            };
+            let len;
+            if ins.op0_kind() == OpKind::NearBranch64 {
+                let t = ins.near_branch64();
+                (it.fix, it.target) = match self.label(t) {
+                    Some(k) => (Fix::BrLabel, k as u64),
+                    None => (Fix::BrAbs, t),
+                };
+                let near = ins.code().as_near_branch();
+                let mut x = *ins;
+                x.set_code(near);
+                x.set_near_branch64(0);
+                len = self.enc.encode(&x, 0)?;
+                let co = self.enc.get_constant_offsets();
+                it.fix_off = co.immediate_offset() as u8;
+                it.fix_size = co.immediate_size() as u8;
+                // JMP rel32 (E9) / Jcc rel32 (0F 8x) with a rel8 form.
+                if it.fix == Fix::BrLabel
+                    && near.as_short_branch() != near
+                    && it.fix_size == 4
+                    && it.fix_off as usize + 4 == len
+                {
+                    let (op, opc_len) = if near == Code::Jmp_rel32_64 {
+                        (0xeb, 1)
+                    } else {
+                        (
+                            0x70 | ((near.condition_code() as u8).wrapping_sub(1) & 0xf),
+                            2,
+                        )
+                    };
+                    if near == Code::Jmp_rel32_64 || near.condition_code() as u8 != 0 {
+                        if let Some(pfx) = it.fix_off.checked_sub(opc_len) {
+                            it.short_op = op;
+                            it.pfx = pfx;
+                        }
+                    }
+                }
+            } else if ins.memory_base() == Register::RIP {
+                let t = ins.memory_displacement64();
+                (it.fix, it.target) = match self.label(t) {
+                    Some(k) => (Fix::RipLabel, k as u64),
+                    None => (Fix::RipAbs, t),
+                };
+                let mut x = *ins;
+                x.set_memory_displacement64(0);
+                len = self.enc.encode(&x, 0)?;
+                let co = self.enc.get_constant_offsets();
+                it.fix_off = co.displacement_offset() as u8;
+                it.fix_size = co.displacement_size() as u8;
+            } else if ins.memory_base() == Register::EIP {
+                // 32-bit RIP-relative addressing: never emitted by the
+                // translator, left to BlockEncoder.
+                return via_block_encoder(instrs, at);
+            } else {
+                len = self.enc.encode(ins, 0)?;
+            }
+            it.len = len as u8;
+            pos += len as u32;
+            self.items.push(it);
+        }
+
+        // Short/near choice for label JMP/Jcc. First optimistic, as
+        // BlockEncoder: all short, lengthen those that do not fit until
+        // nothing changes (the smallest code; one or two passes in
+        // practice). If that has not settled after a few passes: all long,
+        // then shorten those that fit; distances only shrink when a branch
+        // is shortened, so every choice made stays valid.
+        let n = self.items.len();
+        for it in self.items.iter_mut() {
+            it.short = it.short_op != 0;
+        }
+        let mut settled = false;
+        for _ in 0..self.opt_passes {
+            self.layout();
+            let mut changed = false;
+            for i in 0..n {
+                let it = self.items[i];
+                if it.short && !self.branch_fits(i) {
+                    self.items[i].short = false;
+                    changed = true;
+                }
+            }
+            if !changed {
+                settled = true;
+                break;
+            }
+        }
+        if !settled {
+            for it in self.items.iter_mut() {
+                it.short = false;
+            }
+            for _ in 0..RELAX_PASSES {
+                self.layout();
+                let mut changed = false;
+                for i in 0..n {
+                    let it = self.items[i];
+                    if it.short_op != 0 && !it.short {
+                        // Would it fit in short form, others as they are?
+                        self.items[i].short = true;
+                        if self.branch_fits(i) {
+                            changed = true;
+                        } else {
+                            self.items[i].short = false;
+                        }
+                    }
+                }
+                if !changed {
+                    break;
+                }
+            }
+        }
+
+        // Final layout.
+        let mut offsets = Vec::with_capacity(n);
+        let mut off = 0u32;
+        for it in self.items.iter_mut() {
+            it.off = off;
+            offsets.push(off);
+            off += it.final_len();
+        }
+
+        // Copy out and patch.
+        let scratch = self.enc.take_buffer();
+        let mut code = Vec::with_capacity(off as usize);
+        let mut err = None;
+        for (i, it) in self.items.iter().enumerate() {
+            let s = it.start as usize;
+            let (fo, fs) = if it.short {
+                code.extend_from_slice(&scratch[s..s + it.pfx as usize]);
+                code.push(it.short_op);
+                code.push(0);
+                (it.pfx + 1, 1)
+            } else {
+                code.extend_from_slice(&scratch[s..s + it.len as usize]);
+                (it.fix_off, it.fix_size)
+            };
+            let target = match it.fix {
+                Fix::None => continue,
+                Fix::BrLabel | Fix::RipLabel => match self.items.get(it.target as usize) {
+                    Some(t) => at.wrapping_add(t.off as u64),
+                    None => 0,
+                },
+                Fix::BrAbs | Fix::RipAbs => it.target,
+            };
+            let flen = it.final_len();
+            let next = at.wrapping_add((it.off + flen) as u64);
+            let diff = target.wrapping_sub(next) as i64;
+            if !fits(diff, fs) {
+                err = Some((i, target, at.wrapping_add(it.off as u64)));
+                break;
+            }
+            let p = code.len() - flen as usize + fo as usize;
+            code[p..p + fs as usize].copy_from_slice(&diff.to_le_bytes()[..fs as usize]);
+        }
+        self.enc.set_buffer(scratch);
+        if let Some((i, target, ip)) = err {
+            return self.range_error(instrs, i, target, ip, at);
+        }
+        Ok(Assembled { code, offsets })
+    }
+
+    /// Instruction `i` cannot reach `target` from `ip`: let the encoder
+    /// describe the problem.
+    fn range_error(
+        &mut self,
+        instrs: &[Instruction],
+        i: usize,
+        target: u64,
+        ip: u64,
+        at: u64,
+    ) -> Result<Assembled, IcedError> {
+        let mut x = instrs[i];
+        if self.items[i].fix == Fix::BrLabel || self.items[i].fix == Fix::BrAbs {
+            x.set_code(x.code().as_near_branch());
+            x.set_near_branch64(target);
+        } else {
+            x.set_memory_displacement64(target);
+        }
+        match self.enc.encode(&x, ip) {
+            Err(e) => Err(e),
+            // Not expected: our range check and the encoder's agree.
+            Ok(_) => via_block_encoder(instrs, at),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use iced_x86::code_asm::*;
+    use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter, MemoryOperand};
+
+    /// Deterministic xorshift64*.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    fn fmt(f: &mut IntelFormatter, i: &Instruction) -> String {
+        let mut s = String::new();
+        f.format(i, &mut s);
+        s
+    }
+
+    /// Label id -> instruction index, as the assembler sees them.
+    fn label_index(instrs: &[Instruction], id: u64) -> Option<usize> {
+        if id == 0 {
+            return None;
+        }
+        instrs.iter().position(|i| i.ip() == id)
+    }
+
+    /// Checks that `out` encodes `instrs` at `at`: each instruction decodes
+    /// at its offset to the same instruction (modulo short/near branch
+    /// form) with label targets resolved to the labelled instruction's
+    /// address and other targets kept absolute.
+    fn check(instrs: &[Instruction], at: u64, out: &Assembled) -> Result<(), String> {
+        if out.offsets.len() != instrs.len() {
+            return Err(format!(
+                "{} offsets for {} instrs",
+                out.offsets.len(),
+                instrs.len()
+            ));
+        }
+        let mut f = IntelFormatter::new();
+        let mut enc = Encoder::new(64);
+        for (k, ins) in instrs.iter().enumerate() {
+            let off = out.offsets[k] as usize;
+            let end = out
+                .offsets
+                .get(k + 1)
+                .map_or(out.code.len(), |&o| o as usize);
+            if end < off || end > out.code.len() {
+                return Err(format!("#{k}: bad offsets {off}..{end}"));
+            }
+            let bytes = &out.code[off..end];
+            let ip = at.wrapping_add(off as u64);
+            if ins.code() == Code::DeclareByte {
+                let want: Vec<u8> = (0..ins.declare_data_len())
+                    .map(|j| ins.get_declare_byte_value(j))
+                    .collect();
+                if bytes != want.as_slice() {
+                    return Err(format!("#{k}: db {bytes:02x?} != {want:02x?}"));
+                }
+                continue;
+            }
+            let d = Decoder::with_ip(64, bytes, ip, DecoderOptions::NONE).decode();
+            if d.len() != bytes.len() {
+                return Err(format!(
+                    "#{k}: decoded {} bytes of {}",
+                    d.len(),
+                    bytes.len()
+                ));
+            }
+            let resolve = |t: u64| match label_index(instrs, t) {
+                Some(j) => at.wrapping_add(out.offsets[j] as u64),
+                None => t,
+            };
+            let mut want = *ins;
+            want.set_ip(ip);
+            if ins.op0_kind() == OpKind::NearBranch64 {
+                if d.code().as_near_branch() != ins.code().as_near_branch() {
+                    return Err(format!("#{k}: code {:?} != {:?}", d.code(), ins.code()));
+                }
+                let t = resolve(ins.near_branch64());
+                if d.near_branch_target() != t {
+                    return Err(format!(
+                        "#{k}: {} targets {:#x}, want {t:#x}",
+                        fmt(&mut f, &d),
+                        d.near_branch_target()
+                    ));
+                }
+                want.set_code(d.code());
+                want.set_near_branch64(t);
+            } else {
+                if d.code() != ins.code() {
+                    return Err(format!("#{k}: code {:?} != {:?}", d.code(), ins.code()));
+                }
+                if ins.memory_base() == Register::RIP {
+                    let t = resolve(ins.memory_displacement64());
+                    if d.ip_rel_memory_address() != t {
+                        return Err(format!(
+                            "#{k}: {} addresses {:#x}, want {t:#x}",
+                            fmt(&mut f, &d),
+                            d.ip_rel_memory_address()
+                        ));
+                    }
+                    want.set_memory_displacement64(t);
+                }
+            }
+            let (a, b) = (fmt(&mut f, &d), fmt(&mut f, &want));
+            if a != b {
+                return Err(format!("#{k}: decoded `{a}`, want `{b}`"));
+            }
+            // Same bytes as iced's encoder for the resolved instruction.
+            let _ = enc.take_buffer();
+            enc.encode(&want, ip)
+                .map_err(|e| format!("#{k}: re-encode: {e}"))?;
+            let re = enc.take_buffer();
+            if re != bytes {
+                return Err(format!("#{k} `{b}`: {bytes:02x?} != encoder's {re:02x?}"));
+            }
+        }
+        Ok(())
+    }
+
+    const AT: u64 = 0x7f00_1234_5000;
+    /// Far from AT but within ±2 GiB (stubs elsewhere in the code buffer).
+    const STUB: u64 = AT - 0x3000_0000;
+
+    /// A random list; returns the assembler and whether it has rel8-only
+    /// branches to arbitrary labels (which may legitimately be out of range).
+    fn random_list(r: &mut Rng) -> Result<(CodeAssembler, bool), IcedError> {
+        let mut a = CodeAssembler::new(64)?;
+        let n = 1 + r.below(90) as usize;
+        let nl = 1 + r.below(8) as usize;
+        let mut labels: Vec<CodeLabel> = (0..nl).map(|_| a.create_label()).collect();
+        // Distinct positions for the labels (label k at pos[k]).
+        let mut pos: Vec<usize> = Vec::new();
+        while pos.len() < nl.min(n) {
+            let p = r.below(n as u64) as usize;
+            if !pos.contains(&p) {
+                pos.push(p);
+            }
+        }
+        let nl = pos.len();
+        let filler = r.below(4);
+        let mut risky = false;
+        let gprs = [
+            rax, rcx, rdx, rbx, rsi, rdi, r8, r9, r10, r11, r12, r13, r14,
+        ];
+        let xmms = [xmm0, xmm1, xmm7, xmm8, xmm15];
+        for p in 0..n {
+            if let Some(k) = pos.iter().position(|&q| q == p) {
+                a.set_label(&mut labels[k])?;
+            }
+            let l = labels[r.below(nl as u64) as usize];
+            let g = gprs[r.below(gprs.len() as u64) as usize];
+            let g2 = gprs[r.below(gprs.len() as u64) as usize];
+            let x = xmms[r.below(xmms.len() as u64) as usize];
+            let disp = r.below(0x2000) as i32 - 0x100;
+            match r.below(22) {
+                0 => a.jmp(l)?,
+                1 => a.je(l)?,
+                2 => a.jne(l)?,
+                3 => a.jb(l)?,
+                4 => a.jg(l)?,
+                5 => a.call(l)?,
+                6 => a.lea(g, ptr(l))?,
+                7 => a.jmp(STUB + r.below(0x1000))?,
+                8 => a.call(STUB + r.below(0x1000))?,
+                9 => a.jb(STUB + r.below(0x1000))?,
+                10 => {
+                    // CodeAssembler's ptr(u64) is absolute [disp32]; build
+                    // a RIP-relative operand to an absolute address by hand.
+                    let m = MemoryOperand::with_base_displ(
+                        Register::RIP,
+                        (STUB + r.below(0x1000)) as i64,
+                    );
+                    a.add_instruction(Instruction::with2(Code::Lea_r64_m, Register::RAX, m)?)?
+                }
+                11 => a.db(&[0xe9, 0, 0, 0, 0])?,
+                12 => {
+                    // jrcxz over a jmp (always in range).
+                    let mut ok = a.create_label();
+                    a.jrcxz(ok)?;
+                    a.jmp(l)?;
+                    a.set_label(&mut ok)?;
+                    a.nop()?;
+                }
+                13 if r.below(8) == 0 => {
+                    a.jrcxz(l)?;
+                    risky = true;
+                }
+                14 => a.mov(qword_ptr(r15 + disp), g)?,
+                15 => a.mov(g, qword_ptr(r15 + disp))?,
+                16 => a.add(g, g2)?,
+                17 => a.movdqu(x, xmmword_ptr(r15 + disp))?,
+                18 => a.paddd(x, xmms[0])?,
+                19 => a.mov(g, 0x1234_5678_9abc_def0u64)?,
+                20 => {
+                    // Filler: pushes distances around the rel8 boundary.
+                    for _ in 0..filler {
+                        a.mov(dword_ptr(r15 + disp), 0x1234_5678)?;
+                    }
+                    a.nop()?;
+                }
+                _ => a.cmp(dword_ptr(r15 + disp), 7)?,
+            }
+        }
+        Ok((a, risky))
+    }
+
+    #[test]
+    fn random_lists_match_block_encoder() {
+        const CASES: usize = 10_000;
+        let mut r = Rng(0x9e37_79b9_7f4a_7c15);
+        let (mut ok, mut short_wins, mut equal, mut errs, mut max_excess) = (0, 0, 0, 0, 0);
+        for case in 0..CASES {
+            let (mut a, risky) = random_list(&mut r).expect("build list");
+            let instrs = a.instructions().to_vec();
+            let be = a
+                .assemble_options(AT, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)
+                .expect("BlockEncoder");
+            match assemble(&instrs, AT) {
+                Ok(out) => {
+                    if let Err(e) = check(&instrs, AT, &out) {
+                        panic!("case {case}: {e}\n{instrs:#?}");
+                    }
+                    let be_len = be.inner.code_buffer.len();
+                    let excess = out.code.len() as i64 - be_len as i64;
+                    max_excess = max_excess.max(excess);
+                    assert!(
+                        excess <= 0,
+                        "case {case}: {} bytes vs BlockEncoder's {be_len}",
+                        out.code.len()
+                    );
+                    if out.code.len() == be_len {
+                        equal += 1;
+                    } else if out.code.len() < be_len {
+                        short_wins += 1;
+                    }
+                    ok += 1;
+                }
+                Err(e) => {
+                    assert!(risky, "case {case}: unexpected error {e}");
+                    assert!(e.to_string().contains("i8"), "case {case}: {e}");
+                    errs += 1;
+                }
+            }
+        }
+        println!(
+            "ok {ok} (same size as BlockEncoder {equal}, smaller {short_wins}, \
+             at most {max_excess} bytes larger), jrcxz errors {errs}"
+        );
+        assert!(ok > CASES * 9 / 10, "too few successful cases: {ok}");
+    }
+
+    /// The all-long-then-shorten fallback (used when the optimistic
+    /// choice does not settle) is correct too, and never much larger.
+    #[test]
+    fn pessimistic_fallback() {
+        let mut st = State::new().unwrap();
+        st.opt_passes = 0;
+        let mut r = Rng(0x1234_5678_9abc_def1);
+        let (mut ok, mut max_excess) = (0, 0);
+        for case in 0..3000 {
+            let (a, _) = random_list(&mut r).expect("build list");
+            let instrs = a.instructions();
+            let Ok(out) = st.run(instrs, AT) else {
+                continue;
+            };
+            if let Err(e) = check(instrs, AT, &out) {
+                panic!("case {case}: {e}\n{instrs:#?}");
+            }
+            let best = assemble(instrs, AT).unwrap().code.len();
+            max_excess = max_excess.max(out.code.len() as i64 - best as i64);
+            ok += 1;
+        }
+        println!("fallback: ok {ok}, at most {max_excess} bytes larger than optimistic");
+        assert!(ok > 2500, "too few successful cases: {ok}");
+    }
+
+    /// Short/near boundary: a jmp over k bytes, forward and backward.
+    #[test]
+    fn rel8_boundary() {
+        for k in 100..160u32 {
+            for back in [false, true] {
+                let mut a = CodeAssembler::new(64).unwrap();
+                let mut l = a.create_label();
+                let mut end = a.create_label();
+                if back {
+                    a.set_label(&mut l).unwrap();
+                }
+                if !back {
+                    a.je(l).unwrap();
+                }
+                a.db(&vec![0x90; k as usize]).unwrap();
+                if back {
+                    a.jne(l).unwrap();
+                } else {
+                    a.set_label(&mut l).unwrap();
+                }
+                a.jmp(end).unwrap();
+                a.set_label(&mut end).unwrap();
+                a.nop().unwrap();
+                let instrs = a.instructions().to_vec();
+                let out = assemble(&instrs, AT).unwrap();
+                check(&instrs, AT, &out).unwrap();
+                let be = a.assemble(AT).unwrap();
+                // Optimal here: short exactly when the rel8 fits.
+                let short = if back { k + 2 <= 128 } else { k <= 127 };
+                assert_eq!(
+                    out.code.len() as u32,
+                    k + 1 + 2 + if short { 2 } else { 6 },
+                    "k={k} back={back}"
+                );
+                assert!(out.code.len() <= be.len(), "k={k} back={back}");
+            }
+        }
+    }
+
+    #[test]
+    fn checker_catches_wrong_label() {
+        let mut a = CodeAssembler::new(64).unwrap();
+        let mut l1 = a.create_label();
+        let mut l2 = a.create_label();
+        a.jmp(l1).unwrap();
+        a.lea(rax, ptr(l2)).unwrap();
+        a.set_label(&mut l1).unwrap();
+        a.nop().unwrap();
+        a.set_label(&mut l2).unwrap();
+        a.nop().unwrap();
+        let good = a.instructions().to_vec();
+        let out = assemble(&good, AT).unwrap();
+        check(&good, AT, &out).unwrap();
+        // Same code checked against a list whose jmp targets l2.
+        let mut bad = good.clone();
+        bad[0].set_near_branch64(good[3].ip());
+        assert!(check(&bad, AT, &out).is_err());
+        // And one whose lea addresses l1.
+        let mut bad = good.clone();
+        bad[1].set_memory_displacement64(good[2].ip());
+        assert!(check(&bad, AT, &out).is_err());
+        // Corrupted bytes.
+        let mut out2 = Assembled {
+            code: out.code.clone(),
+            offsets: out.offsets.clone(),
+        };
+        out2.code[1] ^= 1;
+        assert!(check(&good, AT, &out2).is_err());
+    }
+
+    #[test]
+    fn out_of_range_is_err() {
+        let mut a = CodeAssembler::new(64).unwrap();
+        let mut l = a.create_label();
+        a.jrcxz(l).unwrap();
+        a.db(&[0x90; 200]).unwrap();
+        a.set_label(&mut l).unwrap();
+        a.nop().unwrap();
+        assert!(assemble(a.instructions(), AT).is_err());
+        // Backward loop out of range.
+        let mut a = CodeAssembler::new(64).unwrap();
+        let mut l = a.create_label();
+        a.set_label(&mut l).unwrap();
+        a.db(&[0x90; 200]).unwrap();
+        a.loop_(l).unwrap();
+        assert!(assemble(a.instructions(), AT).is_err());
+        // Absolute targets beyond ±2 GiB.
+        let mut a = CodeAssembler::new(64).unwrap();
+        a.call(AT + (3 << 30)).unwrap();
+        assert!(assemble(a.instructions(), AT).is_err());
+        let mut a = CodeAssembler::new(64).unwrap();
+        a.lea(rax, ptr(AT - (3 << 30))).unwrap();
+        assert!(assemble(a.instructions(), AT).is_err());
+        // Duplicate label ids (BlockEncoder's error), invalid instruction.
+        let mut i = Instruction::with(Code::Nopd);
+        i.set_ip(5);
+        assert!(assemble(&[i, i], AT).is_err());
+        assert!(assemble(&[Instruction::default()], AT).is_err());
+        // Empty list.
+        let out = assemble(&[], AT).unwrap();
+        assert!(out.code.is_empty() && out.offsets.is_empty());
+    }
+
+    /// A list shaped like a translated block.
+    fn block_like() -> CodeAssembler {
+        let mut a = CodeAssembler::new(64).unwrap();
+        let mut stale = a.create_label();
+        let mut ok = a.create_label();
+        a.mov(qword_ptr(r15 + 0x208), rcx).unwrap();
+        a.mov(rcx, 0x7f12_3456_7000u64).unwrap();
+        a.mov(ecx, dword_ptr(rcx)).unwrap();
+        a.lea(ecx, dword_ptr(rcx - 7)).unwrap();
+        a.jrcxz(ok).unwrap();
+        a.jmp(stale).unwrap();
+        a.set_label(&mut ok).unwrap();
+        a.nop().unwrap();
+        let mut slows = Vec::new();
+        for k in 0..8 {
+            let mut back = a.create_label();
+            let slow = a.create_label();
+            a.mov(rax, qword_ptr(r15 + 8 * k)).unwrap();
+            a.mov(rdx, qword_ptr(r15 + 0x100 + 8 * k)).unwrap();
+            a.add(rax, rdx).unwrap();
+            a.mov(qword_ptr(r15 + 8 * k), rax).unwrap();
+            a.lea(rsi, qword_ptr(rax + 0x40)).unwrap();
+            a.cmp(rsi, qword_ptr(r15 + 0x300)).unwrap();
+            a.jne(slow).unwrap();
+            a.movdqu(xmm1, xmmword_ptr(r15 + 0x400 + 16 * k)).unwrap();
+            a.set_label(&mut back).unwrap();
+            a.mov(qword_ptr(r15 + 0x500), rsi).unwrap();
+            slows.push((slow, back));
+        }
+        let mut site = a.create_label();
+        a.mov(qword_ptr(r15 + 0x600), 0x1234).unwrap();
+        a.set_label(&mut site).unwrap();
+        a.db(&[0xe9, 0, 0, 0, 0]).unwrap();
+        a.lea(rax, ptr(site)).unwrap();
+        a.jmp(STUB).unwrap();
+        a.set_label(&mut stale).unwrap();
+        a.mov(qword_ptr(r15 + 0x600), 0).unwrap();
+        a.jmp(STUB + 0x40).unwrap();
+        for (mut slow, back) in slows {
+            a.set_label(&mut slow).unwrap();
+            a.mov(rcx, qword_ptr(r15 + 0x210)).unwrap();
+            a.mov(qword_ptr(r15 + 0x218), rcx).unwrap();
+            a.call(STUB + 0x80).unwrap();
+            a.jmp(back).unwrap();
+        }
+        a
+    }
+
+    #[test]
+    fn block_like_list() {
+        let a = block_like();
+        let instrs = a.instructions();
+        let out = assemble(instrs, AT).unwrap();
+        check(instrs, AT, &out).unwrap();
+    }
+
+    /// `cargo test --release -p mat-x86 jit::emit::tests::speed -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn speed() {
+        use std::time::Instant;
+        let a = block_like();
+        let instrs = a.instructions().to_vec();
+        let n = instrs.len();
+        let iters = 20_000;
+        let t = Instant::now();
+        let mut sum = 0;
+        for _ in 0..iters {
+            sum += assemble(std::hint::black_box(&instrs), AT)
+                .unwrap()
+                .code
+                .len();
+        }
+        let ours = t.elapsed().as_nanos() as f64 / (iters * n) as f64;
+        let t = Instant::now();
+        for _ in 0..iters {
+            let r = BlockEncoder::encode(
+                64,
+                InstructionBlock::new(std::hint::black_box(&instrs), AT),
+                BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
+            )
+            .unwrap();
+            sum += r.code_buffer.len();
+        }
+        let theirs = t.elapsed().as_nanos() as f64 / (iters * n) as f64;
+        println!(
+            "{n} instructions: emit {ours:.1} ns/insn, BlockEncoder {theirs:.1} ns/insn ({:.1}x) [{sum}]",
+            theirs / ours
+        );
+    }
+}
