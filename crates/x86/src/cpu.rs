@@ -609,15 +609,17 @@ impl Cpu {
                     continue;
                 }
             };
-            // Translated code runs 64-bit code without single-stepping
-            // or interrupt shadows.
-            if self.jit.is_some()
-                && !shadow
-                && block.bitness == 64
-                && self.s.rflags & flags::TF == 0
-            {
+            // Translated code runs 64-bit code without single-stepping.
+            // Under an interrupt shadow it may run on: interrupts are only
+            // taken once it leaves, after at least one instruction (else
+            // the shadow stays for the next round).
+            if self.jit.is_some() && block.bitness == 64 && self.s.rflags & flags::TF == 0 {
                 if let Some(entry) = self.jit_lookup(&block, pending_chain) {
+                    let before = self.stats.instructions;
                     chain = self.jit_run(entry, stop_at - self.stats.instructions);
+                    if shadow && self.stats.instructions == before {
+                        self.s.irq_shadow = true;
+                    }
                     continue;
                 }
             }

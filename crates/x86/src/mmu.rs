@@ -13,7 +13,10 @@ use crate::cpu::Cpu;
 use crate::exception::{Fault, XResult};
 use crate::state::{cr0, cr4, efer};
 
-pub const TLB_BITS: usize = 10;
+/// 4096 direct-mapped entries per privilege: with 1024, kernel code and
+/// data pages evicted each other often enough that 400 of every fork+exec's
+/// jumps missed the TLB and went through the dispatcher.
+pub const TLB_BITS: usize = 12;
 pub const TLB_SIZE: usize = 1 << TLB_BITS;
 const NO_TAG: u64 = u64::MAX;
 
@@ -682,10 +685,10 @@ mod tests {
         let mut t = Tlb::default();
         // Many large pages through one slot: all but the last are evicted.
         for k in 0..(3 * MAX_LARGE_KEYS as u64) {
-            fill(&mut t, 0, k << 10, k, false, 9);
+            fill(&mut t, 0, k << TLB_BITS, k, false, 9);
         }
         assert!(t.large_pages.len() <= MAX_LARGE_KEYS);
-        let last = (3 * MAX_LARGE_KEYS as u64 - 1) << 10;
+        let last = (3 * MAX_LARGE_KEYS as u64 - 1) << TLB_BITS;
         assert!(holds(&t, 0, last));
         t.flush_page((last + 3) << 12);
         assert!(!holds(&t, 0, last));
