@@ -1228,22 +1228,33 @@ impl Tx<'_> {
         // Leave for the dispatcher when kicked (pending interrupt, timer)
         // or when the budget ran out: `left` counts up from -budget, so its
         // top byte becomes 0 when it reaches 0. Flag-free (jrcxz).
-        if !rcx_parked {
+        // Only jumps that do not go forward past this block check: chained
+        // code can only run on without bound through a cycle, and every
+        // cycle has such a jump (jumps to other pages check in the
+        // indirect stub).
+        let last_ip = self.block.insns.last().map_or(0, |d| d.insn.ip());
+        if target <= last_ip {
+            if !rcx_parked {
+                a.mov(m(o_spill(SP_ENTRY)), rcx)?;
+            }
+            a.mov(rcx, m(o_ctx!(kick)))?;
+            a.movzx(ecx, byte_ptr(rcx))?;
+            a.jrcxz(go)?;
+            a.set_label(&mut stop)?;
+            if !rcx_parked {
+                a.mov(rcx, m(o_spill(SP_ENTRY)))?;
+            }
+            a.jmp(slow)?;
+            a.set_label(&mut go)?;
+            a.movzx(ecx, byte_ptr(r15 + (o_ctx!(left) + 7)))?;
+            a.jrcxz(stop)?;
+            if !rcx_parked {
+                a.mov(rcx, m(o_spill(SP_ENTRY)))?;
+            }
+        } else if !rcx_parked {
+            // A target entered at its count expects guest rcx in this
+            // slot (its count sequence reloads it from there).
             a.mov(m(o_spill(SP_ENTRY)), rcx)?;
-        }
-        a.mov(rcx, m(o_ctx!(kick)))?;
-        a.movzx(ecx, byte_ptr(rcx))?;
-        a.jrcxz(go)?;
-        a.set_label(&mut stop)?;
-        if !rcx_parked {
-            a.mov(rcx, m(o_spill(SP_ENTRY)))?;
-        }
-        a.jmp(slow)?;
-        a.set_label(&mut go)?;
-        a.movzx(ecx, byte_ptr(r15 + (o_ctx!(left) + 7)))?;
-        a.jrcxz(stop)?;
-        if !rcx_parked {
-            a.mov(rcx, m(o_spill(SP_ENTRY)))?;
         }
         if target == self.block.insns[0].insn.ip() {
             if let Some(l) = self.l_count {
