@@ -120,7 +120,7 @@ pub struct Jit {
     pub threshold: u32,
     pub stats: JitStats,
     /// Translations so far assume SSE may run natively (CR0.TS and CR0.EM
-    /// clear, CR4.OSFXSR set); a change of that flushes them.
+    /// clear, CR4.OSFXSR set); losing that flushes them.
     sse: bool,
     /// Translations assume the guest MXCSR masks all exceptions (SSE
     /// floating point runs natively under it).
@@ -277,7 +277,12 @@ impl Cpu {
         let fp = self.s.fpu.mxcsr & 0x1f80 == 0x1f80;
         let jit = self.jit.as_mut()?;
         if jit.sse != sse || jit.fp != fp {
-            jit.flush();
+            // Translations made without native SSE (or SSE floating point)
+            // send those instructions to helpers, which is right in either
+            // state: only losing a permission invalidates them.
+            if jit.sse && !sse || jit.fp && !fp {
+                jit.flush();
+            }
             jit.sse = sse;
             jit.fp = fp;
         }
