@@ -1094,3 +1094,127 @@ fn rdmsr_at_cpl3_is_gp() {
     assert_eq!(f[0], 0);
     assert_eq!(f[1], CODE + 5);
 }
+
+// ---------------------------------------------------------------------------
+// The translator's inline forms of system and implicit-operand instructions.
+// ---------------------------------------------------------------------------
+
+/// A bus with no interrupts and an interrupt hint that says so, so that
+/// translated STI takes its fast path.
+struct QuietBus;
+
+impl mat_x86::Bus for QuietBus {
+    fn io_read(&mut self, _port: u16, _size: u8) -> u32 {
+        u32::MAX
+    }
+    fn io_write(&mut self, _port: u16, _size: u8, _value: u32) {}
+    fn mmio_read(&mut self, _gpa: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+    fn mmio_write(&mut self, _gpa: u64, _data: &[u8]) {}
+    fn irq_pending(&mut self) -> bool {
+        false
+    }
+    fn irq_ack(&mut self) -> Option<u8> {
+        None
+    }
+    fn rdmsr(&mut self, _msr: u32) -> Option<u64> {
+        None
+    }
+    fn wrmsr(&mut self, _msr: u32, _value: u64) -> bool {
+        false
+    }
+    fn tsc(&mut self) -> u64 {
+        0
+    }
+    fn irq_hint(&self) -> Option<&std::sync::atomic::AtomicU32> {
+        static QUIET: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        Some(&QUIET)
+    }
+}
+
+/// CLI/STI/PUSHFQ, DIV r/m, BT* m,r, LEAVE, CALL [mem] and MOV r,Sreg run
+/// inline in translated code: a hot loop of them must leave the same state
+/// as the interpreter, and a #DE from a translated DIV must show the exact
+/// RIP and flags.
+#[test]
+fn translated_inline_forms_match_the_interpreter() {
+    const DATA: u64 = 0x30000;
+    const FUNC: u64 = 0x31000;
+    let run = |engine: mat_x86::Engine| {
+        let mut cpu = machine(|a| {
+            let mut top = a.create_label();
+            a.mov(r12d, 300).unwrap();
+            a.set_label(&mut top).unwrap();
+            a.sti().unwrap();
+            a.pushfq().unwrap();
+            a.pop(rax).unwrap();
+            a.cli().unwrap();
+            a.pushfq().unwrap();
+            a.pop(rbx).unwrap();
+            a.add(r13, rax).unwrap();
+            a.add(r13, rbx).unwrap();
+            a.mov(eax, r12d).unwrap();
+            a.imul_3(eax, eax, 0x1234_567).unwrap();
+            a.mov(edx, r12d).unwrap();
+            a.shr(edx, 6).unwrap();
+            a.mov(ecx, 1000).unwrap();
+            a.div(ecx).unwrap();
+            a.add(r14, rax).unwrap();
+            a.add(r14, rdx).unwrap();
+            a.mov(rax, DATA + 0x80).unwrap();
+            a.lea(rsi, qword_ptr(r12 - 150)).unwrap();
+            a.bts(qword_ptr(rax), rsi).unwrap();
+            a.setc(dl).unwrap();
+            a.add(r14, rdx).unwrap();
+            a.lea(rsi, qword_ptr(r12 * 2)).unwrap();
+            a.btr(qword_ptr(rax), rsi).unwrap();
+            a.bt(dword_ptr(rax + 4), esi).unwrap();
+            a.adc(r14, 0).unwrap();
+            a.mov(qword_ptr(DATA + 0x200), r12).unwrap();
+            a.mov(rax, r13).unwrap();
+            a.xor(edx, edx).unwrap();
+            a.div(qword_ptr(DATA + 0x200)).unwrap();
+            a.add(r14, rax).unwrap();
+            a.push(rbp).unwrap();
+            a.mov(rbp, rsp).unwrap();
+            a.sub(rsp, 24).unwrap();
+            a.leave().unwrap();
+            a.mov(rax, DATA + 0x100).unwrap();
+            a.call(qword_ptr(rax)).unwrap();
+            a.mov(r10d, ss).unwrap();
+            a.add(r14, r10).unwrap();
+            a.dec(r12d).unwrap();
+            a.jnz(top).unwrap();
+            // A divide error in translated code, with CF set.
+            a.xor(ecx, ecx).unwrap();
+            a.stc().unwrap();
+            a.div(rcx).unwrap();
+            a.hlt().unwrap();
+        });
+        w64(&cpu, DATA + 0x100, FUNC);
+        // FUNC: inc r11; ret
+        cpu.ram.write(FUNC, &[0x49, 0xff, 0xc3, 0xc3]);
+        cpu.bus = Box::new(QuietBus);
+        cpu.set_engine(engine).unwrap();
+        cpu.set_jit_threshold(1);
+        let frame = expect_vector(&mut cpu, 0);
+        let stats = cpu.jit_stats().cloned();
+        let at = read_bytes(&cpu, frame[0], 3);
+        (cpu.s.gpr, frame, read_bytes(&cpu, DATA, 0x300), stats, at)
+    };
+    let (g_i, f_i, m_i, _, at) = run(mat_x86::Engine::Interp);
+    let (g_j, f_j, m_j, stats, _) = run(mat_x86::Engine::Jit);
+    let stats = stats.expect("jit stats");
+    assert!(
+        stats.translations > 0 && stats.native_insns > 20,
+        "{stats:?}"
+    );
+    assert_eq!(g_j, g_i, "registers (jit vs interpreter)");
+    assert_eq!(m_j, m_i, "memory (jit vs interpreter)");
+    assert_eq!(f_j, f_i, "#DE frame (jit vs interpreter)");
+    assert_eq!(at, [0x48, 0xf7, 0xf1], "the frame's RIP is the DIV");
+    assert_eq!(f_i[2] & flags::CF, flags::CF, "CF as before the DIV");
+    assert_eq!(f_i[2] & flags::IF, 0, "IF clear after the last CLI");
+    assert_eq!(g_i[11], 300, "CALL [mem] ran every time");
+}
