@@ -1155,7 +1155,7 @@ fn translated_inline_forms_match_the_interpreter() {
             a.add(r13, rax).unwrap();
             a.add(r13, rbx).unwrap();
             a.mov(eax, r12d).unwrap();
-            a.imul_3(eax, eax, 0x1234_567).unwrap();
+            a.imul_3(eax, eax, 0x0123_4567).unwrap();
             a.mov(edx, r12d).unwrap();
             a.shr(edx, 6).unwrap();
             a.mov(ecx, 1000).unwrap();
