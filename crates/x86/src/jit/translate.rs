@@ -1378,6 +1378,36 @@ impl Tx<'_> {
         Ok(true)
     }
 
+    /// The linear address of `i`'s memory operand into `sa`, then the
+    /// flag-free lookup (see [`Self::lookup_fast`]), with guest rcx kept in
+    /// its slot around it when rcx is not parked. Returns the miss label;
+    /// None (nothing emitted) for address forms this path does not handle.
+    #[allow(clippy::too_many_arguments)]
+    fn operand_lookup(
+        &mut self,
+        i: &Instruction,
+        sa: Register,
+        sb: Register,
+        sc: Register,
+        size: usize,
+        write: bool,
+        align16: bool,
+    ) -> R<Option<CodeLabel>> {
+        if !is64addr(i) {
+            return Ok(None);
+        }
+        let rcx_parked = self.rcx_parked();
+        if !rcx_parked {
+            self.a.mov(m(o_spill(SP_RCX)), rcx)?;
+        }
+        self.ea_fast(i, sa, sb)?;
+        let slow = self.lookup_fast(sa, sb, sc, size, write, align16)?;
+        if !rcx_parked {
+            self.a.mov(rcx, m(o_spill(SP_RCX)))?;
+        }
+        Ok(Some(slow))
+    }
+
     /// The fast memory path for a whitelisted instruction (see
     /// [`Self::lookup_fast`]); false when it does not apply.
     fn native_mem_fast(&mut self, dn: &DInsn, size: usize, write: bool, align16: bool) -> R<bool> {
@@ -1388,7 +1418,6 @@ impl Tx<'_> {
         if !is64addr(i) {
             return Ok(false);
         }
-        let rcx_parked = self.rcx_parked();
         let used = self.used_full_regs(i);
         // Register operands naming rsp/r15 need a host register too.
         let mut avoid = used.clone();
@@ -1415,16 +1444,9 @@ impl Tx<'_> {
         if !encodable(&ni) {
             return Ok(false);
         }
-        if !rcx_parked {
-            self.a.mov(m(o_spill(SP_RCX)), rcx)?;
-        }
-        if !self.ea_fast(i, sa, sb)? {
+        let Some(slow) = self.operand_lookup(i, sa, sb, sc, size, write, align16)? else {
             return Ok(false);
-        }
-        let slow = self.lookup_fast(sa, sb, sc, size, write, align16)?;
-        if !rcx_parked {
-            self.a.mov(rcx, m(o_spill(SP_RCX)))?;
-        }
+        };
         self.remap_in(&remap)?;
         self.a.add_instruction(no_ip(&ni))?;
         self.remap_out(&remap)?;
@@ -1844,19 +1866,10 @@ impl Tx<'_> {
             let Some((sa, sb, sc)) = self.free3() else {
                 return Ok(false);
             };
-            if !is64addr(i) {
-                return Ok(false);
-            }
-            let rcx_parked = self.rcx_parked();
-            if !rcx_parked {
-                self.a.mov(m(o_spill(SP_RCX)), rcx)?;
-            }
-            self.ea_fast(i, sa, sb)?;
             let size = if wide { 8 } else { 4 };
-            let slow = self.lookup_fast(sa, sb, sc, size, false, false)?;
-            if !rcx_parked {
-                self.a.mov(rcx, m(o_spill(SP_RCX)))?;
-            }
+            let Some(slow) = self.operand_lookup(i, sa, sb, sc, size, false, false)? else {
+                return Ok(false);
+            };
             self.defer_fast(slow, back, dn);
             let mo = qword_ptr(r64(sa) + r64(sc));
             if wide {
@@ -1897,20 +1910,9 @@ impl Tx<'_> {
             return Ok(false);
         };
         let i = &dn.insn;
-        if !is64addr(i) {
+        let Some(slow) = self.operand_lookup(i, sa, sb, sc, 8, false, false)? else {
             return Ok(false);
-        }
-        let rcx_parked = self.rcx_parked();
-        if !rcx_parked {
-            self.a.mov(m(o_spill(SP_RCX)), rcx)?;
-        }
-        if !self.ea_fast(i, sa, sb)? {
-            return Ok(false);
-        }
-        let slow = self.lookup_fast(sa, sb, sc, 8, false, false)?;
-        if !rcx_parked {
-            self.a.mov(rcx, m(o_spill(SP_RCX)))?;
-        }
+        };
         self.a.mov(r64(sb), qword_ptr(r64(sa) + r64(sc)))?;
         self.a.mov(m(o_rip()), r64(sb))?;
         let mut back = self.a.create_label();
