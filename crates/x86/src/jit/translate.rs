@@ -112,23 +112,20 @@ fn o_xmm(r: Register) -> i32 {
     let n = r as usize - Register::XMM0 as usize;
     (o_s() + offset_of!(CpuState, fpu) + offset_of!(crate::state::FpuState, xmm) + 16 * n) as i32
 }
-fn o_segbase(seg: usize) -> i32 {
-    (o_s() + offset_of!(CpuState, seg) + seg * size_of::<Segment>() + offset_of!(Segment, base))
-        as i32
+/// Offset of `field` of segment register `seg` in the Cpu.
+macro_rules! o_seg {
+    ($seg:expr, $field:ident) => {
+        (o_s()
+            + offset_of!(CpuState, seg)
+            + $seg * size_of::<Segment>()
+            + offset_of!(Segment, $field)) as i32
+    };
 }
 fn o_irq_shadow() -> i32 {
     (o_s() + offset_of!(CpuState, irq_shadow)) as i32
 }
 fn o_rflags() -> i32 {
     (o_s() + offset_of!(CpuState, rflags)) as i32
-}
-fn o_seg_attr(seg: usize) -> i32 {
-    (o_s() + offset_of!(CpuState, seg) + seg * size_of::<Segment>() + offset_of!(Segment, attr))
-        as i32
-}
-fn o_seg_sel(seg: usize) -> i32 {
-    (o_s() + offset_of!(CpuState, seg) + seg * size_of::<Segment>() + offset_of!(Segment, selector))
-        as i32
 }
 macro_rules! o_ctx {
     ($f:ident) => {
@@ -1372,7 +1369,7 @@ impl Tx<'_> {
         let seg = i.memory_segment();
         if seg == Register::FS || seg == Register::GS {
             let s = if seg == Register::FS { FS } else { GS };
-            x.mov(r64(sb), m(o_segbase(s)))?;
+            x.mov(r64(sb), m(o_seg!(s, base)))?;
             x.lea(r64(sa), qword_ptr(r64(sa) + r64(sb)))?;
         }
         Ok(true)
@@ -1603,7 +1600,7 @@ impl Tx<'_> {
         save_flags_only(&mut self.a)?;
         if seg == Register::FS || seg == Register::GS {
             let s = if seg == Register::FS { FS } else { GS };
-            self.a.add(r64(sa), m(o_segbase(s)))?;
+            self.a.add(r64(sa), m(o_seg!(s, base)))?;
         }
         let slow = self.a.create_label();
         self.tlb_lookup(sa, sb, sc, size, write, slow)?;
@@ -1659,14 +1656,30 @@ impl Tx<'_> {
             PushSrc::Reg(r) => &[r],
             PushSrc::Imm(_) => &[],
         };
-        let Some(mut back) = self.stack_op(dn, StackSlot::Push, avoid, &f)? else {
-            return self.helper_insn(dn);
-        };
         // For call: the helper performed the whole call and exits (rip
-        // changed), so `back` is only reached by plain pushes.
+        // changed), so the resume point is only reached by plain pushes.
+        if !self.stack_inline(dn, StackSlot::Push, avoid, &f)? {
+            self.helper_insn(dn)?;
+        }
+        Ok(())
+    }
+
+    /// A [`Self::stack_op`] whose slow path resumes right after the access
+    /// (every stack access but RET's). False when no scratch registers are
+    /// free (nothing emitted).
+    fn stack_inline(
+        &mut self,
+        dn: &DInsn,
+        slot: StackSlot,
+        avoid: &[Register],
+        f: &dyn Fn(&mut CodeAssembler, AsmMemoryOperand, Register, Register) -> R<()>,
+    ) -> R<bool> {
+        let Some(mut back) = self.stack_op(dn, slot, avoid, f)? else {
+            return Ok(false);
+        };
         self.a.set_label(&mut back)?;
         self.a.nop()?;
-        Ok(())
+        Ok(true)
     }
 
     fn pop(&mut self, dn: &DInsn, dst: Register) -> R<()> {
@@ -1680,11 +1693,9 @@ impl Tx<'_> {
                 a.mov(r64(dst), r64(sb))
             }
         };
-        let Some(mut back) = self.stack_op(dn, StackSlot::Pop, &[dst], &f)? else {
-            return self.helper_insn(dn);
-        };
-        self.a.set_label(&mut back)?;
-        self.a.nop()?;
+        if !self.stack_inline(dn, StackSlot::Pop, &[dst], &f)? {
+            self.helper_insn(dn)?;
+        }
         Ok(())
     }
 
@@ -1748,7 +1759,7 @@ impl Tx<'_> {
         let slow = a.create_label();
         let mut back = a.create_label();
         a.pushfq()?;
-        a.test(byte_ptr(r15 + o_seg_attr(CS)), 0x60)?;
+        a.test(byte_ptr(r15 + o_seg!(CS, attr)), 0x60)?;
         a.jnz(slow)?;
         if set {
             if !rcx_parked {
@@ -1791,12 +1802,7 @@ impl Tx<'_> {
             a.mov(mo, b)?;
             a.mov(m(o_gpr(4)), r64(sa))
         };
-        let Some(mut back) = self.stack_op(dn, StackSlot::Push, &[], &f)? else {
-            return Ok(false);
-        };
-        self.a.set_label(&mut back)?;
-        self.a.nop()?;
-        Ok(true)
+        self.stack_inline(dn, StackSlot::Push, &[], &f)
     }
 
     /// LEAVE: rsp = rbp + 8, rbp = [rbp].
@@ -1807,12 +1813,7 @@ impl Tx<'_> {
             a.mov(m(o_gpr(4)), r64(sa))?;
             a.mov(rbp, r64(sb))
         };
-        let Some(mut back) = self.stack_op(dn, StackSlot::Rbp, &[Register::RBP], &f)? else {
-            return Ok(false);
-        };
-        self.a.set_label(&mut back)?;
-        self.a.nop()?;
-        Ok(true)
+        self.stack_inline(dn, StackSlot::Rbp, &[Register::RBP], &f)
     }
 
     /// MOV reg, Sreg: the selector, zero-extended to 32 bits (a 16-bit
@@ -1835,7 +1836,7 @@ impl Tx<'_> {
             Register::GS => GS,
             _ => return Ok(false),
         };
-        let sel = word_ptr(r15 + o_seg_sel(seg));
+        let sel = word_ptr(r15 + o_seg!(seg, selector));
         if dst.size() == 2 {
             self.a.mov(get_gpr16(dst).unwrap_or(ax), sel)?;
         } else {
