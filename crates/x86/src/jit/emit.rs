@@ -4,12 +4,13 @@
 //! BlockEncoder boxes every instruction and encodes each one at least
 //! twice while it iterates branch sizes to a fixpoint. Here every
 //! instruction is encoded once, at address 0 with a dummy target, into a
-//! reused scratch buffer (the "long layout": label JMP/Jcc in rel32 form).
-//! Label JMP/Jcc whose distance fits rel8 in the long layout are then
-//! shortened (distances only shrink when other instructions shrink, so the
-//! choice stays valid without iterating), the final offsets are computed,
-//! and the bytes are copied out with branch and RIP-relative fields
-//! patched for the final addresses.
+//! reused scratch buffer (label JMP/Jcc in rel32 form; the common glue
+//! forms by `encode_glue`, the rest by iced's encoder). Branch sizes are
+//! then chosen on lengths alone: all label JMP/Jcc start short and those
+//! that do not reach grow, until nothing changes (one or two passes; after
+//! a few, it falls back to all long and shortens what fits). The final
+//! offsets are computed and the bytes copied out with branch and
+//! RIP-relative fields patched for the final addresses.
 
 use std::cell::RefCell;
 
@@ -510,19 +511,7 @@ mod tests {
     use iced_x86::code_asm::*;
     use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter, MemoryOperand};
 
-    /// Deterministic xorshift64*.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-    }
+    use crate::selftest::gen::Rng;
 
     fn fmt(f: &mut IntelFormatter, i: &Instruction) -> String {
         let mut s = String::new();
@@ -722,7 +711,7 @@ mod tests {
     #[test]
     fn random_lists_match_block_encoder() {
         const CASES: usize = 10_000;
-        let mut r = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut r = Rng::new(0x9e37_79b9_7f4a_7c15);
         let (mut ok, mut short_wins, mut equal, mut errs, mut max_excess) = (0, 0, 0, 0, 0);
         for case in 0..CASES {
             let (mut a, risky) = random_list(&mut r).expect("build list");
@@ -770,7 +759,7 @@ mod tests {
     fn pessimistic_fallback() {
         let mut st = State::new().unwrap();
         st.opt_passes = 0;
-        let mut r = Rng(0x1234_5678_9abc_def1);
+        let mut r = Rng::new(0x1234_5678_9abc_def1);
         let (mut ok, mut max_excess) = (0, 0);
         for case in 0..3000 {
             let (a, _) = random_list(&mut r).expect("build list");
