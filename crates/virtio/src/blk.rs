@@ -447,14 +447,7 @@ impl VirtioDevice for Block {
         f
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let c = self.config_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = offset
-                .checked_add(i as u64)
-                .and_then(|o| c.get(o as usize))
-                .copied()
-                .unwrap_or(0);
-        }
+        crate::copy_config(&self.config_bytes(), offset, data);
     }
     fn activate(&mut self, ctx: ActivateContext) -> Result<()> {
         let h = self

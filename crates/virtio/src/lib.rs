@@ -86,6 +86,18 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self) -> bool;
 }
 
+/// Copy the bytes of `config` at `offset` into `data`; bytes past its end
+/// read as zero (a `read_config` for devices with a byte-image config).
+pub fn copy_config(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = offset
+            .checked_add(i as u64)
+            .and_then(|o| config.get(usize::try_from(o).ok()?))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
