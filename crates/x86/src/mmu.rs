@@ -24,10 +24,19 @@ const NO_TAG: u64 = u64::MAX;
 pub const PHYS_ADDR_BITS: u32 = 40;
 const PHYS_MASK: u64 = ((1u64 << PHYS_ADDR_BITS) - 1) & !0xfff;
 
+/// One soft-TLB slot. Translated code reads `jit_read`/`jit_write`, the
+/// two's complement of `read_tag`/`write_tag`: adding the page number of
+/// an address gives zero exactly on a hit (one flag-free LEA), and the
+/// empty tag becomes 1, which no page number cancels. Write both through
+/// [`TlbEntry::set_rw`]. 64 bytes and aligned: one cache line per slot,
+/// and the slot offset is a plain shift of the index.
 #[derive(Clone, Copy)]
+#[repr(C, align(64))]
 pub struct TlbEntry {
     pub read_tag: u64,
     pub write_tag: u64,
+    pub jit_read: u64,
+    pub jit_write: u64,
     pub exec_tag: u64,
     /// host address = linear address + addend (wrapping).
     pub addend: u64,
@@ -42,12 +51,24 @@ impl TlbEntry {
     const EMPTY: TlbEntry = TlbEntry {
         read_tag: NO_TAG,
         write_tag: NO_TAG,
+        jit_read: NO_TAG.wrapping_neg(),
+        jit_write: NO_TAG.wrapping_neg(),
         exec_tag: NO_TAG,
         addend: 0,
         ppn: 0,
         global: false,
         large_bits: 0,
     };
+
+    /// Set the read and write tags (page numbers, or NO_TAG) and their
+    /// negated copies for translated code.
+    #[inline]
+    pub fn set_rw(&mut self, read: u64, write: u64) {
+        self.read_tag = read;
+        self.write_tag = write;
+        self.jit_read = read.wrapping_neg();
+        self.jit_write = write.wrapping_neg();
+    }
 }
 
 /// Two direct-mapped arrays: index 0 for supervisor accesses, 1 for user.
@@ -171,7 +192,8 @@ impl Tlb {
             let e = &mut self.e[u];
             for_each_set(&mut self.filled[u], |i| {
                 if e[i].ppn == ppn {
-                    e[i].write_tag = NO_TAG;
+                    let r = e[i].read_tag;
+                    e[i].set_rw(r, NO_TAG);
                 }
                 false
             });
@@ -559,14 +581,14 @@ impl Cpu {
             if e.read_tag != vpn || e.ppn != page_phys >> 12 {
                 *e = TlbEntry::EMPTY;
             }
-            e.read_tag = vpn;
             // Pages holding decoded code are never written on the fast
             // path, so translated code cannot miss an invalidation.
-            e.write_tag = if t.writable && t.dirty && !self.ram.is_code_page(page_phys >> 12) {
+            let write = if t.writable && t.dirty && !self.ram.is_code_page(page_phys >> 12) {
                 vpn
             } else {
                 NO_TAG
             };
+            e.set_rw(vpn, write);
             e.exec_tag = if t.exec { vpn } else { NO_TAG };
             e.addend = (host as u64).wrapping_sub(lin & !0xfff);
             e.ppn = page_phys >> 12;
@@ -597,6 +619,8 @@ mod tests {
         t.e[u][idx] = TlbEntry {
             read_tag: vpn,
             write_tag: vpn,
+            jit_read: vpn.wrapping_neg(),
+            jit_write: vpn.wrapping_neg(),
             exec_tag: vpn,
             addend: 0x1000,
             ppn,
@@ -618,7 +642,16 @@ mod tests {
 
     #[test]
     fn entry_layout_is_what_translated_code_expects() {
-        assert_eq!(std::mem::size_of::<TlbEntry>(), 48);
+        assert_eq!(std::mem::size_of::<TlbEntry>(), 64);
+        assert_eq!(std::mem::align_of::<TlbEntry>(), 64);
+        // Empty tags: no page number (< 2^52) cancels the negated one.
+        let e = TlbEntry::EMPTY;
+        for vpn in [0u64, 1, (1 << 52) - 1, 0x7_ffff_ffff] {
+            assert_ne!(vpn.wrapping_add(e.jit_read), 0);
+            assert_ne!(vpn.wrapping_add(e.jit_write), 0);
+            // The 16-byte-aligned form compares (vpn << 4 | low bits).
+            assert_ne!((vpn << 4).wrapping_add(e.jit_read << 4), 0);
+        }
     }
 
     #[test]
@@ -786,6 +819,11 @@ mod tests {
                             (a.read_tag, a.write_tag, a.exec_tag),
                             (b.read_tag, b.write_tag, b.exec_tag),
                             "step {step}: slot {u}/{i} differs"
+                        );
+                        assert_eq!(
+                            (a.jit_read, a.jit_write),
+                            (a.read_tag.wrapping_neg(), a.write_tag.wrapping_neg()),
+                            "step {step}: slot {u}/{i}: negated tags out of step"
                         );
                     }
                 }

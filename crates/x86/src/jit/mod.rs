@@ -58,6 +58,23 @@ pub struct JitCtx {
     pub(crate) m_vpn16: u64,
     /// The bus's interrupt hint word (non-zero: an interrupt may wait).
     pub(crate) hint: u64,
+    /// The TLB array `eslots` point into.
+    pub(crate) eslots_for: u64,
+    /// Last TLB entry hit by each group of memory access sites (see
+    /// `translate::lookup_fast`): always a pointer into the current array.
+    pub(crate) eslots: EntrySlots,
+}
+
+/// Entry slots for the translated memory access sites.
+pub(crate) const ENTRY_SLOTS: usize = 256;
+
+#[repr(C)]
+pub(crate) struct EntrySlots(pub(crate) [u64; ENTRY_SLOTS]);
+
+impl Default for EntrySlots {
+    fn default() -> Self {
+        EntrySlots([0; ENTRY_SLOTS])
+    }
 }
 
 /// Stands in for a bus without an interrupt hint: always raised.
@@ -408,6 +425,11 @@ impl Cpu {
         let enter = self.jit.as_ref()?.stubs.enter;
         self.jctx.fl = fl_from(self.s.rflags);
         self.jctx.tlb_base = self.tlb.e[self.user_mode() as usize].as_ptr() as u64;
+        if self.jctx.eslots_for != self.jctx.tlb_base {
+            // Translated code trusts every slot to point into this array.
+            self.jctx.eslots.0 = [self.jctx.tlb_base; ENTRY_SLOTS];
+            self.jctx.eslots_for = self.jctx.tlb_base;
+        }
         let left0 = (budget.clamp(1, 1 << 50) as i64).wrapping_neg() as u64;
         self.jctx.left = left0;
         self.jctx.exit_site = 0;

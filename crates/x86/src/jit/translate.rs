@@ -26,7 +26,7 @@ use iced_x86::{
     InstructionInfoFactory, MemoryOperand, Mnemonic, OpAccess, OpKind, Register,
 };
 
-use super::{emit, JitCtx};
+use super::{emit, JitCtx, ENTRY_SLOTS};
 use crate::cpu::{Block, Cpu, DInsn};
 use crate::mmu::TlbEntry;
 use crate::state::{CpuState, Segment, CS, DS, ES, FS, GS, SS};
@@ -438,6 +438,10 @@ struct Tx<'a> {
     parked: Vec<Register>,
     /// The block's entry after parking (target of jumps to its own start).
     l_count: Option<CodeLabel>,
+    /// Guest address of the instruction being translated, and how many
+    /// fast lookups it has emitted (they key the entry slots).
+    cur_rip: u64,
+    cur_lookups: u64,
 }
 
 /// Translate `block` for placement at address `at`. Returns None when the
@@ -467,6 +471,8 @@ pub fn translate(
         no_jc: false,
         align16: false,
         helper_codes: Vec::new(),
+        cur_rip: 0,
+        cur_lookups: 0,
     };
     tx.parked = choose_parked(block, &mut tx.info, opts.bmi2);
     let rcx_parked = tx.rcx_parked();
@@ -497,7 +503,7 @@ pub fn translate(
         a.set_label(&mut ok)?;
     }
     // (Keeps l_count off any label set above.)
-    a.nop()?;
+    a.zero_bytes()?;
     let mut l_count = a.create_label();
     let count_idx = a.instructions().len();
     a.set_label(&mut l_count)?;
@@ -997,6 +1003,8 @@ impl Tx<'_> {
     /// Translate one instruction; returns true when it ended the block.
     fn insn(&mut self, dn: &DInsn) -> R<bool> {
         let i = &dn.insn;
+        self.cur_rip = i.ip();
+        self.cur_lookups = 0;
         // Control flow.
         match i.flow_control() {
             FlowControl::Next => {}
@@ -1280,6 +1288,15 @@ impl Tx<'_> {
     /// through with `sc` = the entry's addend (host pointer = sa + sc);
     /// otherwise it jumps to the returned label. Flags are untouched, so
     /// the slow path sees the exact guest state.
+    ///
+    /// Each access site first tries the TLB entry it hit last time (kept
+    /// in one of [`ENTRY_SLOTS`] slots chosen by a hash of its guest
+    /// address): loops touch the same page again and again, and that skips
+    /// the index computation. A slot always points at some entry of the
+    /// current TLB array (`jit_run` refills them when the array changes),
+    /// and an entry whose tag matches the page is the page's translation
+    /// wherever the pointer came from, so a stale or shared slot only
+    /// costs the full lookup.
     fn lookup_fast(
         &mut self,
         sa: Register,
@@ -1291,38 +1308,51 @@ impl Tx<'_> {
     ) -> R<CodeLabel> {
         let (a_, b, c) = (r64(sa), r64(sb), r64(sc));
         let tag = if write {
-            offset_of!(TlbEntry, write_tag)
+            offset_of!(TlbEntry, jit_write)
         } else {
-            offset_of!(TlbEntry, read_tag)
+            offset_of!(TlbEntry, jit_read)
         } as i32;
-        const _: () = assert!(size_of::<TlbEntry>() == 48);
+        const _: () = assert!(size_of::<TlbEntry>() == 64);
+        let key = self
+            .cur_rip
+            .wrapping_add(self.cur_lookups.wrapping_mul(0x9e37_79b9))
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        self.cur_lookups += 1;
+        let slot = o_ctx!(eslots) + 8 * (key >> (64 - ENTRY_SLOTS.trailing_zeros())) as i32;
         let x = &mut self.a;
         let slow = x.create_label();
         let mut hit = x.create_label();
-        // b = &tlb[idx], 48-byte entries: idx*3*8*2.
+        // rcx = vpn + (-tag) for the entry at b: zero exactly on a hit.
+        let check = |x: &mut CodeAssembler| -> R<()> {
+            if align16 {
+                // (vpn << 4 | addr & 15) against the tag << 4: a
+                // misaligned address never matches.
+                x.pext(rcx, a_, m(o_ctx!(m_vpn16)))?;
+                x.mov(c, qword_ptr(b + tag))?;
+                x.lea(c, qword_ptr(c * 8))?;
+                x.lea(c, qword_ptr(c + c))?;
+            } else if size > 1 {
+                // The page of the last byte: a crossing access never
+                // matches (that page's tag cannot sit at this index).
+                x.lea(rcx, qword_ptr(a_ + (size as i32 - 1)))?;
+                x.pext(rcx, rcx, m(o_ctx!(m_vpn)))?;
+                x.mov(c, qword_ptr(b + tag))?;
+            } else {
+                x.pext(rcx, a_, m(o_ctx!(m_vpn)))?;
+                x.mov(c, qword_ptr(b + tag))?;
+            }
+            x.lea(rcx, qword_ptr(rcx + c))
+        };
+        x.mov(b, m(slot))?;
+        check(x)?;
+        x.jrcxz(hit)?;
+        // The full lookup: b = &tlb[idx], 64-byte entries (idx*8*8).
         x.pext(rcx, a_, m(o_ctx!(m_idx)))?;
-        x.lea(rcx, qword_ptr(rcx + rcx * 2))?;
         x.mov(b, m(o_ctx!(tlb_base)))?;
+        x.lea(rcx, qword_ptr(rcx * 8))?;
         x.lea(b, qword_ptr(b + rcx * 8))?;
-        x.lea(b, qword_ptr(b + rcx * 8))?;
-        x.mov(c, qword_ptr(b + tag))?;
-        if align16 {
-            // Compare (vpn << 4 | addr & 15) with tag << 4: a misaligned
-            // address never matches.
-            x.pext(rcx, a_, m(o_ctx!(m_vpn16)))?;
-            x.lea(c, qword_ptr(c * 8))?;
-            x.lea(c, qword_ptr(c + c))?;
-        } else if size > 1 {
-            // The page of the last byte: a crossing access never matches
-            // (that page's tag cannot sit at this index).
-            x.lea(rcx, qword_ptr(a_ + (size as i32 - 1)))?;
-            x.pext(rcx, rcx, m(o_ctx!(m_vpn)))?;
-        } else {
-            x.pext(rcx, a_, m(o_ctx!(m_vpn)))?;
-        }
-        // rcx = tag - vpn = tag + !vpn + 1: zero on a hit.
-        x.not(rcx)?;
-        x.lea(rcx, qword_ptr(rcx + c + 1))?;
+        x.mov(m(slot), b)?;
+        check(x)?;
         x.jrcxz(hit)?;
         x.jmp(slow)?;
         x.set_label(&mut hit)?;
@@ -1450,7 +1480,7 @@ impl Tx<'_> {
         let mut back = self.a.create_label();
         self.defer_fast(slow, back, dn);
         self.a.set_label(&mut back)?;
-        self.a.nop()?;
+        self.a.zero_bytes()?;
         Ok(true)
     }
 
@@ -1678,7 +1708,7 @@ impl Tx<'_> {
             return Ok(false);
         };
         self.a.set_label(&mut back)?;
-        self.a.nop()?;
+        self.a.zero_bytes()?;
         Ok(true)
     }
 
@@ -1781,7 +1811,7 @@ impl Tx<'_> {
         }
         a.popfq()?;
         a.set_label(&mut back)?;
-        a.nop()?;
+        a.zero_bytes()?;
         self.defer_plain(slow, back, dn, true);
         Ok(true)
     }
@@ -1896,7 +1926,7 @@ impl Tx<'_> {
         a.popfq()?;
         a.add_instruction(no_ip(&ni))?;
         a.set_label(&mut back)?;
-        a.nop()?;
+        a.zero_bytes()?;
         self.defer_plain(slow, back, dn, true);
         Ok(true)
     }
@@ -1979,7 +2009,7 @@ impl Tx<'_> {
         let mut back = self.a.create_label();
         self.defer_fast(slow, back, dn);
         self.a.set_label(&mut back)?;
-        self.a.nop()?;
+        self.a.zero_bytes()?;
         Ok(true)
     }
 
@@ -2153,7 +2183,7 @@ impl Tx<'_> {
         restore.extend(remap.spills());
         self.defer_slow(slow, back, dn, restore)?;
         self.a.set_label(&mut back)?;
-        self.a.nop()?;
+        self.a.zero_bytes()?;
         Ok(true)
     }
 
