@@ -486,8 +486,17 @@ pub fn translate(
     // (`l_count`): their source checked this page and nothing can have
     // written it since without leaving translated code (a helper that
     // writes decoded code exits).
+    // The count needs a scratch register: a parked one other than rcx
+    // when there is one, so that guest rcx stays put.
+    let cnt = tx
+        .parked
+        .iter()
+        .copied()
+        .find(|&r| r != Register::RCX)
+        .map_or(rcx, r64);
+    let save_rcx = !rcx_parked && cnt == rcx;
     let a = &mut tx.a;
-    if !rcx_parked {
+    if !rcx_parked && !page_gens.is_empty() {
         a.mov(m(o_spill(SP_ENTRY)), rcx)?;
     }
     for &(ptr, gen) in page_gens {
@@ -502,16 +511,22 @@ pub fn translate(
         a.jmp(l_stale)?;
         a.set_label(&mut ok)?;
     }
+    if !rcx_parked && !page_gens.is_empty() {
+        a.mov(rcx, m(o_spill(SP_ENTRY)))?;
+    }
     // (Keeps l_count off any label set above.)
     a.zero_bytes()?;
     let mut l_count = a.create_label();
     let count_idx = a.instructions().len();
     a.set_label(&mut l_count)?;
     tx.l_count = Some(l_count);
-    a.mov(rcx, m(o_ctx!(left)))?;
-    a.lea(rcx, qword_ptr(rcx + block.insns.len() as i32))?;
-    a.mov(m(o_ctx!(left)), rcx)?;
-    if !rcx_parked {
+    if save_rcx {
+        a.mov(m(o_spill(SP_ENTRY)), rcx)?;
+    }
+    a.mov(cnt, m(o_ctx!(left)))?;
+    a.lea(cnt, qword_ptr(cnt + block.insns.len() as i32))?;
+    a.mov(m(o_ctx!(left)), cnt)?;
+    if save_rcx {
         a.mov(rcx, m(o_spill(SP_ENTRY)))?;
     }
 
@@ -1256,10 +1271,6 @@ impl Tx<'_> {
             if !rcx_parked {
                 a.mov(rcx, m(o_spill(SP_ENTRY)))?;
             }
-        } else if !rcx_parked {
-            // A target entered at its count expects guest rcx in this
-            // slot (its count sequence reloads it from there).
-            a.mov(m(o_spill(SP_ENTRY)), rcx)?;
         }
         if target == self.block.insns[0].insn.ip() {
             if let Some(l) = self.l_count {
@@ -1435,6 +1446,21 @@ impl Tx<'_> {
         Ok(Some(slow))
     }
 
+    /// The guest register that is the whole address of `i`'s memory
+    /// operand ([reg], no index, displacement or FS/GS base), when the
+    /// lookup can read it in place: not rsp/r15 (kept in CpuState) and not
+    /// rcx (the lookup's scratch).
+    fn plain_base(i: &Instruction) -> Option<Register> {
+        let b = i.memory_base();
+        let plain = is64addr(i)
+            && b.is_gpr64()
+            && !matches!(b, Register::RSP | Register::R15 | Register::RCX)
+            && i.memory_index() == Register::None
+            && i.memory_displacement64() == 0
+            && !matches!(i.memory_segment(), Register::FS | Register::GS);
+        plain.then_some(b)
+    }
+
     /// The fast memory path for a whitelisted instruction (see
     /// [`Self::lookup_fast`]); false when it does not apply.
     fn native_mem_fast(&mut self, dn: &DInsn, size: usize, write: bool, align16: bool) -> R<bool> {
@@ -1461,8 +1487,11 @@ impl Tx<'_> {
         let Some(free) = self.pick(&avoid, need) else {
             return Ok(false);
         };
+        // A plain [reg] operand needs no address computation: the lookup
+        // and the instruction use the guest register itself.
+        let direct = Self::plain_base(i);
         let remap = Remap::new(&reg_ops, &free);
-        let ni = remap.rewrite_with_memory(i, sa, sc);
+        let ni = remap.rewrite_with_memory(i, direct.unwrap_or(sa), sc);
         // Implicit rsp/r15 uses would run on the host's registers.
         let still: Vec<Register> = self.used_full_regs(&ni);
         if still.contains(&Register::RSP) || still.contains(&Register::R15) {
@@ -1471,8 +1500,22 @@ impl Tx<'_> {
         if !encodable(&ni) {
             return Ok(false);
         }
-        let Some(slow) = self.operand_lookup(i, sa, sb, sc, size, write, align16)? else {
-            return Ok(false);
+        let slow = match direct {
+            Some(g) => {
+                let rcx_parked = self.rcx_parked();
+                if !rcx_parked {
+                    self.a.mov(m(o_spill(SP_RCX)), rcx)?;
+                }
+                let slow = self.lookup_fast(g, sb, sc, size, write, align16)?;
+                if !rcx_parked {
+                    self.a.mov(rcx, m(o_spill(SP_RCX)))?;
+                }
+                slow
+            }
+            None => match self.operand_lookup(i, sa, sb, sc, size, write, align16)? {
+                Some(slow) => slow,
+                None => return Ok(false),
+            },
         };
         self.remap_in(&remap)?;
         self.a.add_instruction(no_ip(&ni))?;
