@@ -1242,6 +1242,14 @@ fn translated_accesses_follow_remapped_and_alternating_pages() {
             a.mov(qword_ptr(rdi), r12).unwrap();
             // Site 3: a load of what site 2 stored.
             a.add(r14, qword_ptr(rdi)).unwrap();
+            // Site 4: an 8-byte load alternating between inside va(11) and
+            // straddling va(10)/va(11) (va(10) maps a frame that is not
+            // the one before va(11)'s).
+            a.mov(esi, r12d).unwrap();
+            a.and(esi, 1).unwrap();
+            a.shl(esi, 4).unwrap();
+            a.add(rsi, (va(11) - 4) as i32).unwrap();
+            a.add(r10, qword_ptr(rsi)).unwrap();
             // Map va(3) to pa(4 + r12 % 4) for the next round.
             a.mov(ebx, r12d).unwrap();
             a.and(ebx, 3).unwrap();
@@ -1254,6 +1262,11 @@ fn translated_accesses_follow_remapped_and_alternating_pages() {
             a.jnz(top).unwrap();
             a.hlt().unwrap();
         });
+        set_pte(&cpu, 10, pa(14) | P | RW | US);
+        w64(&cpu, pa(14) + 0xff8, 0x1111_2222_3333_4444);
+        w64(&cpu, pa(10) + 0xff8, 0x5555_6666_7777_8888);
+        w64(&cpu, pa(11), 0x9999_aaaa_bbbb_cccc);
+        w64(&cpu, pa(11) + 0xc, 0xdddd_eeee_0000_0001);
         cpu.bus = Box::new(QuietBus);
         cpu.set_engine(engine).unwrap();
         cpu.set_jit_threshold(1);
@@ -1275,4 +1288,12 @@ fn translated_accesses_follow_remapped_and_alternating_pages() {
     assert_eq!(g_i[13], want, "sum of the remapped loads");
     assert_eq!(g_i[14], (1..=N).sum::<u64>(), "each store read back");
     assert_eq!((p8_i, p9_i), (2, 1), "last stores to va(8) and va(9)");
+    // Even r12: the straddling load, 4 bytes from pa(14)'s end and 4 from
+    // pa(11)'s start; odd: the 8 bytes at va(11) + 12.
+    let straddle = 0x1111_2222u64 | 0xbbbb_cccc << 32;
+    let inside = 0xdddd_eeee_0000_0001u64;
+    let want15 = (1..=N).fold(0u64, |s, r| {
+        s.wrapping_add(if r % 2 == 0 { straddle } else { inside })
+    });
+    assert_eq!(g_i[10], want15, "straddling and inside loads");
 }

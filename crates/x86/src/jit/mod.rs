@@ -56,6 +56,11 @@ pub struct JitCtx {
     pub(crate) m_idx: u64,
     pub(crate) m_vpn: u64,
     pub(crate) m_vpn16: u64,
+    /// The page number and the low 1/2/3 bits: naturally aligned 2/4/8-byte
+    /// accesses (the entry-slot check).
+    pub(crate) m_vpn2: u64,
+    pub(crate) m_vpn4: u64,
+    pub(crate) m_vpn8: u64,
     /// The bus's interrupt hint word (non-zero: an interrupt may wait).
     pub(crate) hint: u64,
     /// The TLB array `eslots` point into.
@@ -248,6 +253,9 @@ impl Cpu {
         self.jctx.m_idx = ((crate::mmu::TLB_SIZE as u64) - 1) << 12;
         self.jctx.m_vpn = !0xfff;
         self.jctx.m_vpn16 = !0xff0;
+        self.jctx.m_vpn2 = !0xffe;
+        self.jctx.m_vpn4 = !0xffc;
+        self.jctx.m_vpn8 = !0xff8;
         if let Some(j) = self.jit.as_ref() {
             self.jctx.jc_base = j.jc.as_ptr() as u64;
         }

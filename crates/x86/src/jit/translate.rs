@@ -1307,7 +1307,10 @@ impl Tx<'_> {
     /// current TLB array (`jit_run` refills them when the array changes),
     /// and an entry whose tag matches the page is the page's translation
     /// wherever the pointer came from, so a stale or shared slot only
-    /// costs the full lookup.
+    /// costs the full lookup. The slot is tried for naturally aligned
+    /// accesses only (the check includes the low address bits): an
+    /// unaligned one may cross into the page the slot's entry maps while
+    /// its first bytes lie in another.
     fn lookup_fast(
         &mut self,
         sa: Register,
@@ -1354,9 +1357,33 @@ impl Tx<'_> {
             }
             x.lea(rcx, qword_ptr(rcx + c))
         };
-        x.mov(b, m(slot))?;
-        check(x)?;
-        x.jrcxz(hit)?;
+        // The slot's entry is only tried for a naturally aligned access,
+        // which cannot cross a page: the entry need not sit at the index
+        // of the first byte, so the last byte's page proves nothing here.
+        // rcx = (vpn << k | addr & (size - 1)) - (tag << k), k = log2(size).
+        let quick = match size {
+            1 => Some((o_ctx!(m_vpn), 0)),
+            2 => Some((o_ctx!(m_vpn2), 1)),
+            4 => Some((o_ctx!(m_vpn4), 2)),
+            8 => Some((o_ctx!(m_vpn8), 3)),
+            16 => Some((o_ctx!(m_vpn16), 4)),
+            _ => None,
+        };
+        if let Some((mask, k)) = quick {
+            x.mov(b, m(slot))?;
+            x.pext(rcx, a_, m(mask))?;
+            x.mov(c, qword_ptr(b + tag))?;
+            match k {
+                0 => {}
+                4 => {
+                    x.lea(c, qword_ptr(c * 8))?;
+                    x.lea(c, qword_ptr(c + c))?;
+                }
+                k => x.lea(c, qword_ptr(c * (1 << k)))?,
+            }
+            x.lea(rcx, qword_ptr(rcx + c))?;
+            x.jrcxz(hit)?;
+        }
         // The full lookup: b = &tlb[idx], 64-byte entries (idx*8*8).
         x.pext(rcx, a_, m(o_ctx!(m_idx)))?;
         x.mov(b, m(o_ctx!(tlb_base)))?;
