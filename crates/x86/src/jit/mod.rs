@@ -51,16 +51,11 @@ pub struct JitCtx {
     pub(crate) arg: u64,
     pub(crate) helper: u64,
     pub(crate) jc_base: u64,
-    /// PEXT masks for the flag-free TLB lookup: the TLB index bits, the
-    /// page number, and the page number with the low 4 bits (alignment).
+    /// PEXT masks for the flag-free TLB lookup: the TLB index bits, and
+    /// (`m_page[k]`) the page number with the low `k` address bits, which
+    /// must be zero for a naturally aligned access of `1 << k` bytes.
     pub(crate) m_idx: u64,
-    pub(crate) m_vpn: u64,
-    pub(crate) m_vpn16: u64,
-    /// The page number and the low 1/2/3 bits: naturally aligned 2/4/8-byte
-    /// accesses (the entry-slot check).
-    pub(crate) m_vpn2: u64,
-    pub(crate) m_vpn4: u64,
-    pub(crate) m_vpn8: u64,
+    pub(crate) m_page: [u64; 5],
     /// The bus's interrupt hint word (non-zero: an interrupt may wait).
     pub(crate) hint: u64,
     /// The TLB array `eslots` point into.
@@ -251,11 +246,7 @@ impl Cpu {
         self.jctx.kick = Arc::as_ptr(&self.kick) as u64;
         self.jctx.helper = jit_helper as *const () as u64;
         self.jctx.m_idx = ((crate::mmu::TLB_SIZE as u64) - 1) << 12;
-        self.jctx.m_vpn = !0xfff;
-        self.jctx.m_vpn16 = !0xff0;
-        self.jctx.m_vpn2 = !0xffe;
-        self.jctx.m_vpn4 = !0xffc;
-        self.jctx.m_vpn8 = !0xff8;
+        self.jctx.m_page = std::array::from_fn(|k| !0xfff | ((1 << k) - 1));
         if let Some(j) = self.jit.as_ref() {
             self.jctx.jc_base = j.jc.as_ptr() as u64;
         }

@@ -1336,42 +1336,11 @@ impl Tx<'_> {
         let x = &mut self.a;
         let slow = x.create_label();
         let mut hit = x.create_label();
-        // rcx = vpn + (-tag) for the entry at b: zero exactly on a hit.
-        let check = |x: &mut CodeAssembler| -> R<()> {
-            if align16 {
-                // (vpn << 4 | addr & 15) against the tag << 4: a
-                // misaligned address never matches.
-                x.pext(rcx, a_, m(o_ctx!(m_vpn16)))?;
-                x.mov(c, qword_ptr(b + tag))?;
-                x.lea(c, qword_ptr(c * 8))?;
-                x.lea(c, qword_ptr(c + c))?;
-            } else if size > 1 {
-                // The page of the last byte: a crossing access never
-                // matches (that page's tag cannot sit at this index).
-                x.lea(rcx, qword_ptr(a_ + (size as i32 - 1)))?;
-                x.pext(rcx, rcx, m(o_ctx!(m_vpn)))?;
-                x.mov(c, qword_ptr(b + tag))?;
-            } else {
-                x.pext(rcx, a_, m(o_ctx!(m_vpn)))?;
-                x.mov(c, qword_ptr(b + tag))?;
-            }
-            x.lea(rcx, qword_ptr(rcx + c))
-        };
-        // The slot's entry is only tried for a naturally aligned access,
-        // which cannot cross a page: the entry need not sit at the index
-        // of the first byte, so the last byte's page proves nothing here.
-        // rcx = (vpn << k | addr & (size - 1)) - (tag << k), k = log2(size).
-        let quick = match size {
-            1 => Some((o_ctx!(m_vpn), 0)),
-            2 => Some((o_ctx!(m_vpn2), 1)),
-            4 => Some((o_ctx!(m_vpn4), 2)),
-            8 => Some((o_ctx!(m_vpn8), 3)),
-            16 => Some((o_ctx!(m_vpn16), 4)),
-            _ => None,
-        };
-        if let Some((mask, k)) = quick {
-            x.mov(b, m(slot))?;
-            x.pext(rcx, a_, m(mask))?;
+        // rcx = (vpn << k | src & ((1 << k) - 1)) - (tag << k) for the
+        // entry at b: zero exactly when src is in the entry's page and its
+        // low k bits are clear.
+        let tag_cmp = |x: &mut CodeAssembler, src: AsmRegister64, k: usize| -> R<()> {
+            x.pext(rcx, src, m(o_ctx!(m_page) + 8 * k as i32))?;
             x.mov(c, qword_ptr(b + tag))?;
             match k {
                 0 => {}
@@ -1381,7 +1350,29 @@ impl Tx<'_> {
                 }
                 k => x.lea(c, qword_ptr(c * (1 << k)))?,
             }
-            x.lea(rcx, qword_ptr(rcx + c))?;
+            x.lea(rcx, qword_ptr(rcx + c))
+        };
+        // The entry at b (at the index of the first byte) must map the
+        // page of the access: an aligned SSE form also needs its low 4
+        // bits clear; any other takes the page of its last byte, so a
+        // crossing access never matches (that page's tag cannot sit at
+        // this index).
+        let check = |x: &mut CodeAssembler| -> R<()> {
+            if align16 {
+                tag_cmp(x, a_, 4)
+            } else if size > 1 {
+                x.lea(rcx, qword_ptr(a_ + (size as i32 - 1)))?;
+                tag_cmp(x, rcx, 0)
+            } else {
+                tag_cmp(x, a_, 0)
+            }
+        };
+        // The slot's entry is only tried for a naturally aligned access,
+        // which cannot cross a page: that entry need not sit at the index
+        // of the first byte, so the last byte's page would prove nothing.
+        if size.is_power_of_two() && size <= 16 {
+            x.mov(b, m(slot))?;
+            tag_cmp(x, a_, size.trailing_zeros() as usize)?;
             x.jrcxz(hit)?;
         }
         // The full lookup: b = &tlb[idx], 64-byte entries (idx*8*8).
@@ -1422,17 +1413,21 @@ impl Tx<'_> {
                 x.mov(r64(sb), m(o_gpr(gidx(ix))))?;
                 ix = sb;
             }
-            let mo = MemoryOperand::new(
-                b,
-                ix,
-                i.memory_index_scale(),
-                disp,
-                if disp == 0 { 0 } else { 8 },
-                false,
-                Register::None,
-            );
-            let li = Instruction::with2(Code::Lea_r64_m, sa, mo)?;
-            x.add_instruction(no_ip(&li))?;
+            // A plain [reg] operand passed in place (see `plain_base`)
+            // already holds the address.
+            if !(b == sa && ix == Register::None && disp == 0) {
+                let mo = MemoryOperand::new(
+                    b,
+                    ix,
+                    i.memory_index_scale(),
+                    disp,
+                    if disp == 0 { 0 } else { 8 },
+                    false,
+                    Register::None,
+                );
+                let li = Instruction::with2(Code::Lea_r64_m, sa, mo)?;
+                x.add_instruction(no_ip(&li))?;
+            }
         }
         let seg = i.memory_segment();
         if seg == Register::FS || seg == Register::GS {
@@ -1527,22 +1522,9 @@ impl Tx<'_> {
         if !encodable(&ni) {
             return Ok(false);
         }
-        let slow = match direct {
-            Some(g) => {
-                let rcx_parked = self.rcx_parked();
-                if !rcx_parked {
-                    self.a.mov(m(o_spill(SP_RCX)), rcx)?;
-                }
-                let slow = self.lookup_fast(g, sb, sc, size, write, align16)?;
-                if !rcx_parked {
-                    self.a.mov(rcx, m(o_spill(SP_RCX)))?;
-                }
-                slow
-            }
-            None => match self.operand_lookup(i, sa, sb, sc, size, write, align16)? {
-                Some(slow) => slow,
-                None => return Ok(false),
-            },
+        let addr = direct.unwrap_or(sa);
+        let Some(slow) = self.operand_lookup(i, addr, sb, sc, size, write, align16)? else {
+            return Ok(false);
         };
         self.remap_in(&remap)?;
         self.a.add_instruction(no_ip(&ni))?;
