@@ -1250,6 +1250,10 @@ fn translated_accesses_follow_remapped_and_alternating_pages() {
             a.shl(esi, 4).unwrap();
             a.add(rsi, (va(11) - 4) as i32).unwrap();
             a.add(r10, qword_ptr(rsi)).unwrap();
+            // Site 5: the same for an unaligned 16-byte load, 8 bytes
+            // either side of the page boundary or at va(11) + 8.
+            a.movdqu(xmm0, xmmword_ptr(rsi - 4)).unwrap();
+            a.paddq(xmm1, xmm0).unwrap();
             // Map va(3) to pa(4 + r12 % 4) for the next round.
             a.mov(ebx, r12d).unwrap();
             a.and(ebx, 3).unwrap();
@@ -1260,6 +1264,9 @@ fn translated_accesses_follow_remapped_and_alternating_pages() {
             a.invlpg(byte_ptr(va(3))).unwrap();
             a.dec(r12d).unwrap();
             a.jnz(top).unwrap();
+            a.movq(r9, xmm1).unwrap();
+            a.pshufd(xmm2, xmm1, 0xee).unwrap();
+            a.movq(r8, xmm2).unwrap();
             a.hlt().unwrap();
         });
         set_pte(&cpu, 10, pa(14) | P | RW | US);
@@ -1296,4 +1303,22 @@ fn translated_accesses_follow_remapped_and_alternating_pages() {
         s.wrapping_add(if r % 2 == 0 { straddle } else { inside })
     });
     assert_eq!(g_i[10], want15, "straddling and inside loads");
+    // The 16-byte load: pa(14)'s last 8 bytes and pa(11)'s first 8, or
+    // the 16 bytes at pa(11) + 8.
+    let sum16 = |lo: bool| {
+        (1..=N).fold(0u64, |s, r| {
+            let v = match (r % 2 == 0, lo) {
+                (true, true) => 0x1111_2222_3333_4444,
+                (true, false) => 0x9999_aaaa_bbbb_cccc,
+                (false, true) => 0x0000_0001_0000_0000,
+                (false, false) => 0xdddd_eeee,
+            };
+            s.wrapping_add(v)
+        })
+    };
+    assert_eq!(
+        (g_i[9], g_i[8]),
+        (sum16(true), sum16(false)),
+        "16-byte loads"
+    );
 }

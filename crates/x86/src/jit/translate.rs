@@ -1367,10 +1367,24 @@ impl Tx<'_> {
                 tag_cmp(x, a_, 0)
             }
         };
-        // The slot's entry is only tried for a naturally aligned access,
-        // which cannot cross a page: that entry need not sit at the index
-        // of the first byte, so the last byte's page would prove nothing.
-        if size.is_power_of_two() && size <= 16 {
+        // The slot's entry need not sit at the index of the first byte, so
+        // the last byte's page alone would prove nothing: the slot is tried
+        // for a naturally aligned access (which cannot cross a page) or
+        // with both the first and the last byte's page checked.
+        if size == 16 && !align16 {
+            // Unaligned 16-byte forms (MOVUPS and friends): rcx = vf + vl
+            // - 2 tag, with vf, vl the pages of the first and last byte.
+            // As vl - vf is 0 or 1, an even sum of 2 tag needs
+            // vf = vl = tag: a crossing access never matches.
+            x.mov(b, m(slot))?;
+            x.pext(rcx, a_, m(o_ctx!(m_page)))?;
+            x.lea(c, qword_ptr(a_ + 15))?;
+            x.pext(c, c, m(o_ctx!(m_page)))?;
+            x.lea(rcx, qword_ptr(rcx + c))?;
+            x.mov(c, qword_ptr(b + tag))?;
+            x.lea(rcx, qword_ptr(rcx + c * 2))?;
+            x.jrcxz(hit)?;
+        } else if size.is_power_of_two() && size <= 16 {
             x.mov(b, m(slot))?;
             tag_cmp(x, a_, size.trailing_zeros() as usize)?;
             x.jrcxz(hit)?;
