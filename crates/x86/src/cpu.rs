@@ -1,6 +1,6 @@
 //! The vCPU: state, memory access paths, the block cache and the run loop.
 
-use std::collections::HashMap;
+use crate::fasthash::FastMap;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -91,7 +91,7 @@ pub struct Cpu {
     /// Set from any thread to make `run` return `Exit::Kicked` soon.
     pub kick: Arc<AtomicBool>,
     pub(crate) tlb: Box<Tlb>,
-    blocks: HashMap<(u64, u64, u32), Rc<Block>>,
+    blocks: FastMap<(u64, u64, u32), Rc<Block>>,
     fast: Vec<Option<Rc<Block>>>,
     /// RIP of the instruction after the current one; branches overwrite it.
     pub(crate) next_rip: u64,
@@ -122,7 +122,7 @@ impl Cpu {
             stats: Stats::default(),
             kick: Arc::new(AtomicBool::new(false)),
             tlb: Box::default(),
-            blocks: HashMap::new(),
+            blocks: FastMap::default(),
             fast: vec![None; FAST_CACHE],
             next_rip: 0,
             end_block: false,

@@ -12,6 +12,7 @@ pub mod cpu;
 pub mod cpuid;
 pub mod exception;
 pub mod exec;
+mod fasthash;
 pub mod hostalu;
 pub mod interrupts;
 pub mod jit;

@@ -5,12 +5,11 @@
 //! the fast path; anything else (misses, MMIO, pages not yet dirty, code
 //! pages on write) takes the slow path through [`Cpu::translate`].
 
-use std::collections::HashSet;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::Ordering;
 
 use crate::cpu::Cpu;
 use crate::exception::{Fault, XResult};
+use crate::fasthash::FastSet;
 use crate::state::{cr0, cr4, efer};
 
 /// 4096 direct-mapped entries per privilege: with 1024, kernel code and
@@ -86,33 +85,13 @@ pub struct Tlb {
     /// Large pages that may have pieces in the TLB, as [`large_key`]s: a
     /// superset (evicted pieces leave stale keys), so INVLPG of an address
     /// outside all of them needs no scan.
-    large_pages: HashSet<u64, BuildHasherDefault<KeyHasher>>,
+    large_pages: FastSet<u64>,
     /// The key inserted last (it is in `large_pages`): saves hashing on
     /// consecutive fills from the same large page.
     last_large: u64,
 }
 
 const TLB_WORDS: usize = TLB_SIZE / 64;
-
-/// Multiplicative hash for the large-page keys: they are not attacker
-/// controlled in any way that matters (a guest can only slow its own TLB),
-/// and SipHash showed up in profiles of copy-heavy guest code.
-#[derive(Default)]
-struct KeyHasher(u64);
-
-impl Hasher for KeyHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u64(b as u64);
-        }
-    }
-    fn write_u64(&mut self, v: u64) {
-        self.0 = (self.0 ^ v).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    }
-    fn finish(&self) -> u64 {
-        self.0 ^ (self.0 >> 29)
-    }
-}
 
 /// `large_pages` is rebuilt from the entries when it grows past this.
 const MAX_LARGE_KEYS: usize = 2 * TLB_SIZE;
@@ -146,7 +125,7 @@ impl Default for Tlb {
             e: [[TlbEntry::EMPTY; TLB_SIZE]; 2],
             filled: [[0; TLB_WORDS]; 2],
             large: [[0; TLB_WORDS]; 2],
-            large_pages: HashSet::default(),
+            large_pages: FastSet::default(),
             last_large: NO_TAG,
         }
     }

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::cpu::{Block, Cpu, DInsn};
+use crate::fasthash::FastMap;
 use codebuf::CodeBuf;
 use translate::Stubs;
 
@@ -127,9 +128,9 @@ pub struct Jit {
     stub_len: usize,
     /// Patchable exit sites: site -> (target rip, source physical page,
     /// the site's fast jmp, the source's parked-register key).
-    chains: HashMap<u64, (u64, u64, u64, u64)>,
+    chains: FastMap<u64, (u64, u64, u64, u64)>,
     /// Block entry -> (entry past parking and page checks, parked key).
-    fast_entries: HashMap<u64, (u64, u64)>,
+    fast_entries: FastMap<u64, (u64, u64)>,
     /// Translated blocks, kept alive while their code may run (the code
     /// points at their decoded instructions).
     blocks: Vec<Rc<Block>>,
@@ -195,8 +196,8 @@ impl Jit {
             stub_len: buf.used(),
             buf,
             stubs,
-            chains: HashMap::new(),
-            fast_entries: HashMap::new(),
+            chains: FastMap::default(),
+            fast_entries: FastMap::default(),
             blocks: Vec::new(),
             jc: vec![JC_EMPTY; JC_SIZE].into_boxed_slice(),
             sse: false,
