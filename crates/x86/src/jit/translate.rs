@@ -1343,14 +1343,12 @@ impl Tx<'_> {
             x.pext(rcx, src, m(o_ctx!(m_page) + 8 * k as i32))?;
             x.mov(c, qword_ptr(b + tag))?;
             match k {
-                0 => {}
-                4 => {
+                0..=3 => x.lea(rcx, qword_ptr(rcx + c * (1 << k))),
+                _ => {
                     x.lea(c, qword_ptr(c * 8))?;
-                    x.lea(c, qword_ptr(c + c))?;
+                    x.lea(rcx, qword_ptr(rcx + c * 2))
                 }
-                k => x.lea(c, qword_ptr(c * (1 << k)))?,
             }
-            x.lea(rcx, qword_ptr(rcx + c))
         };
         // The entry at b (at the index of the first byte) must map the
         // page of the access: an aligned SSE form also needs its low 4
