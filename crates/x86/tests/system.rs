@@ -1219,6 +1219,49 @@ fn translated_inline_forms_match_the_interpreter() {
     assert_eq!(g_i[11], 300, "CALL [mem] ran every time");
 }
 
+/// Translated blocks count their instructions with a flag-clobbering ADD
+/// placed where the guest flags are dead (before the block's first
+/// instruction that overwrites them all). A load before that point that
+/// faults must still show the guest the flags from before the block.
+#[test]
+fn fault_before_the_count_shows_the_guest_flags() {
+    let run = |engine: mat_x86::Engine| {
+        let mut cpu = machine(|a| {
+            let mut top = a.create_label();
+            let mut skip = a.create_label();
+            a.mov(r12d, 50).unwrap();
+            a.mov(rsi, STACK - 64).unwrap();
+            a.set_label(&mut top).unwrap();
+            // Faults once rsi is unmapped, with the flags of DEC and STC.
+            a.mov(rax, qword_ptr(rsi)).unwrap();
+            a.add(r13, rax).unwrap();
+            a.cmp(r12d, 2).unwrap();
+            a.jne(skip).unwrap();
+            a.mov(rsi, 0x2_0000_0000u64).unwrap();
+            a.set_label(&mut skip).unwrap();
+            a.dec(r12d).unwrap();
+            a.stc().unwrap();
+            a.jnz(top).unwrap();
+            a.hlt().unwrap();
+        });
+        cpu.bus = Box::new(QuietBus);
+        cpu.set_engine(engine).unwrap();
+        cpu.set_jit_threshold(1);
+        let frame = expect_vector(&mut cpu, 14);
+        (cpu.s.gpr, frame, cpu.jit_stats().cloned())
+    };
+    let (g_i, f_i, _) = run(mat_x86::Engine::Interp);
+    let (g_j, f_j, stats) = run(mat_x86::Engine::Jit);
+    let stats = stats.expect("jit stats");
+    assert!(stats.translations > 0 && stats.entries > 0, "{stats:?}");
+    assert_eq!(g_j, g_i, "registers (jit vs interpreter)");
+    assert_eq!(f_j, f_i, "#PF frame (jit vs interpreter)");
+    assert_eq!(g_i[12], 1, "the fault comes on the last round");
+    // DEC of 2 leaves 1: ZF, SF and PF clear; STC sets CF.
+    let arith = flags::CF | flags::PF | flags::ZF | flags::SF | flags::OF;
+    assert_eq!(f_i[3] & arith, flags::CF, "flags as before the load");
+}
+
 /// Translated loads and stores reuse the TLB entry each access site hit
 /// last (entry slots). Remapping the page under such a site, and one
 /// site alternating between two pages, must still read and write the

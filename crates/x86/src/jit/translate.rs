@@ -520,19 +520,27 @@ pub fn translate(
     let count_idx = a.instructions().len();
     a.set_label(&mut l_count)?;
     tx.l_count = Some(l_count);
-    if save_rcx {
-        a.mov(m(o_spill(SP_ENTRY)), rcx)?;
-    }
-    a.mov(cnt, m(o_ctx!(left)))?;
-    a.lea(cnt, qword_ptr(cnt + block.insns.len() as i32))?;
-    a.mov(m(o_ctx!(left)), cnt)?;
-    if save_rcx {
-        a.mov(rcx, m(o_spill(SP_ENTRY)))?;
+    let n = block.insns.len();
+    // Where the guest flags are dead, one flag-clobbering ADD counts;
+    // otherwise a flag-free load, LEA and store at the block's start.
+    let add_at = flags_dead_before(block);
+    if add_at.is_none() {
+        if save_rcx {
+            a.mov(m(o_spill(SP_ENTRY)), rcx)?;
+        }
+        a.mov(cnt, m(o_ctx!(left)))?;
+        a.lea(cnt, qword_ptr(cnt + n as i32))?;
+        a.mov(m(o_ctx!(left)), cnt)?;
+        if save_rcx {
+            a.mov(rcx, m(o_spill(SP_ENTRY)))?;
+        }
     }
 
-    let n = block.insns.len();
     let mut ended = false;
-    for dn in block.insns.iter() {
+    for (k, dn) in block.insns.iter().enumerate() {
+        if add_at == Some(k) {
+            tx.a.add(qword_ptr(r15 + o_ctx!(left)), n as i32)?;
+        }
         ended = tx.insn(dn)?;
         if ended {
             break;
@@ -648,6 +656,33 @@ fn choose_parked(block: &Block, info: &mut InstructionInfoFactory, bmi2: bool) -
         }
     }
     v
+}
+
+/// The index of the first instruction of `block` before which the guest
+/// arithmetic flags are dead: it overwrites all six without reading any,
+/// and cannot fault or leave translated code before doing so (a fault
+/// would show the guest the flags from before it). Every pass through the
+/// block that reaches its end passes there, so the instruction count can
+/// be a flag-clobbering ADD at that point.
+fn flags_dead_before(block: &Block) -> Option<usize> {
+    use iced_x86::RflagsBits as F;
+    const ARITH: u32 = F::OF | F::SF | F::ZF | F::AF | F::CF | F::PF;
+    block.insns.iter().position(|dn| {
+        let i = &dn.insn;
+        matches!(
+            i.mnemonic(),
+            Mnemonic::Add
+                | Mnemonic::Sub
+                | Mnemonic::Cmp
+                | Mnemonic::Test
+                | Mnemonic::And
+                | Mnemonic::Or
+                | Mnemonic::Xor
+                | Mnemonic::Neg
+        ) && (0..i.op_count()).all(|n| i.op_kind(n) != OpKind::Memory)
+            && i.rflags_read() & ARITH == 0
+            && i.rflags_modified() & ARITH == ARITH
+    })
 }
 
 enum ExitTarget {
