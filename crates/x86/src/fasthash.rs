@@ -32,7 +32,7 @@ pub(crate) type FastSet<K> = std::collections::HashSet<K, BuildKeyHasher>;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::hash::{BuildHasher, Hash};
+    use std::hash::BuildHasher;
 
     #[test]
     fn nearby_keys_spread_over_buckets() {
@@ -40,11 +40,7 @@ mod tests {
         // (bucket index and control byte) must still differ.
         let b = BuildKeyHasher::default();
         let hashes: Vec<u64> = (0..4096u64)
-            .map(|i| {
-                let mut h = b.build_hasher();
-                (0x40_1000 + 3 * i, 0xffff_ffff_8100_0000u64 + 3 * i, 64u32).hash(&mut h);
-                h.finish()
-            })
+            .map(|i| b.hash_one((0x40_1000 + 3 * i, 0xffff_ffff_8100_0000u64 + 3 * i, 64u32)))
             .collect();
         let low: FastSet<u64> = hashes.iter().map(|h| h & 0xfff).collect();
         let top: FastSet<u64> = hashes.iter().map(|h| h >> 57).collect();
