@@ -486,15 +486,6 @@ pub fn translate(
     // (`l_count`): their source checked this page and nothing can have
     // written it since without leaving translated code (a helper that
     // writes decoded code exits).
-    // The count needs a scratch register: a parked one other than rcx
-    // when there is one, so that guest rcx stays put.
-    let cnt = tx
-        .parked
-        .iter()
-        .copied()
-        .find(|&r| r != Register::RCX)
-        .map_or(rcx, r64);
-    let save_rcx = !rcx_parked && cnt == rcx;
     let a = &mut tx.a;
     if !rcx_parked && !page_gens.is_empty() {
         a.mov(m(o_spill(SP_ENTRY)), rcx)?;
@@ -525,6 +516,15 @@ pub fn translate(
     // otherwise a flag-free load, LEA and store at the block's start.
     let add_at = flags_dead_before(block);
     if add_at.is_none() {
+        // The flag-free count needs a scratch register: a parked one
+        // other than rcx when there is one, so that guest rcx stays put.
+        let cnt = tx
+            .parked
+            .iter()
+            .copied()
+            .find(|&r| r != Register::RCX)
+            .map_or(rcx, r64);
+        let save_rcx = !rcx_parked && cnt == rcx;
         if save_rcx {
             a.mov(m(o_spill(SP_ENTRY)), rcx)?;
         }
@@ -1342,10 +1342,13 @@ impl Tx<'_> {
     /// current TLB array (`jit_run` refills them when the array changes),
     /// and an entry whose tag matches the page is the page's translation
     /// wherever the pointer came from, so a stale or shared slot only
-    /// costs the full lookup. The slot is tried for naturally aligned
-    /// accesses only (the check includes the low address bits): an
-    /// unaligned one may cross into the page the slot's entry maps while
-    /// its first bytes lie in another.
+    /// costs the full lookup. The slot's entry need not sit at the index
+    /// of the first byte, so the last byte's page alone would prove
+    /// nothing: the slot is tried for naturally aligned accesses (the
+    /// check includes the low address bits, and such an access cannot
+    /// cross a page) and for unaligned 16-byte ones with both the first
+    /// and the last byte's page checked. Other accesses take the full
+    /// lookup at once.
     fn lookup_fast(
         &mut self,
         sa: Register,
@@ -1400,26 +1403,23 @@ impl Tx<'_> {
                 tag_cmp(x, a_, 0)
             }
         };
-        // The slot's entry need not sit at the index of the first byte, so
-        // the last byte's page alone would prove nothing: the slot is tried
-        // for a naturally aligned access (which cannot cross a page) or
-        // with both the first and the last byte's page checked.
-        if size == 16 && !align16 {
-            // Unaligned 16-byte forms (MOVUPS and friends): rcx = vf + vl
-            // - 2 tag, with vf, vl the pages of the first and last byte.
-            // As vl - vf is 0 or 1, an even sum of 2 tag needs
-            // vf = vl = tag: a crossing access never matches.
+        let unaligned16 = size == 16 && !align16;
+        if unaligned16 || size.is_power_of_two() && size <= 16 {
             x.mov(b, m(slot))?;
-            x.pext(rcx, a_, m(o_ctx!(m_page)))?;
-            x.lea(c, qword_ptr(a_ + 15))?;
-            x.pext(c, c, m(o_ctx!(m_page)))?;
-            x.lea(rcx, qword_ptr(rcx + c))?;
-            x.mov(c, qword_ptr(b + tag))?;
-            x.lea(rcx, qword_ptr(rcx + c * 2))?;
-            x.jrcxz(hit)?;
-        } else if size.is_power_of_two() && size <= 16 {
-            x.mov(b, m(slot))?;
-            tag_cmp(x, a_, size.trailing_zeros() as usize)?;
+            if unaligned16 {
+                // MOVUPS and friends: rcx = vf + vl - 2 tag, with vf, vl
+                // the pages of the first and last byte. As vl - vf is 0 or
+                // 1, an even sum of 2 tag needs vf = vl = tag: a crossing
+                // access never matches.
+                x.pext(rcx, a_, m(o_ctx!(m_page)))?;
+                x.lea(c, qword_ptr(a_ + 15))?;
+                x.pext(c, c, m(o_ctx!(m_page)))?;
+                x.lea(rcx, qword_ptr(rcx + c))?;
+                x.mov(c, qword_ptr(b + tag))?;
+                x.lea(rcx, qword_ptr(rcx + c * 2))?;
+            } else {
+                tag_cmp(x, a_, size.trailing_zeros() as usize)?;
+            }
             x.jrcxz(hit)?;
         }
         // The full lookup: b = &tlb[idx], 64-byte entries (idx*8*8).
