@@ -80,6 +80,10 @@ pub struct Tlb {
     pub e: [[TlbEntry; TLB_SIZE]; 2],
     /// Bit i of `filled[u]`: `e[u][i]` holds a translation (exact).
     filled: [[u64; TLB_WORDS]; 2],
+    /// Bit i of `nonglobal[u]`: `e[u][i]` holds a non-global translation
+    /// (exact): a CR3 write clears these without visiting the (many,
+    /// long-lived) global kernel entries.
+    nonglobal: [[u64; TLB_WORDS]; 2],
     /// Bit i of `large[u]`: `e[u][i]` holds a piece of a large page (exact).
     large: [[u64; TLB_WORDS]; 2],
     /// Large pages that may have pieces in the TLB, as [`large_key`]s: a
@@ -124,6 +128,7 @@ impl Default for Tlb {
         Tlb {
             e: [[TlbEntry::EMPTY; TLB_SIZE]; 2],
             filled: [[0; TLB_WORDS]; 2],
+            nonglobal: [[0; TLB_WORDS]; 2],
             large: [[0; TLB_WORDS]; 2],
             large_pages: FastSet::default(),
             last_large: NO_TAG,
@@ -140,6 +145,7 @@ impl Tlb {
                 true
             });
             *large = [0; TLB_WORDS];
+            self.nonglobal[u] = [0; TLB_WORDS];
         }
         self.forget_large_pages();
     }
@@ -148,13 +154,11 @@ impl Tlb {
     pub fn flush_nonglobal(&mut self) {
         let mut any_large = false;
         for u in 0..2 {
-            let (e, large) = (&mut self.e[u], &mut self.large[u]);
-            for_each_set(&mut self.filled[u], |i| {
-                if e[i].global {
-                    return false;
-                }
+            let (e, large, filled) = (&mut self.e[u], &mut self.large[u], &mut self.filled[u]);
+            for_each_set(&mut self.nonglobal[u], |i| {
                 e[i] = TlbEntry::EMPTY;
                 large[i / 64] &= !(1u64 << (i % 64));
+                filled[i / 64] &= !(1u64 << (i % 64));
                 true
             });
             any_large |= large.iter().any(|&w| w != 0);
@@ -198,12 +202,13 @@ impl Tlb {
             }
             self.last_large = NO_TAG;
             for u in 0..2 {
-                let (e, filled) = (&mut self.e[u], &mut self.filled[u]);
+                let (e, filled, ng) = (&mut self.e[u], &mut self.filled[u], &mut self.nonglobal[u]);
                 for_each_set(&mut self.large[u], |i| {
                     let x = &mut e[i];
                     if x.large_bits == lb && (x.read_tag ^ vpn) >> lb == 0 {
                         *x = TlbEntry::EMPTY;
                         filled[i / 64] &= !(1u64 << (i % 64));
+                        ng[i / 64] &= !(1u64 << (i % 64));
                         return true;
                     }
                     false
@@ -217,6 +222,7 @@ impl Tlb {
         if self.filled[u][w] & bit != 0 {
             self.e[u][idx] = TlbEntry::EMPTY;
             self.filled[u][w] &= !bit;
+            self.nonglobal[u][w] &= !bit;
             self.large[u][w] &= !bit;
         }
     }
@@ -234,6 +240,11 @@ impl Tlb {
         let (w, bit) = (idx / 64, 1u64 << (idx % 64));
         self.filled[u][w] |= bit;
         let e = &self.e[u][idx];
+        if e.global {
+            self.nonglobal[u][w] &= !bit;
+        } else {
+            self.nonglobal[u][w] |= bit;
+        }
         if e.large_bits == 0 {
             self.large[u][w] &= !bit;
             return;
