@@ -332,33 +332,6 @@ mod cache {
         (hash(&v) == want).then_some(v)
     }
 
-    #[cfg(test)]
-    mod tests {
-        use super::hash;
-
-        /// A corrupted or truncated cache file must fail the check: every
-        /// single-bit flip, in the 32-byte chunks and in the tail, and every
-        /// truncation changes the hash.
-        #[test]
-        fn hash_sees_every_bit_flip_and_truncation() {
-            let data: Vec<u8> = (0..1000u32).map(|i| (i * 7 + i / 13) as u8).collect();
-            let h = hash(&data);
-            let mut seen = std::collections::HashSet::new();
-            for pos in 0..data.len() {
-                for bit in 0..8 {
-                    let mut d = data.clone();
-                    d[pos] ^= 1 << bit;
-                    assert!(seen.insert(hash(&d)), "collision at byte {pos} bit {bit}");
-                }
-            }
-            for len in 0..data.len() {
-                assert!(seen.insert(hash(&data[..len])), "collision at length {len}");
-            }
-            assert!(!seen.contains(&h));
-            assert_ne!(hash(&[0u8; 31]), hash(&[0u8; 32]));
-        }
-    }
-
     pub fn store(payload: &[u8], vmlinux: &[u8]) {
         let Some(p) = path(payload) else { return };
         let tmp = p.with_extension(format!("tmp{}", std::process::id()));
@@ -391,6 +364,33 @@ mod cache {
         if let Err(e) = r {
             let _ = std::fs::remove_file(&tmp);
             tracing::debug!(error = %e, "not caching the decompressed kernel");
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::hash;
+
+        /// A corrupted or truncated cache file must fail the check: every
+        /// single-bit flip, in the 32-byte chunks and in the tail, and every
+        /// truncation changes the hash.
+        #[test]
+        fn hash_sees_every_bit_flip_and_truncation() {
+            let data: Vec<u8> = (0..1000u32).map(|i| (i * 7 + i / 13) as u8).collect();
+            let h = hash(&data);
+            let mut seen = std::collections::HashSet::new();
+            for pos in 0..data.len() {
+                for bit in 0..8 {
+                    let mut d = data.clone();
+                    d[pos] ^= 1 << bit;
+                    assert!(seen.insert(hash(&d)), "collision at byte {pos} bit {bit}");
+                }
+            }
+            for len in 0..data.len() {
+                assert!(seen.insert(hash(&data[..len])), "collision at length {len}");
+            }
+            assert!(!seen.contains(&h));
+            assert_ne!(hash(&[0u8; 31]), hash(&[0u8; 32]));
         }
     }
 }
