@@ -151,6 +151,9 @@ pub struct Jit {
     /// The host has a fast PEXT (BMI2): memory accesses use the flag-free
     /// TLB lookup (MATRYOSHKA_JIT_NO_BMI2=1 forces the LAHF/SAHF one).
     bmi2: bool,
+    /// Same-base accesses share one TLB check (see `translate::Group`);
+    /// MATRYOSHKA_JIT_NO_GROUPS=1 turns that off (A/B measurements).
+    groups: bool,
     /// `perf` symbol map of translated blocks (MATRYOSHKA_JIT_PERFMAP=1
     /// writes /tmp/perf-PID.map, which `perf report` reads).
     perf_map: Option<std::io::BufWriter<std::fs::File>>,
@@ -212,6 +215,7 @@ impl Jit {
             stats: JitStats::default(),
             profile: std::env::var_os("MATRYOSHKA_JIT_PROFILE").map(|_| HashMap::new()),
             bmi2: fast_pext(),
+            groups: std::env::var_os("MATRYOSHKA_JIT_NO_GROUPS").is_none(),
             dump: std::env::var("MATRYOSHKA_JIT_DUMP")
                 .ok()
                 .and_then(|v| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok()),
@@ -365,6 +369,7 @@ impl Cpu {
             sse: jit.sse,
             fp: jit.fp,
             bmi2: jit.bmi2,
+            groups: jit.groups,
         };
         let mut result = translate::translate(block, &gens, jit.stubs, jit.buf.next_addr(), opts);
         if matches!(&result, Ok(t) if t.code.len() > jit.buf.free()) {

@@ -406,6 +406,8 @@ pub struct Opts {
     pub fp: bool,
     /// The host has a fast PEXT: flag-free TLB lookups.
     pub bmi2: bool,
+    /// Same-base accesses may share one TLB check ([`Group`]).
+    pub groups: bool,
 }
 
 struct Tx<'a> {
@@ -442,6 +444,12 @@ struct Tx<'a> {
     /// fast lookups it has emitted (they key the entry slots).
     cur_rip: u64,
     cur_lookups: u64,
+    /// The block's groups (see [`Group`]); empty while the plain copy is
+    /// emitted.
+    groups: Vec<Group>,
+    /// The group register of the instruction being translated when it is
+    /// a group member (fast copy only).
+    member: Option<Register>,
 }
 
 /// Translate `block` for placement at address `at`. Returns None when the
@@ -473,8 +481,27 @@ pub fn translate(
         helper_codes: Vec::new(),
         cur_rip: 0,
         cur_lookups: 0,
+        groups: Vec::new(),
+        member: None,
     };
     tx.parked = choose_parked(block, &mut tx.info, opts.bmi2);
+    if opts.groups && tx.free3().is_some() {
+        let free = unnamed(block, &mut tx.info, &tx.parked);
+        // Up to 8 parked registers (spill slots SP_PARK0..).
+        let room = 8 - tx.parked.len();
+        tx.groups = plan_groups(
+            block,
+            &mut tx.info,
+            opts.sse,
+            opts.fp,
+            &free[..free.len().min(room)],
+        );
+        for g in tx.groups.iter() {
+            if !tx.parked.contains(&g.reg) {
+                tx.parked.push(g.reg);
+            }
+        }
+    }
     let rcx_parked = tx.rcx_parked();
     // The entry is the first instruction (index 0).
     let mut l_stale = tx.a.create_label();
@@ -536,19 +563,78 @@ pub fn translate(
         }
     }
 
+    // With groups the block is emitted twice: first the copy whose group
+    // members skip their lookups, then, from the first group's head on,
+    // the plain copy. The first copy goes on in the plain one at the
+    // start of instruction k (`plain[k]`, same register state) when a
+    // group check fails, and right after instruction k when a helper ran
+    // it while a group is live: helpers reload the parked registers, so
+    // the group registers no longer hold their addends.
+    let groups = std::mem::take(&mut tx.groups);
+    let plain: Vec<CodeLabel> = if groups.is_empty() {
+        Vec::new()
+    } else {
+        (0..=n).map(|_| tx.a.create_label()).collect()
+    };
+    let next = block.insns[n - 1].insn.next_ip();
     let mut ended = false;
     for (k, dn) in block.insns.iter().enumerate() {
+        // Before the count: a failed check enters the plain copy before
+        // its count.
+        for g in groups.iter().filter(|g| g.head == k) {
+            tx.group_check(g, plain[k])?;
+        }
         if add_at == Some(k) {
             tx.a.add(qword_ptr(r15 + o_ctx!(left)), n as i32)?;
         }
+        tx.member = groups
+            .iter()
+            .find(|g| g.members.contains(&k))
+            .map(|g| g.reg);
+        let (helpers, slow) = (tx.helpers, tx.slow.len());
         ended = tx.insn(dn)?;
+        tx.member = None;
         if ended {
             break;
         }
+        if groups.iter().any(|g| g.head <= k && k < g.last) {
+            for s in tx.slow[slow..].iter_mut() {
+                s.back = plain[k + 1];
+            }
+            if tx.helpers > helpers {
+                tx.a.jmp(plain[k + 1])?;
+                ended = true;
+                break;
+            }
+        }
     }
     if !ended {
-        let next = block.insns[n - 1].insn.next_ip();
         tx.exit_direct(next)?;
+    }
+    if let Some(first) = groups.first() {
+        // Statistics count the first copy only.
+        let (native, helpers, codes) = (tx.native, tx.helpers, tx.helper_codes.len());
+        let mut plain = plain;
+        let mut ended = false;
+        for k in first.head..n {
+            tx.a.set_label(&mut plain[k])?;
+            tx.a.zero_bytes()?;
+            if add_at == Some(k) {
+                tx.a.add(qword_ptr(r15 + o_ctx!(left)), n as i32)?;
+            }
+            ended = tx.insn(&block.insns[k])?;
+            if ended {
+                break;
+            }
+        }
+        if !ended {
+            tx.a.set_label(&mut plain[n])?;
+            tx.a.zero_bytes()?;
+            tx.exit_direct(next)?;
+        }
+        tx.native = native;
+        tx.helpers = helpers;
+        tx.helper_codes.truncate(codes);
     }
     // Stale code: leave with rip at the block start.
     tx.a.set_label(&mut l_stale)?;
@@ -656,6 +742,212 @@ fn choose_parked(block: &Block, info: &mut InstructionInfoFactory, bmi2: bool) -
         }
     }
     v
+}
+
+/// Accesses `[base + disp]` by several instructions of a block, with
+/// `base` unchanged between them: one check that the whole byte range
+/// `[base + lo, base + end)` lies in one page the TLB maps (for writing if
+/// any member writes) puts the host addend in `reg`, and every member then
+/// runs as `[base + reg + disp]` with no lookup of its own. When the check
+/// fails (a miss, a range crossing a page, a page without fast access) the
+/// block goes on in its second, plain copy (see [`translate`]).
+#[derive(Clone, Debug)]
+struct Group {
+    head: usize,
+    last: usize,
+    members: Vec<usize>,
+    base: Register,
+    lo: i64,
+    end: i64,
+    write: bool,
+    reg: Register,
+}
+
+/// The widest range a group may cover: the check adds the page numbers
+/// of its first and last byte, which must differ by at most one.
+const GROUP_SPAN: i64 = 2048;
+
+/// The `[base + disp]` access of `i` a group may cover: (base, disp,
+/// size, write), for instructions the fast memory path runs natively with
+/// no alignment check (aligned SSE forms keep their own lookup).
+fn group_access(
+    i: &Instruction,
+    info: &mut InstructionInfoFactory,
+    sse: bool,
+    fp: bool,
+) -> Option<(Register, i64, i64, bool)> {
+    if i.mnemonic() == Mnemonic::Lea
+        || !(whitelisted(i) || sse && (sse_whitelisted(i) || fp && sse_fp_whitelisted(i)))
+    {
+        return None;
+    }
+    let mut mem = false;
+    for n in 0..i.op_count() {
+        match i.op_kind(n) {
+            OpKind::Memory => mem = true,
+            OpKind::Register => {
+                let r = i.op_register(n);
+                if !(r.is_gpr() || r.is_xmm()) {
+                    return None;
+                }
+            }
+            OpKind::Immediate8
+            | OpKind::Immediate16
+            | OpKind::Immediate32
+            | OpKind::Immediate64
+            | OpKind::Immediate8to16
+            | OpKind::Immediate8to32
+            | OpKind::Immediate8to64
+            | OpKind::Immediate32to64 => {}
+            _ => return None,
+        }
+    }
+    let base = i.memory_base();
+    let size = i.memory_size().size();
+    let unaligned16 = matches!(
+        i.mnemonic(),
+        Mnemonic::Movdqu | Mnemonic::Movups | Mnemonic::Movupd | Mnemonic::Lddqu
+    );
+    if !mem
+        || !(matches!(size, 1 | 2 | 4 | 8) || size == 16 && unaligned16)
+        || !is64addr(i)
+        || !base.is_gpr64()
+        || matches!(base, Register::RSP | Register::R15)
+        || i.memory_index() != Register::None
+        || matches!(i.memory_segment(), Register::FS | Register::GS)
+        || matches!(
+            i.mnemonic(),
+            Mnemonic::Bt | Mnemonic::Bts | Mnemonic::Btr | Mnemonic::Btc
+        ) && i.op1_kind() == OpKind::Register
+    {
+        return None;
+    }
+    let info = info.info(i);
+    if info.used_memory().len() != 1 {
+        return None;
+    }
+    let write = matches!(
+        info.used_memory()[0].access(),
+        OpAccess::Write | OpAccess::ReadWrite | OpAccess::CondWrite | OpAccess::ReadCondWrite
+    );
+    Some((base, i.memory_displacement64() as i64, size as i64, write))
+}
+
+/// Find the groups of `block` (two members or more) and give each a host
+/// register from `free` (registers the block never names), reusing one
+/// once its group has ended. Groups left without a register are dropped.
+fn plan_groups(
+    block: &Block,
+    info: &mut InstructionInfoFactory,
+    sse: bool,
+    fp: bool,
+    free: &[Register],
+) -> Vec<Group> {
+    let mut done: Vec<Group> = Vec::new();
+    let mut open: Vec<Group> = Vec::new();
+    for (k, dn) in block.insns.iter().enumerate() {
+        let i = &dn.insn;
+        if let Some((base, disp, size, write)) = group_access(i, info, sse, fp) {
+            let pos = open.iter().position(|g| g.base == base);
+            let fits = pos.is_some_and(|p| {
+                let g = &open[p];
+                g.end.max(disp + size) - g.lo.min(disp) <= GROUP_SPAN
+            });
+            if let (Some(p), true) = (pos, fits) {
+                let g = &mut open[p];
+                g.last = k;
+                g.members.push(k);
+                g.lo = g.lo.min(disp);
+                g.end = g.end.max(disp + size);
+                g.write |= write;
+            } else {
+                if let Some(p) = pos {
+                    done.push(open.swap_remove(p));
+                }
+                open.push(Group {
+                    head: k,
+                    last: k,
+                    members: vec![k],
+                    base,
+                    lo: disp,
+                    end: disp + size,
+                    write,
+                    reg: Register::None,
+                });
+            }
+        }
+        // Instructions that leave for a helper end every group (the plain
+        // copy takes over after them anyway); a write to a base ends its.
+        let inline = whitelisted(i)
+            || sse && (sse_whitelisted(i) || fp && sse_fp_whitelisted(i))
+            || matches!(
+                i.mnemonic(),
+                Mnemonic::Lea | Mnemonic::Nop | Mnemonic::Endbr64 | Mnemonic::Push | Mnemonic::Pop
+            );
+        if !inline {
+            done.append(&mut open);
+            continue;
+        }
+        let written: Vec<Register> = info
+            .info(i)
+            .used_registers()
+            .iter()
+            .filter(|u| {
+                matches!(
+                    u.access(),
+                    OpAccess::Write
+                        | OpAccess::CondWrite
+                        | OpAccess::ReadWrite
+                        | OpAccess::ReadCondWrite
+                )
+            })
+            .map(|u| u.register().full_register())
+            .collect();
+        let mut n = 0;
+        while n < open.len() {
+            if written.contains(&open[n].base) {
+                done.push(open.swap_remove(n));
+            } else {
+                n += 1;
+            }
+        }
+    }
+    done.append(&mut open);
+    done.retain(|g| g.members.len() >= 2);
+    done.sort_by_key(|g| g.head);
+    // Interval colouring, first free register.
+    let mut busy_until: Vec<Option<usize>> = vec![None; free.len()];
+    done.retain_mut(|g| {
+        let Some(r) = busy_until
+            .iter()
+            .position(|b| b.is_none_or(|last| last < g.head))
+        else {
+            return false;
+        };
+        busy_until[r] = Some(g.last);
+        g.reg = free[r];
+        true
+    });
+    done
+}
+
+/// Registers `block` never names (so free for the whole block), in
+/// [`POOL`] order then rax, leaving out `taken`.
+fn unnamed(block: &Block, info: &mut InstructionInfoFactory, taken: &[Register]) -> Vec<Register> {
+    let mut used = [false; 16];
+    for dn in block.insns.iter() {
+        for u in info.info(&dn.insn).used_registers() {
+            let r = u.register();
+            if r.is_gpr() {
+                used[gidx(r.full_register())] = true;
+            }
+        }
+    }
+    POOL.iter()
+        .copied()
+        .chain([Register::RAX])
+        .filter(|&r| !used[gidx(r)] && !taken.contains(&r))
+        .collect()
 }
 
 /// The index of the first instruction of `block` before which the guest
@@ -1436,6 +1728,69 @@ impl Tx<'_> {
         Ok(slow)
     }
 
+    /// Establish group `g` (see [`Group`]) before its first member: its
+    /// register gets the addend of the one page that holds the whole range
+    /// `[base + lo, base + end)`, else jump to `fail`. The check is the
+    /// unaligned 16-byte one of [`Self::lookup_fast`] stretched over the
+    /// range (under 4 KiB, so its first and last page differ by at most
+    /// one): the entry slot first, then the full lookup. Flag-free.
+    fn group_check(&mut self, g: &Group, fail: CodeLabel) -> R<()> {
+        let Some((sa, sb, sc)) = self.free3() else {
+            return self.a.jmp(fail);
+        };
+        let (a_, b, c) = (r64(sa), r64(sb), r64(sc));
+        let rcx_parked = self.rcx_parked();
+        let tag = if g.write {
+            offset_of!(TlbEntry, jit_write)
+        } else {
+            offset_of!(TlbEntry, jit_read)
+        } as i32;
+        let rip = self.block.insns[g.head].insn.ip();
+        let key = (rip ^ 0x5bd1_e995).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let slot = o_ctx!(eslots) + 8 * (key >> (64 - ENTRY_SLOTS.trailing_zeros())) as i32;
+        let span = (g.end - 1 - g.lo) as i32;
+        let x = &mut self.a;
+        let mut hit = x.create_label();
+        // Before rcx is saved: the base may be guest rcx.
+        x.lea(a_, qword_ptr(r64(g.base) + g.lo as i32))?;
+        if !rcx_parked {
+            x.mov(m(o_spill(SP_RCX)), rcx)?;
+        }
+        // rcx = first page + last page - 2 tag: zero only when both are
+        // the entry's page.
+        let check = |x: &mut CodeAssembler| -> R<()> {
+            x.pext(rcx, a_, m(o_ctx!(m_page)))?;
+            x.lea(b, qword_ptr(a_ + span))?;
+            x.pext(b, b, m(o_ctx!(m_page)))?;
+            x.lea(rcx, qword_ptr(rcx + b))?;
+            x.mov(b, qword_ptr(c + tag))?;
+            x.lea(rcx, qword_ptr(rcx + b * 2))
+        };
+        x.mov(c, m(slot))?;
+        check(x)?;
+        x.jrcxz(hit)?;
+        x.pext(rcx, a_, m(o_ctx!(m_idx)))?;
+        x.mov(c, m(o_ctx!(tlb_base)))?;
+        x.lea(rcx, qword_ptr(rcx * 8))?;
+        x.lea(c, qword_ptr(c + rcx * 8))?;
+        x.mov(m(slot), c)?;
+        check(x)?;
+        x.jrcxz(hit)?;
+        if !rcx_parked {
+            x.mov(rcx, m(o_spill(SP_RCX)))?;
+        }
+        x.jmp(fail)?;
+        x.set_label(&mut hit)?;
+        x.mov(
+            r64(g.reg),
+            qword_ptr(c + offset_of!(TlbEntry, addend) as i32),
+        )?;
+        if !rcx_parked {
+            x.mov(rcx, m(o_spill(SP_RCX)))?;
+        }
+        Ok(())
+    }
+
     /// Linear address of a memory operand into `sa` (guest rsp/r15 read
     /// from CpuState through `sa`/`sb`), flag-free. None for forms this
     /// path does not handle.
@@ -1556,10 +1911,27 @@ impl Tx<'_> {
         let Some(free) = self.pick(&avoid, need) else {
             return Ok(false);
         };
+        let remap = Remap::new(&reg_ops, &free);
+        // A group member: its group's register holds the addend of the
+        // page, checked when the group began.
+        if let Some(g) = self.member {
+            let mut ni = *i;
+            remap.rewrite_registers(&mut ni);
+            ni.set_memory_index(g);
+            ni.set_memory_index_scale(1);
+            ni.set_segment_prefix(Register::None);
+            let still = self.used_full_regs(&ni);
+            if encodable(&ni) && !still.contains(&Register::RSP) && !still.contains(&Register::R15)
+            {
+                self.remap_in(&remap)?;
+                self.a.add_instruction(no_ip(&ni))?;
+                self.remap_out(&remap)?;
+                return Ok(true);
+            }
+        }
         // A plain [reg] operand needs no address computation: the lookup
         // and the instruction use the guest register itself.
         let direct = Self::plain_base(i);
-        let remap = Remap::new(&reg_ops, &free);
         let ni = remap.rewrite_with_memory(i, direct.unwrap_or(sa), sc);
         // Implicit rsp/r15 uses would run on the host's registers.
         let still: Vec<Register> = self.used_full_regs(&ni);
@@ -2521,6 +2893,7 @@ mod tests {
                 sse: true,
                 fp: true,
                 bmi2: true,
+                groups: true,
             },
         )
         .expect("translates");
