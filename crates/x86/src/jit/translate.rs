@@ -616,13 +616,14 @@ pub fn translate(
         let (native, helpers, codes) = (tx.native, tx.helpers, tx.helper_codes.len());
         let mut plain = plain;
         let mut ended = false;
-        for k in first.head..n {
-            tx.a.set_label(&mut plain[k])?;
+        let copy = block.insns.iter().zip(plain.iter_mut()).enumerate();
+        for (k, (dn, label)) in copy.skip(first.head) {
+            tx.a.set_label(label)?;
             tx.a.zero_bytes()?;
             if add_at == Some(k) {
                 tx.a.add(qword_ptr(r15 + o_ctx!(left)), n as i32)?;
             }
-            ended = tx.insn(&block.insns[k])?;
+            ended = tx.insn(dn)?;
             if ended {
                 break;
             }
