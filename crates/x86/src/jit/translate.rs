@@ -792,14 +792,7 @@ fn group_access(
                     return None;
                 }
             }
-            OpKind::Immediate8
-            | OpKind::Immediate16
-            | OpKind::Immediate32
-            | OpKind::Immediate64
-            | OpKind::Immediate8to16
-            | OpKind::Immediate8to32
-            | OpKind::Immediate8to64
-            | OpKind::Immediate32to64 => {}
+            k if is_immediate(k) => {}
             _ => return None,
         }
     }
@@ -832,6 +825,20 @@ fn group_access(
         OpAccess::Write | OpAccess::ReadWrite | OpAccess::CondWrite | OpAccess::ReadCondWrite
     );
     Some((base, i.memory_displacement64() as i64, size as i64, write))
+}
+
+fn is_immediate(k: OpKind) -> bool {
+    matches!(
+        k,
+        OpKind::Immediate8
+            | OpKind::Immediate16
+            | OpKind::Immediate32
+            | OpKind::Immediate64
+            | OpKind::Immediate8to16
+            | OpKind::Immediate8to32
+            | OpKind::Immediate8to64
+            | OpKind::Immediate32to64
+    )
 }
 
 /// Find the groups of `block` (two members or more) and give each a host
@@ -2524,14 +2531,7 @@ impl Tx<'_> {
                     }
                 }
                 OpKind::Memory => mem = Some(n),
-                OpKind::Immediate8
-                | OpKind::Immediate16
-                | OpKind::Immediate32
-                | OpKind::Immediate64
-                | OpKind::Immediate8to16
-                | OpKind::Immediate8to32
-                | OpKind::Immediate8to64
-                | OpKind::Immediate32to64 => {}
+                k if is_immediate(k) => {}
                 _ => return Ok(false),
             }
         }
