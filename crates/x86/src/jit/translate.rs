@@ -581,7 +581,7 @@ pub fn translate(
     for (k, dn) in block.insns.iter().enumerate() {
         // Before the count: a failed check enters the plain copy before
         // its count.
-        for g in groups.iter().filter(|g| g.head == k) {
+        for g in groups.iter().filter(|g| g.head() == k) {
             tx.group_check(g, plain[k])?;
         }
         if add_at == Some(k) {
@@ -597,7 +597,7 @@ pub fn translate(
         if ended {
             break;
         }
-        if groups.iter().any(|g| g.head <= k && k < g.last) {
+        if groups.iter().any(|g| g.head() <= k && k < g.last()) {
             for s in tx.slow[slow..].iter_mut() {
                 s.back = plain[k + 1];
             }
@@ -617,7 +617,7 @@ pub fn translate(
         let mut plain = plain;
         let mut ended = false;
         let copy = block.insns.iter().zip(plain.iter_mut()).enumerate();
-        for (k, (dn, label)) in copy.skip(first.head) {
+        for (k, (dn, label)) in copy.skip(first.head()) {
             tx.a.set_label(label)?;
             tx.a.zero_bytes()?;
             if add_at == Some(k) {
@@ -709,16 +709,10 @@ pub fn translate(
 /// block never names it (the flag-free branches test rcx), then, when the
 /// block accesses memory and the host has a fast PEXT, three more.
 fn choose_parked(block: &Block, info: &mut InstructionInfoFactory, bmi2: bool) -> Vec<Register> {
-    let mut used = [false; 16];
+    let used = named_gprs(block, info);
     let mut mem = false;
     for dn in block.insns.iter() {
         let i = &dn.insn;
-        for u in info.info(i).used_registers() {
-            let r = u.register();
-            if r.is_gpr() {
-                used[gidx(r.full_register())] = true;
-            }
-        }
         if i.mnemonic() != Mnemonic::Lea
             && (0..i.op_count()).any(|n| i.op_kind(n) == OpKind::Memory)
             || i.stack_pointer_increment() != 0
@@ -754,8 +748,7 @@ fn choose_parked(block: &Block, info: &mut InstructionInfoFactory, bmi2: bool) -
 /// block goes on in its second, plain copy (see [`translate`]).
 #[derive(Clone, Debug)]
 struct Group {
-    head: usize,
-    last: usize,
+    /// Instruction indices, ascending (never empty).
     members: Vec<usize>,
     base: Register,
     lo: i64,
@@ -764,9 +757,22 @@ struct Group {
     reg: Register,
 }
 
+impl Group {
+    fn head(&self) -> usize {
+        self.members[0]
+    }
+    fn last(&self) -> usize {
+        self.members[self.members.len() - 1]
+    }
+}
+
 /// The widest range a group may cover: the check adds the page numbers
 /// of its first and last byte, which must differ by at most one.
 const GROUP_SPAN: i64 = 2048;
+
+/// `cur_lookups` while a group check looks up its range: more lookups
+/// than one instruction makes, so the check keys an entry slot of its own.
+const GROUP_LOOKUP: u64 = 7;
 
 /// The `[base + disp]` access of `i` a group may cover: (base, disp,
 /// size, write), for instructions the fast memory path runs natively with
@@ -777,9 +783,7 @@ fn group_access(
     sse: bool,
     fp: bool,
 ) -> Option<(Register, i64, i64, bool)> {
-    if i.mnemonic() == Mnemonic::Lea
-        || !(whitelisted(i) || sse && (sse_whitelisted(i) || fp && sse_fp_whitelisted(i)))
-    {
+    if i.mnemonic() == Mnemonic::Lea || !native_ok(i, sse, fp) {
         return None;
     }
     let mut mem = false;
@@ -863,7 +867,6 @@ fn plan_groups(
             });
             if let (Some(p), true) = (pos, fits) {
                 let g = &mut open[p];
-                g.last = k;
                 g.members.push(k);
                 g.lo = g.lo.min(disp);
                 g.end = g.end.max(disp + size);
@@ -873,8 +876,6 @@ fn plan_groups(
                     done.push(open.swap_remove(p));
                 }
                 open.push(Group {
-                    head: k,
-                    last: k,
                     members: vec![k],
                     base,
                     lo: disp,
@@ -886,8 +887,7 @@ fn plan_groups(
         }
         // Instructions that leave for a helper end every group (the plain
         // copy takes over after them anyway); a write to a base ends its.
-        let inline = whitelisted(i)
-            || sse && (sse_whitelisted(i) || fp && sse_fp_whitelisted(i))
+        let inline = native_ok(i, sse, fp)
             || matches!(
                 i.mnemonic(),
                 Mnemonic::Lea | Mnemonic::Nop | Mnemonic::Endbr64 | Mnemonic::Push | Mnemonic::Pop
@@ -922,26 +922,25 @@ fn plan_groups(
     }
     done.append(&mut open);
     done.retain(|g| g.members.len() >= 2);
-    done.sort_by_key(|g| g.head);
+    done.sort_by_key(|g| g.head());
     // Interval colouring, first free register.
     let mut busy_until: Vec<Option<usize>> = vec![None; free.len()];
     done.retain_mut(|g| {
         let Some(r) = busy_until
             .iter()
-            .position(|b| b.is_none_or(|last| last < g.head))
+            .position(|b| b.is_none_or(|last| last < g.head()))
         else {
             return false;
         };
-        busy_until[r] = Some(g.last);
+        busy_until[r] = Some(g.last());
         g.reg = free[r];
         true
     });
     done
 }
 
-/// Registers `block` never names (so free for the whole block), in
-/// [`POOL`] order then rax, leaving out `taken`.
-fn unnamed(block: &Block, info: &mut InstructionInfoFactory, taken: &[Register]) -> Vec<Register> {
+/// The GPRs `block` names, explicitly or implicitly, by guest index.
+fn named_gprs(block: &Block, info: &mut InstructionInfoFactory) -> [bool; 16] {
     let mut used = [false; 16];
     for dn in block.insns.iter() {
         for u in info.info(&dn.insn).used_registers() {
@@ -951,6 +950,13 @@ fn unnamed(block: &Block, info: &mut InstructionInfoFactory, taken: &[Register])
             }
         }
     }
+    used
+}
+
+/// Registers `block` never names (so free for the whole block), in
+/// [`POOL`] order then rax, leaving out `taken`.
+fn unnamed(block: &Block, info: &mut InstructionInfoFactory, taken: &[Register]) -> Vec<Register> {
+    let used = named_gprs(block, info);
     POOL.iter()
         .copied()
         .chain([Register::RAX])
@@ -989,6 +995,13 @@ enum ExitTarget {
     Imm(u64),
     /// Target already stored in cpu.s.rip.
     Stored,
+}
+
+/// Runs as itself (given its operands fit): a whitelisted integer
+/// instruction, or an SSE one while SSE (and, for floating point, the
+/// MXCSR) allows.
+fn native_ok(i: &Instruction, sse: bool, fp: bool) -> bool {
+    whitelisted(i) || sse && (sse_whitelisted(i) || fp && sse_fp_whitelisted(i))
 }
 
 /// Integer instructions that behave identically when executed by the host
@@ -1483,8 +1496,7 @@ impl Tx<'_> {
             self.native += 1;
             return Ok(false);
         }
-        let sse = self.sse && (sse_whitelisted(i) || self.fp && sse_fp_whitelisted(i));
-        if (whitelisted(i) || sse) && self.native_insn(dn)? {
+        if native_ok(i, self.sse, self.fp) && self.native_insn(dn)? {
             self.native += 1;
             return Ok(false);
         }
@@ -1646,9 +1658,9 @@ impl Tx<'_> {
     /// of the first byte, so the last byte's page alone would prove
     /// nothing: the slot is tried for naturally aligned accesses (the
     /// check includes the low address bits, and such an access cannot
-    /// cross a page) and for unaligned 16-byte ones with both the first
-    /// and the last byte's page checked. Other accesses take the full
-    /// lookup at once.
+    /// cross a page) and for the others (unaligned 16-byte forms, group
+    /// ranges of up to 4 KiB) with both the first and the last byte's page
+    /// checked.
     fn lookup_fast(
         &mut self,
         sa: Register,
@@ -1703,25 +1715,22 @@ impl Tx<'_> {
                 tag_cmp(x, a_, 0)
             }
         };
-        let unaligned16 = size == 16 && !align16;
-        if unaligned16 || size.is_power_of_two() && size <= 16 {
-            x.mov(b, m(slot))?;
-            if unaligned16 {
-                // MOVUPS and friends: rcx = vf + vl - 2 tag, with vf, vl
-                // the pages of the first and last byte. As vl - vf is 0 or
-                // 1, an even sum of 2 tag needs vf = vl = tag: a crossing
-                // access never matches.
-                x.pext(rcx, a_, m(o_ctx!(m_page)))?;
-                x.lea(c, qword_ptr(a_ + 15))?;
-                x.pext(c, c, m(o_ctx!(m_page)))?;
-                x.lea(rcx, qword_ptr(rcx + c))?;
-                x.mov(c, qword_ptr(b + tag))?;
-                x.lea(rcx, qword_ptr(rcx + c * 2))?;
-            } else {
-                tag_cmp(x, a_, size.trailing_zeros() as usize)?;
-            }
-            x.jrcxz(hit)?;
+        x.mov(b, m(slot))?;
+        if !align16 && (size > 8 || !size.is_power_of_two()) {
+            // MOVUPS and friends, and group ranges: rcx = vf + vl - 2 tag,
+            // with vf, vl the pages of the first and last byte. As vl - vf
+            // is 0 or 1 (size at most 4 KiB), an even sum of 2 tag needs
+            // vf = vl = tag: a crossing access never matches.
+            x.pext(rcx, a_, m(o_ctx!(m_page)))?;
+            x.lea(c, qword_ptr(a_ + (size as i32 - 1)))?;
+            x.pext(c, c, m(o_ctx!(m_page)))?;
+            x.lea(rcx, qword_ptr(rcx + c))?;
+            x.mov(c, qword_ptr(b + tag))?;
+            x.lea(rcx, qword_ptr(rcx + c * 2))?;
+        } else {
+            tag_cmp(x, a_, size.trailing_zeros() as usize)?;
         }
+        x.jrcxz(hit)?;
         // The full lookup: b = &tlb[idx], 64-byte entries (idx*8*8).
         x.pext(rcx, a_, m(o_ctx!(m_idx)))?;
         x.mov(b, m(o_ctx!(tlb_base)))?;
@@ -1738,65 +1747,38 @@ impl Tx<'_> {
 
     /// Establish group `g` (see [`Group`]) before its first member: its
     /// register gets the addend of the one page that holds the whole range
-    /// `[base + lo, base + end)`, else jump to `fail`. The check is the
-    /// unaligned 16-byte one of [`Self::lookup_fast`] stretched over the
-    /// range (under 4 KiB, so its first and last page differ by at most
-    /// one): the entry slot first, then the full lookup. Flag-free.
+    /// `[base + lo, base + end)`, else jump to `fail`: a flag-free
+    /// [`Self::lookup_fast`] of the range as one unaligned access.
     fn group_check(&mut self, g: &Group, fail: CodeLabel) -> R<()> {
         let Some((sa, sb, sc)) = self.free3() else {
             return self.a.jmp(fail);
         };
-        let (a_, b, c) = (r64(sa), r64(sb), r64(sc));
         let rcx_parked = self.rcx_parked();
-        let tag = if g.write {
-            offset_of!(TlbEntry, jit_write)
-        } else {
-            offset_of!(TlbEntry, jit_read)
-        } as i32;
-        let rip = self.block.insns[g.head].insn.ip();
-        let key = (rip ^ 0x5bd1_e995).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        let slot = o_ctx!(eslots) + 8 * (key >> (64 - ENTRY_SLOTS.trailing_zeros())) as i32;
-        let span = (g.end - 1 - g.lo) as i32;
-        let x = &mut self.a;
-        let mut hit = x.create_label();
         // Before rcx is saved: the base may be guest rcx.
-        x.lea(a_, qword_ptr(r64(g.base) + g.lo as i32))?;
+        self.a.lea(r64(sa), qword_ptr(r64(g.base) + g.lo as i32))?;
         if !rcx_parked {
-            x.mov(m(o_spill(SP_RCX)), rcx)?;
+            self.a.mov(m(o_spill(SP_RCX)), rcx)?;
         }
-        // rcx = first page + last page - 2 tag: zero only when both are
-        // the entry's page.
-        let check = |x: &mut CodeAssembler| -> R<()> {
-            x.pext(rcx, a_, m(o_ctx!(m_page)))?;
-            x.lea(b, qword_ptr(a_ + span))?;
-            x.pext(b, b, m(o_ctx!(m_page)))?;
-            x.lea(rcx, qword_ptr(rcx + b))?;
-            x.mov(b, qword_ptr(c + tag))?;
-            x.lea(rcx, qword_ptr(rcx + b * 2))
-        };
-        x.mov(c, m(slot))?;
-        check(x)?;
-        x.jrcxz(hit)?;
-        x.pext(rcx, a_, m(o_ctx!(m_idx)))?;
-        x.mov(c, m(o_ctx!(tlb_base)))?;
-        x.lea(rcx, qword_ptr(rcx * 8))?;
-        x.lea(c, qword_ptr(c + rcx * 8))?;
-        x.mov(m(slot), c)?;
-        check(x)?;
-        x.jrcxz(hit)?;
+        // Its own entry slot: keyed apart from the head's own lookup (in
+        // the plain copy), which `insn` numbers from 0.
+        self.cur_rip = self.block.insns[g.head()].insn.ip();
+        self.cur_lookups = GROUP_LOOKUP;
+        let size = (g.end - g.lo) as usize;
+        let mut miss = self.lookup_fast(sa, sb, sc, size, g.write, false)?;
+        let x = &mut self.a;
+        let mut done = x.create_label();
+        x.mov(r64(g.reg), r64(sc))?;
+        if !rcx_parked {
+            x.mov(rcx, m(o_spill(SP_RCX)))?;
+        }
+        x.jmp(done)?;
+        x.set_label(&mut miss)?;
         if !rcx_parked {
             x.mov(rcx, m(o_spill(SP_RCX)))?;
         }
         x.jmp(fail)?;
-        x.set_label(&mut hit)?;
-        x.mov(
-            r64(g.reg),
-            qword_ptr(c + offset_of!(TlbEntry, addend) as i32),
-        )?;
-        if !rcx_parked {
-            x.mov(rcx, m(o_spill(SP_RCX)))?;
-        }
-        Ok(())
+        x.set_label(&mut done)?;
+        x.zero_bytes()
     }
 
     /// Linear address of a memory operand into `sa` (guest rsp/r15 read
