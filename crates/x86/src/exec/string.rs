@@ -199,12 +199,18 @@ fn bulk(cpu: &mut Cpu, i: &Instruction, c: &Ctx, movs: bool) -> XResult<()> {
                 return Ok(());
             };
             let (a, b) = (s as usize, d as usize);
-            if a.abs_diff(b) < len {
-                return Ok(()); // overlapping: element-wise semantics
+            if b > a && b - a < len {
+                // Overlapping with the destination above: element-wise
+                // semantics replicate the source (no memmove does that).
+                return Ok(());
             }
+            // Forward element by element, a destination below the source
+            // never overwrites a source element before it is read, which
+            // is what memmove does too (the kernel's own memmove moves
+            // data down this way).
             // SAFETY: both ranges are inside guest RAM (host_ptr checked
-            // the length) and do not overlap.
-            unsafe { std::ptr::copy_nonoverlapping(s, d, len) };
+            // the length); `copy` allows them to overlap.
+            unsafe { std::ptr::copy(s, d, len) };
             cpu.s.gpr[6] = cpu.s.gpr[6].wrapping_add(len as u64);
         } else {
             let v = cpu.reg_sized(0, c.size);
