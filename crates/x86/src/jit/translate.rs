@@ -391,6 +391,8 @@ struct Slow {
     back: CodeLabel,
     dn: *const DInsn,
     restore: Vec<(Register, usize)>,
+    /// Guest rcx is in this register (the keeper), not in rcx.
+    rcx_from: Option<Register>,
     /// Entered with the guest flags in ax (LAHF/SETO lookup).
     flags_in_ax: bool,
     /// Entered with the guest flags pushed on the host stack.
@@ -438,6 +440,12 @@ struct Tx<'a> {
     /// use them as scratch: stored at block entry, reloaded before every
     /// helper call and exit. rcx comes first when it is among them.
     parked: Vec<Register>,
+    /// A parked register that holds guest rcx while rcx is scratch (the
+    /// lookups' JRCXZ, the back-edge checks) when the block names rcx. A
+    /// round trip through a spill slot instead puts a store and a load on
+    /// rcx's dependency chain, which in a loop that keeps a value in rcx
+    /// is the loop's critical path.
+    keeper: Option<Register>,
     /// The block's entry after parking (target of jumps to its own start).
     l_count: Option<CodeLabel>,
     /// Guest address of the instruction being translated, and how many
@@ -466,6 +474,7 @@ pub fn translate(
         fp: opts.fp,
         bmi2: opts.bmi2,
         parked: Vec::new(),
+        keeper: None,
         l_count: None,
         a: CodeAssembler::new(64)?,
         stubs,
@@ -484,7 +493,7 @@ pub fn translate(
         groups: Vec::new(),
         member: None,
     };
-    tx.parked = choose_parked(block, &mut tx.info, opts.bmi2);
+    (tx.parked, tx.keeper) = choose_parked(block, &mut tx.info, opts.bmi2);
     if opts.groups && tx.free3().is_some() {
         let free = unnamed(block, &mut tx.info, &tx.parked);
         // Up to 8 parked registers (spill slots SP_PARK0..).
@@ -513,25 +522,25 @@ pub fn translate(
     // (`l_count`): their source checked this page and nothing can have
     // written it since without leaving translated code (a helper that
     // writes decoded code exits).
-    let a = &mut tx.a;
-    if !rcx_parked && !page_gens.is_empty() {
-        a.mov(m(o_spill(SP_ENTRY)), rcx)?;
+    if !page_gens.is_empty() {
+        tx.save_rcx(SP_ENTRY)?;
     }
     for &(ptr, gen) in page_gens {
+        let a = &mut tx.a;
         let mut ok = a.create_label();
         a.mov(rcx, ptr as u64)?;
         a.mov(ecx, dword_ptr(rcx))?;
         a.lea(ecx, dword_ptr(rcx + (gen.wrapping_neg() as i32)))?;
         a.jrcxz(ok)?;
-        if !rcx_parked {
-            a.mov(rcx, m(o_spill(SP_ENTRY)))?;
-        }
+        tx.restore_rcx(SP_ENTRY)?;
+        let a = &mut tx.a;
         a.jmp(l_stale)?;
         a.set_label(&mut ok)?;
     }
-    if !rcx_parked && !page_gens.is_empty() {
-        a.mov(rcx, m(o_spill(SP_ENTRY)))?;
+    if !page_gens.is_empty() {
+        tx.restore_rcx(SP_ENTRY)?;
     }
+    let a = &mut tx.a;
     // (Keeps l_count off any label set above.)
     a.zero_bytes()?;
     let mut l_count = a.create_label();
@@ -654,6 +663,9 @@ pub fn translate(
             tx.a.add(al, 0x7f)?;
             tx.a.sahf()?;
         }
+        if let Some(k) = s.rcx_from {
+            tx.a.mov(rcx, r64(k))?;
+        }
         for &(r, k) in s.restore.iter() {
             tx.a.mov(r64(r), m(o_spill(k)))?;
         }
@@ -708,7 +720,11 @@ pub fn translate(
 /// Registers to park for the whole block (see [`Tx::parked`]): rcx if the
 /// block never names it (the flag-free branches test rcx), then, when the
 /// block accesses memory and the host has a fast PEXT, three more.
-fn choose_parked(block: &Block, info: &mut InstructionInfoFactory, bmi2: bool) -> Vec<Register> {
+fn choose_parked(
+    block: &Block,
+    info: &mut InstructionInfoFactory,
+    bmi2: bool,
+) -> (Vec<Register>, Option<Register>) {
     let used = named_gprs(block, info);
     let mut mem = false;
     for dn in block.insns.iter() {
@@ -720,23 +736,37 @@ fn choose_parked(block: &Block, info: &mut InstructionInfoFactory, bmi2: bool) -
             mem = true;
         }
     }
+    // A jump back into the block checks the kick flag and the budget
+    // through rcx.
+    let back_edge = block.insns.iter().any(|dn| {
+        let i = &dn.insn;
+        matches!(
+            i.flow_control(),
+            FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch
+        ) && i.op0_kind() == OpKind::NearBranch64
+            && i.near_branch_target() <= i.ip()
+    });
     let mut v = Vec::new();
     if !used[1] {
         v.push(Register::RCX);
     }
+    let mut free = POOL
+        .iter()
+        .copied()
+        .chain([Register::RAX])
+        .filter(|&r| r != Register::RCX && !used[gidx(r)]);
     if bmi2 && mem {
-        let more: Vec<Register> = POOL
-            .iter()
-            .copied()
-            .chain([Register::RAX])
-            .filter(|&r| r != Register::RCX && !used[gidx(r)])
-            .take(3)
-            .collect();
+        let more: Vec<Register> = free.by_ref().take(3).collect();
         if more.len() == 3 {
             v.extend(more);
         }
     }
-    v
+    let mut keeper = None;
+    if used[1] && (v.len() == 3 || back_edge) {
+        keeper = free.next();
+        v.extend(keeper);
+    }
+    (v, keeper)
 }
 
 /// Accesses `[base + disp]` by several instructions of a block, with
@@ -1519,6 +1549,30 @@ impl Tx<'_> {
         self.parked.first() == Some(&Register::RCX)
     }
 
+    /// Free rcx for scratch use: guest rcx goes to the keeper register,
+    /// or to spill slot `slot` in blocks without one. Nothing when rcx is
+    /// parked.
+    fn save_rcx(&mut self, slot: usize) -> R<()> {
+        if self.rcx_parked() {
+            return Ok(());
+        }
+        match self.keeper {
+            Some(k) => self.a.mov(r64(k), rcx),
+            None => self.a.mov(m(o_spill(slot)), rcx),
+        }
+    }
+
+    /// Put guest rcx back after [`Self::save_rcx`].
+    fn restore_rcx(&mut self, slot: usize) -> R<()> {
+        if self.rcx_parked() {
+            return Ok(());
+        }
+        match self.keeper {
+            Some(k) => self.a.mov(rcx, r64(k)),
+            None => self.a.mov(rcx, m(o_spill(slot))),
+        }
+    }
+
     /// Parked registers other than rcx (scratch for the fast TLB path).
     fn free3(&self) -> Option<(Register, Register, Register)> {
         let v: Vec<Register> = self
@@ -1557,10 +1611,15 @@ impl Tx<'_> {
         if site.is_none() && !self.no_jc {
             // Through the jump cache (target stored in cpu.s.rip).
             if let ExitTarget::Imm(v) = t {
-                a.mov(m(o_spill(SP_ENTRY)), rcx)?;
-                a.mov(rcx, v)?;
-                a.mov(m(o_rip()), rcx)?;
-                a.mov(rcx, m(o_spill(SP_ENTRY)))?;
+                if let Ok(v) = i32::try_from(v as i64) {
+                    // Sign-extended: user code low, kernel code in the top 2 GiB.
+                    a.mov(m(o_rip()), v)?;
+                } else {
+                    a.mov(m(o_spill(SP_ENTRY)), rcx)?;
+                    a.mov(rcx, v)?;
+                    a.mov(m(o_rip()), rcx)?;
+                    a.mov(rcx, m(o_spill(SP_ENTRY)))?;
+                }
             }
             a.jmp(self.stubs.indirect)?;
             return Ok(());
@@ -1586,7 +1645,6 @@ impl Tx<'_> {
         if target >> 12 != self.block.lin_pc >> 12 {
             return self.exit_to(ExitTarget::Imm(target), None);
         }
-        let rcx_parked = self.rcx_parked();
         let a = &mut self.a;
         let mut go = a.create_label();
         let mut slow = a.create_label();
@@ -1601,24 +1659,21 @@ impl Tx<'_> {
         // indirect stub).
         let last_ip = self.block.insns.last().map_or(0, |d| d.insn.ip());
         if target <= last_ip {
-            if !rcx_parked {
-                a.mov(m(o_spill(SP_ENTRY)), rcx)?;
-            }
+            self.save_rcx(SP_ENTRY)?;
+            let a = &mut self.a;
             a.mov(rcx, m(o_ctx!(kick)))?;
             a.movzx(ecx, byte_ptr(rcx))?;
             a.jrcxz(go)?;
             a.set_label(&mut stop)?;
-            if !rcx_parked {
-                a.mov(rcx, m(o_spill(SP_ENTRY)))?;
-            }
+            self.restore_rcx(SP_ENTRY)?;
+            let a = &mut self.a;
             a.jmp(slow)?;
             a.set_label(&mut go)?;
             a.movzx(ecx, byte_ptr(r15 + (o_ctx!(left) + 7)))?;
             a.jrcxz(stop)?;
-            if !rcx_parked {
-                a.mov(rcx, m(o_spill(SP_ENTRY)))?;
-            }
+            self.restore_rcx(SP_ENTRY)?;
         }
+        let a = &mut self.a;
         if target == self.block.insns[0].insn.ip() {
             if let Some(l) = self.l_count {
                 // A loop on itself: straight back, registers still parked.
@@ -1753,32 +1808,24 @@ impl Tx<'_> {
         let Some((sa, sb, sc)) = self.free3() else {
             return self.a.jmp(fail);
         };
-        let rcx_parked = self.rcx_parked();
         // Before rcx is saved: the base may be guest rcx.
         self.a.lea(r64(sa), qword_ptr(r64(g.base) + g.lo as i32))?;
-        if !rcx_parked {
-            self.a.mov(m(o_spill(SP_RCX)), rcx)?;
-        }
+        self.save_rcx(SP_RCX)?;
         // Its own entry slot: keyed apart from the head's own lookup (in
         // the plain copy), which `insn` numbers from 0.
         self.cur_rip = self.block.insns[g.head()].insn.ip();
         self.cur_lookups = GROUP_LOOKUP;
         let size = (g.end - g.lo) as usize;
         let mut miss = self.lookup_fast(sa, sb, sc, size, g.write, false)?;
-        let x = &mut self.a;
-        let mut done = x.create_label();
-        x.mov(r64(g.reg), r64(sc))?;
-        if !rcx_parked {
-            x.mov(rcx, m(o_spill(SP_RCX)))?;
-        }
-        x.jmp(done)?;
-        x.set_label(&mut miss)?;
-        if !rcx_parked {
-            x.mov(rcx, m(o_spill(SP_RCX)))?;
-        }
-        x.jmp(fail)?;
-        x.set_label(&mut done)?;
-        x.zero_bytes()
+        let mut done = self.a.create_label();
+        self.a.mov(r64(g.reg), r64(sc))?;
+        self.restore_rcx(SP_RCX)?;
+        self.a.jmp(done)?;
+        self.a.set_label(&mut miss)?;
+        self.restore_rcx(SP_RCX)?;
+        self.a.jmp(fail)?;
+        self.a.set_label(&mut done)?;
+        self.a.zero_bytes()
     }
 
     /// Linear address of a memory operand into `sa` (guest rsp/r15 read
@@ -1848,15 +1895,10 @@ impl Tx<'_> {
         if !is64addr(i) {
             return Ok(None);
         }
-        let rcx_parked = self.rcx_parked();
-        if !rcx_parked {
-            self.a.mov(m(o_spill(SP_RCX)), rcx)?;
-        }
+        self.save_rcx(SP_RCX)?;
         self.ea_fast(i, sa, sb)?;
         let slow = self.lookup_fast(sa, sb, sc, size, write, align16)?;
-        if !rcx_parked {
-            self.a.mov(rcx, m(o_spill(SP_RCX)))?;
-        }
+        self.restore_rcx(SP_RCX)?;
         Ok(Some(slow))
     }
 
@@ -1948,7 +1990,7 @@ impl Tx<'_> {
     /// Cold path of a fast lookup: exact guest state is in the registers
     /// (rcx in its slot when not parked); the helper runs the instruction.
     fn defer_fast(&mut self, slow: CodeLabel, back: CodeLabel, dn: &DInsn) {
-        let restore = if self.rcx_parked() {
+        let restore = if self.rcx_parked() || self.keeper.is_some() {
             vec![]
         } else {
             vec![(Register::RCX, SP_RCX)]
@@ -1957,6 +1999,7 @@ impl Tx<'_> {
             label: slow,
             back,
             dn: dn as *const DInsn,
+            rcx_from: (!self.rcx_parked()).then_some(self.keeper).flatten(),
             restore,
             flags_in_ax: false,
             popf: false,
@@ -1990,15 +2033,10 @@ impl Tx<'_> {
             }
         };
         if let Some((sa, sb, sc)) = self.free3() {
-            let rcx_parked = self.rcx_parked();
-            if !rcx_parked {
-                self.a.mov(m(o_spill(SP_RCX)), rcx)?;
-            }
+            self.save_rcx(SP_RCX)?;
             lin(&mut self.a, sa)?;
             let slow = self.lookup_fast(sa, sb, sc, 8, push, false)?;
-            if !rcx_parked {
-                self.a.mov(rcx, m(o_spill(SP_RCX)))?;
-            }
+            self.restore_rcx(SP_RCX)?;
             f(&mut self.a, qword_ptr(r64(sa) + r64(sc)), sa, sb)?;
             self.defer_fast(slow, back, dn);
             return Ok(Some(back));
@@ -2122,6 +2160,7 @@ impl Tx<'_> {
             back,
             dn: dn as *const DInsn,
             restore: restore_all,
+            rcx_from: None,
             flags_in_ax: true,
             popf: false,
         });
@@ -2235,6 +2274,7 @@ impl Tx<'_> {
             back,
             dn: dn as *const DInsn,
             restore: vec![],
+            rcx_from: None,
             flags_in_ax: false,
             popf,
         });
@@ -2440,10 +2480,7 @@ impl Tx<'_> {
         if !encodable(&ni) {
             return Ok(false);
         }
-        let rcx_parked = self.rcx_parked();
-        if !rcx_parked {
-            self.a.mov(m(o_spill(SP_RCX)), rcx)?;
-        }
+        self.save_rcx(SP_RCX)?;
         if !self.ea_fast(i, sa, sb)? {
             return Ok(false);
         }
@@ -2461,9 +2498,7 @@ impl Tx<'_> {
             a.lea(r64(sa), qword_ptr(r64(sa) + r64(sb) * 4))?;
         }
         let slow = self.lookup_fast(sa, sb, sc, size, write, false)?;
-        if !rcx_parked {
-            self.a.mov(rcx, m(o_spill(SP_RCX)))?;
-        }
+        self.restore_rcx(SP_RCX)?;
         // The operand's own address again (guest rcx is back in place).
         self.ea_fast(i, sa, sb)?;
         self.a.add_instruction(no_ip(&ni))?;
