@@ -1607,6 +1607,11 @@ impl Tx<'_> {
     /// Leave translated code for the dispatcher, rip = target.
     fn exit_to(&mut self, t: ExitTarget, site: Option<CodeLabel>) -> R<()> {
         self.park_reload()?;
+        self.exit_tail(t, site)
+    }
+
+    /// [`Self::exit_to`] with the parked registers already reloaded.
+    fn exit_tail(&mut self, t: ExitTarget, site: Option<CodeLabel>) -> R<()> {
         let a = &mut self.a;
         if site.is_none() && !self.no_jc {
             // Through the jump cache (target stored in cpu.s.rip).
@@ -1693,6 +1698,11 @@ impl Tx<'_> {
         a.db(&[0xe9, 0, 0, 0, 0])?;
         a.set_label(&mut slow)?;
         self.chain_sites.push((site_idx, fast_idx, target));
+        if target > last_ip {
+            // Only the unpatched site falls through to `slow` (no back-edge
+            // check jumps there): the registers are reloaded already.
+            return self.exit_tail(ExitTarget::Imm(target), Some(site));
+        }
         self.exit_to(ExitTarget::Imm(target), Some(site))
     }
 
