@@ -1888,8 +1888,8 @@ impl Tx<'_> {
     }
 
     /// The linear address of `i`'s memory operand into `sa`, then the
-    /// flag-free lookup (see [`Self::lookup_fast`]), with guest rcx kept in
-    /// its slot around it when rcx is not parked. Returns the miss label;
+    /// flag-free lookup (see [`Self::lookup_fast`]), with guest rcx kept
+    /// aside around it ([`Self::save_rcx`]). Returns the miss label;
     /// None (nothing emitted) for address forms this path does not handle.
     #[allow(clippy::too_many_arguments)]
     fn operand_lookup(
@@ -2000,7 +2000,9 @@ impl Tx<'_> {
     /// Cold path of a fast lookup: exact guest state is in the registers
     /// (rcx in its slot when not parked); the helper runs the instruction.
     fn defer_fast(&mut self, slow: CodeLabel, back: CodeLabel, dn: &DInsn) {
-        let restore = if self.rcx_parked() || self.keeper.is_some() {
+        // Guest rcx is where save_rcx put it.
+        let rcx_from = if self.rcx_parked() { None } else { self.keeper };
+        let restore = if self.rcx_parked() || rcx_from.is_some() {
             vec![]
         } else {
             vec![(Register::RCX, SP_RCX)]
@@ -2009,7 +2011,7 @@ impl Tx<'_> {
             label: slow,
             back,
             dn: dn as *const DInsn,
-            rcx_from: (!self.rcx_parked()).then_some(self.keeper).flatten(),
+            rcx_from,
             restore,
             flags_in_ax: false,
             popf: false,
@@ -2295,22 +2297,17 @@ impl Tx<'_> {
     /// leaves for the helper when the bus's interrupt hint is raised, so a
     /// waiting interrupt is delivered right after the next instruction.
     fn if_flag(&mut self, dn: &DInsn, set: bool) -> R<bool> {
-        let rcx_parked = self.rcx_parked();
-        let a = &mut self.a;
-        let slow = a.create_label();
-        let mut back = a.create_label();
-        a.pushfq()?;
-        a.test(byte_ptr(r15 + o_seg!(CS, attr)), 0x60)?;
-        a.jnz(slow)?;
+        let slow = self.a.create_label();
+        let mut back = self.a.create_label();
+        self.a.pushfq()?;
+        self.a.test(byte_ptr(r15 + o_seg!(CS, attr)), 0x60)?;
+        self.a.jnz(slow)?;
         if set {
-            if !rcx_parked {
-                a.mov(m(o_spill(SP_RCX)), rcx)?;
-            }
-            a.mov(rcx, m(o_ctx!(hint)))?;
-            a.cmp(dword_ptr(rcx), 0)?;
-            if !rcx_parked {
-                a.mov(rcx, m(o_spill(SP_RCX)))?;
-            }
+            self.save_rcx(SP_RCX)?;
+            self.a.mov(rcx, m(o_ctx!(hint)))?;
+            self.a.cmp(dword_ptr(rcx), 0)?;
+            self.restore_rcx(SP_RCX)?;
+            let a = &mut self.a;
             a.jne(slow)?;
             a.or(dword_ptr(r15 + o_rflags()), 0x200)?;
             // The shadow holds off an interrupt that arrives from now
@@ -2318,8 +2315,9 @@ impl Tx<'_> {
             // dispatcher honours and clears it.
             a.mov(byte_ptr(r15 + o_irq_shadow()), 1)?;
         } else {
-            a.and(dword_ptr(r15 + o_rflags()), !0x200)?;
+            self.a.and(dword_ptr(r15 + o_rflags()), !0x200)?;
         }
+        let a = &mut self.a;
         a.popfq()?;
         a.set_label(&mut back)?;
         a.zero_bytes()?;
