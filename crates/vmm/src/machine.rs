@@ -289,6 +289,14 @@ fn run_once(
     );
     cpu.set_engine(cfg.engine)
         .context("setting up the binary translator")?;
+    // Translate on a second host thread where there is a second core (the
+    // vCPU interprets a hot block until its translation is ready);
+    // MATRYOSHKA_JIT_SYNC=1 translates on the vCPU thread (A/B, debugging).
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cores > 1 && std::env::var_os("MATRYOSHKA_JIT_SYNC").is_none() {
+        cpu.set_jit_background(true)
+            .context("starting the translator thread")?;
+    }
     waker.add_kick(cpu.kick.clone());
     cpu.set_state(booted.cpu.clone());
 

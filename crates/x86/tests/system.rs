@@ -1454,3 +1454,68 @@ fn grouped_accesses_survive_straddles_and_helpers() {
     assert_eq!(g_i[13], sum, "sum of the rounds");
     assert_eq!(m_i, m, "memory after the loop");
 }
+
+/// With background translation the vCPU interprets a hot block until its
+/// translation is ready and then runs that; a flush while jobs are queued
+/// (here between short run slices) drops their results, and the blocks are
+/// queued again. The outcome matches the interpreter's either way, and
+/// translated code did run.
+#[test]
+fn background_translation_matches_interpreter() {
+    const DATA: u64 = 0x30000;
+    let run = |engine: mat_x86::Engine, flush_every: Option<u32>| {
+        let mut cpu = machine(|a| {
+            let mut top = a.create_label();
+            let mut odd = a.create_label();
+            a.mov(r12d, 200_000).unwrap();
+            a.mov(rsi, DATA).unwrap();
+            a.set_label(&mut top).unwrap();
+            a.mov(rax, qword_ptr(rsi)).unwrap();
+            a.imul_3(rax, rax, 0x1234_5679).unwrap();
+            a.add(rax, r12).unwrap();
+            a.mov(qword_ptr(rsi), rax).unwrap();
+            a.test(r12d, 1).unwrap();
+            a.jnz(odd).unwrap();
+            a.xor(qword_ptr(rsi + 8), rax).unwrap();
+            a.set_label(&mut odd).unwrap();
+            a.ror(rax, 7).unwrap();
+            a.add(qword_ptr(rsi + 16), rax).unwrap();
+            a.dec(r12d).unwrap();
+            a.jnz(top).unwrap();
+            a.hlt().unwrap();
+        });
+        cpu.bus = Box::new(QuietBus);
+        cpu.set_engine(engine).unwrap();
+        cpu.set_jit_background(true).unwrap();
+        cpu.set_jit_threshold(1);
+        let mut slices = 0u32;
+        let exit = loop {
+            let exit = cpu.run(20_000);
+            slices += 1;
+            if exit != Exit::Budget || slices > 10_000 {
+                break exit;
+            }
+            if flush_every.is_some_and(|n| slices.is_multiple_of(n)) {
+                cpu.flush_code();
+            }
+        };
+        assert_eq!(exit, Exit::Halted);
+        assert_eq!(cpu.s.gpr[15], SENTINEL, "no exception");
+        (
+            cpu.s.gpr,
+            read_bytes(&cpu, DATA, 24),
+            cpu.jit_stats().cloned(),
+        )
+    };
+    let (g_i, m_i, _) = run(mat_x86::Engine::Interp, None);
+    for flush_every in [None, Some(1), Some(7)] {
+        let (g_j, m_j, stats) = run(mat_x86::Engine::Jit, flush_every);
+        let stats = stats.expect("jit stats");
+        assert!(stats.translations > 0 && stats.entries > 0, "{stats:?}");
+        if flush_every.is_some() {
+            assert!(stats.flushes > 10, "{stats:?}");
+        }
+        assert_eq!(g_j, g_i, "registers (jit vs interpreter, {flush_every:?})");
+        assert_eq!(m_j, m_i, "memory (jit vs interpreter, {flush_every:?})");
+    }
+}

@@ -14,16 +14,17 @@
 pub mod codebuf;
 mod emit;
 mod translate;
+mod worker;
 
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Instant;
 
 use crate::cpu::{Block, Cpu, DInsn};
 use crate::fasthash::FastMap;
 use codebuf::CodeBuf;
 use translate::Stubs;
+use worker::{Finished, Job, Outcome, SharedCode, Worker};
 
 /// Which engine runs guest code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -126,7 +127,16 @@ pub struct JitStats {
 }
 
 pub struct Jit {
-    buf: CodeBuf,
+    /// The code buffer, shared with the translator thread.
+    code: SharedCode,
+    /// Flushes so far (the buffer's epoch as this thread last set it).
+    epoch: u64,
+    /// The background translator (None: translate on the vCPU thread).
+    worker: Option<Worker>,
+    /// Blocks queued for the translator: id -> (block, epoch queued in).
+    /// The `Rc` keeps each alive until its job comes back.
+    pending: FastMap<u64, (Rc<Block>, u64)>,
+    next_job: u64,
     stubs: Stubs,
     stub_len: usize,
     /// Patchable exit sites: site -> (target rip, source physical page,
@@ -175,6 +185,11 @@ fn fast_pext() -> bool {
 }
 
 const CODE_SIZE: usize = 64 << 20;
+/// `Block::jit_entry` of a block queued for the background translator.
+const PENDING: u64 = 2;
+/// Blocks queued at most: past this the translator is behind, and hot
+/// blocks wait (interpreted) for a place in the queue.
+const MAX_PENDING: usize = 256;
 /// Interpreted executions before a block is translated.
 const DEFAULT_THRESHOLD: u32 = 32;
 
@@ -200,7 +215,11 @@ impl Jit {
             .ok_or_else(|| std::io::Error::other("JIT code buffer too small"))?;
         Ok(Jit {
             stub_len: buf.used(),
-            buf,
+            code: Arc::new(std::sync::Mutex::new(worker::Code { buf, epoch: 0 })),
+            epoch: 0,
+            worker: None,
+            pending: FastMap::default(),
+            next_job: 0,
             stubs,
             chains: FastMap::default(),
             fast_entries: FastMap::default(),
@@ -234,11 +253,43 @@ impl Jit {
             b.jit_entry.set(0);
             b.heat.set(0);
         }
+        // Queued blocks stay pending (the translator may be reading them)
+        // until their jobs come back, to be dropped: they are of an old
+        // epoch now.
+        for (b, _) in self.pending.values() {
+            b.jit_entry.set(0);
+            b.heat.set(0);
+        }
         self.chains.clear();
         self.fast_entries.clear();
         self.jc.fill(JC_EMPTY);
-        self.buf.reset(self.stub_len);
+        let mut c = worker::lock(&self.code);
+        c.buf.reset(self.stub_len);
+        c.epoch += 1;
+        self.epoch = c.epoch;
+        drop(c);
         self.stats.flushes += 1;
+    }
+
+    /// Translate on a background thread (true) or on the vCPU thread.
+    /// Off by default: tests that count on a block being translated when
+    /// it reaches the threshold need it off.
+    pub fn set_background(&mut self, on: bool) -> std::io::Result<()> {
+        if on && self.worker.is_none() {
+            self.worker = Some(Worker::spawn(self.code.clone())?);
+        } else if !on {
+            self.drain_worker();
+        }
+        Ok(())
+    }
+
+    /// Stop the translator thread, dropping what it had not finished.
+    fn drain_worker(&mut self) {
+        // Joins the thread: no block is in use after this.
+        self.worker.take();
+        for (_, (b, _)) in self.pending.drain() {
+            b.jit_entry.set(0);
+        }
     }
 }
 
@@ -282,6 +333,16 @@ impl Cpu {
         }
     }
 
+    /// Translate hot blocks on a background thread, so the vCPU keeps
+    /// interpreting them meanwhile instead of waiting (see
+    /// [`worker`]). Off by default.
+    pub fn set_jit_background(&mut self, on: bool) -> std::io::Result<()> {
+        match self.jit.as_mut() {
+            Some(j) => j.set_background(on),
+            None => Ok(()),
+        }
+    }
+
     /// Set the number of interpreted executions before a block is
     /// translated (0 and 1 translate on first use).
     pub fn set_jit_threshold(&mut self, n: u32) {
@@ -299,6 +360,9 @@ impl Cpu {
         use crate::state::{cr0, cr4};
         let sse = self.s.cr0 & (cr0::TS | cr0::EM) == 0 && self.s.cr4 & cr4::OSFXSR != 0;
         let fp = self.s.fpu.mxcsr & 0x1f80 == 0x1f80;
+        if self.jit.as_ref()?.worker.is_some() {
+            self.jit_collect();
+        }
         let jit = self.jit.as_mut()?;
         if jit.sse != sse || jit.fp != fp {
             // Translations made without native SSE (or SSE floating point)
@@ -321,7 +385,8 @@ impl Cpu {
                 }
                 self.jit_translate(block)?
             }
-            1 => return None,
+            // Untranslatable, or queued for the translator.
+            1 | PENDING => return None,
             e => e,
         };
         if let Some(jit) = self.jit.as_mut() {
@@ -338,9 +403,10 @@ impl Cpu {
             if block.lin_pc == target && block.phys_pc >> 12 == ppn {
                 let jit = self.jit.as_mut()?;
                 if let Some((_, _, fast_site, key)) = jit.chains.remove(&site) {
+                    let mut c = worker::lock(&jit.code);
                     match jit.fast_entries.get(&entry) {
-                        Some(&(ce, k)) if k == key => jit.buf.patch_jmp(fast_site, ce),
-                        _ => jit.buf.patch_jmp(site, entry),
+                        Some(&(ce, k)) if k == key => c.buf.patch_jmp(fast_site, ce),
+                        _ => c.buf.patch_jmp(site, entry),
                     }
                     jit.stats.chain_patches += 1;
                 }
@@ -364,33 +430,109 @@ impl Cpu {
             }
         }
         let jit = self.jit.as_mut()?;
-        let t0 = Instant::now();
-        let opts = translate::Opts {
-            sse: jit.sse,
-            fp: jit.fp,
-            bmi2: jit.bmi2,
-            groups: jit.groups,
+        let job = Job {
+            id: jit.next_job,
+            block: Rc::as_ptr(block),
+            gens,
+            stubs: jit.stubs,
+            opts: translate::Opts {
+                sse: jit.sse,
+                fp: jit.fp,
+                bmi2: jit.bmi2,
+                groups: jit.groups,
+            },
         };
-        let mut result = translate::translate(block, &gens, jit.stubs, jit.buf.next_addr(), opts);
-        if matches!(&result, Ok(t) if t.code.len() > jit.buf.free()) {
-            jit.flush();
-            result = translate::translate(block, &gens, jit.stubs, jit.buf.next_addr(), opts);
+        jit.next_job += 1;
+        if let Some(w) = jit.worker.as_ref() {
+            if jit.pending.len() >= MAX_PENDING {
+                // The translator is behind: ask again on a later run.
+                return None;
+            }
+            if w.send(job) {
+                jit.pending
+                    .insert(jit.next_job - 1, (block.clone(), jit.epoch));
+                block.jit_entry.set(PENDING);
+                return None;
+            }
+            // The thread is gone: translate here from now on.
+            jit.drain_worker();
+            return None;
         }
-        jit.stats.translate_ms += t0.elapsed().as_secs_f64() * 1e3;
-        let t = match result {
-            Ok(t) => t,
-            Err(e) => {
+        let mut f = worker::produce(&jit.code, &job);
+        if matches!(f.outcome, Outcome::Full) {
+            jit.flush();
+            let ms = f.ms;
+            f = worker::produce(&jit.code, &job);
+            f.ms += ms;
+        }
+        jit.install(block, f)
+    }
+
+    /// Install the translations the background translator has finished.
+    fn jit_collect(&mut self) {
+        let Some(jit) = self.jit.as_mut() else {
+            return;
+        };
+        loop {
+            let Some(w) = jit.worker.as_ref() else {
+                return;
+            };
+            let f = match w.done.try_recv() {
+                Ok(f) => f,
+                Err(std::sync::mpsc::TryRecvError::Empty) => return,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    jit.drain_worker();
+                    return;
+                }
+            };
+            let Some((block, epoch)) = jit.pending.remove(&f.id) else {
+                continue;
+            };
+            if epoch != jit.epoch {
+                // Queued before a flush (which reset the block).
+                jit.stats.translate_ms += f.ms;
+                continue;
+            }
+            if matches!(f.outcome, Outcome::Full) {
+                jit.stats.translate_ms += f.ms;
+                jit.flush();
+                continue;
+            }
+            // The block is no longer cached (its page was written, or it
+            // was evicted): nothing would run its code.
+            if Rc::strong_count(&block) == 1 {
+                jit.stats.translate_ms += f.ms;
+                continue;
+            }
+            jit.install(&block, f);
+        }
+    }
+}
+
+impl Jit {
+    /// Make a finished translation of `block` runnable; the block's entry.
+    fn install(&mut self, block: &Rc<Block>, f: Finished) -> Option<u64> {
+        self.stats.translate_ms += f.ms;
+        let t = match f.outcome {
+            Outcome::Done(t, epoch) if epoch == self.epoch => t,
+            Outcome::Done(..) => {
+                // Written before a flush: translate again.
+                block.jit_entry.set(0);
+                return None;
+            }
+            Outcome::Full => {
+                // No room even in an empty buffer.
+                block.jit_entry.set(1);
+                return None;
+            }
+            Outcome::Failed(e) => {
                 tracing::debug!(rip = format_args!("{:#x}", block.lin_pc), error = %e, "block not translated");
-                jit.stats.translate_failures += 1;
+                self.stats.translate_failures += 1;
                 block.jit_entry.set(1);
                 return None;
             }
         };
-        if jit.buf.push(&t.code).is_none() {
-            block.jit_entry.set(1);
-            return None;
-        }
-        if jit.dump == Some(block.lin_pc) {
+        if self.dump == Some(block.lin_pc) {
             use iced_x86::Formatter;
             let mut d = iced_x86::Decoder::with_ip(64, &t.code, t.entry, 0);
             let mut f = iced_x86::IntelFormatter::new();
@@ -400,7 +542,7 @@ impl Cpu {
                 eprintln!("{:x} {out}", i.ip());
             }
         }
-        if let Some(f) = jit.perf_map.as_mut() {
+        if let Some(f) = self.perf_map.as_mut() {
             use std::io::Write;
             let _ = writeln!(
                 f,
@@ -412,21 +554,23 @@ impl Cpu {
         }
         let src_ppn = block.phys_pc >> 12;
         for c in t.chains {
-            jit.chains
+            self.chains
                 .insert(c.site, (c.target, src_ppn, c.fast_site, t.park_key));
         }
         if let Some(ce) = t.count_entry {
-            jit.fast_entries.insert(t.entry, (ce, t.park_key));
+            self.fast_entries.insert(t.entry, (ce, t.park_key));
         }
-        jit.stats.translations += 1;
-        jit.stats.code_bytes += t.code.len() as u64;
-        jit.stats.native_insns += t.native as u64;
-        jit.stats.helper_insns += t.helpers as u64;
-        jit.blocks.push(block.clone());
+        self.stats.translations += 1;
+        self.stats.code_bytes += t.code.len() as u64;
+        self.stats.native_insns += t.native as u64;
+        self.stats.helper_insns += t.helpers as u64;
+        self.blocks.push(block.clone());
         block.jit_entry.set(t.entry);
         Some(t.entry)
     }
+}
 
+impl Cpu {
     /// Run translated code from `entry` until it exits; returns the chain
     /// request for the next block, if the exit was chainable.
     pub(crate) fn jit_run(&mut self, entry: u64, budget: u64) -> Option<(u64, u64, u64)> {
@@ -534,6 +678,8 @@ extern "C" fn jit_helper(cpu: *mut Cpu, di: *const DInsn) -> u64 {
 
 impl Drop for Jit {
     fn drop(&mut self) {
+        // Before the queued blocks go.
+        self.drain_worker();
         if let Some(p) = self.profile.take() {
             let mut v: Vec<_> = p.into_iter().collect();
             v.sort_by_key(|e| std::cmp::Reverse(e.1));
@@ -558,4 +704,86 @@ fn set_mxcsr(v: u32) {
     let v = v & 0xffff;
     // SAFETY: LDMXCSR loads 4 bytes from a valid local.
     unsafe { std::arch::asm!("ldmxcsr [{}]", in(reg) &v, options(nostack)) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{asm64, cpu64};
+    use iced_x86::code_asm::*;
+
+    /// rax = 1 + 2 + ... + 100000, then HLT; translated in the background
+    /// (the loop runs long enough for its translation to arrive).
+    fn summing_cpu() -> Cpu {
+        let code = asm64(0x10000, |a| {
+            let mut top = a.create_label();
+            a.mov(ecx, 100_000).unwrap();
+            a.set_label(&mut top).unwrap();
+            a.add(rax, rcx).unwrap();
+            a.dec(ecx).unwrap();
+            a.jnz(top).unwrap();
+            a.hlt().unwrap();
+        });
+        let mut cpu = cpu64(16 << 20, &code, 0x10000);
+        cpu.set_engine(Engine::Jit).unwrap();
+        cpu.set_jit_background(true).unwrap();
+        cpu.set_jit_threshold(1);
+        cpu
+    }
+
+    fn jit(cpu: &Cpu) -> &Jit {
+        cpu.jit.as_ref().expect("jit engine")
+    }
+
+    /// Collect until every queued job has come back.
+    fn settle(cpu: &mut Cpu) {
+        for _ in 0..10_000 {
+            cpu.jit_collect();
+            if jit(cpu).pending.is_empty() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        panic!("the translator thread never answered");
+    }
+
+    #[test]
+    fn background_translations_are_installed_and_run() {
+        let mut cpu = summing_cpu();
+        cpu.run(1);
+        assert!(!jit(&cpu).pending.is_empty(), "the first block is queued");
+        settle(&mut cpu);
+        assert_eq!(jit(&cpu).stats.translations, 1);
+        assert_eq!(cpu.run(1_000_000), crate::Exit::Halted);
+        assert_eq!(cpu.s.gpr[0], 5_000_050_000);
+        let s = &jit(&cpu).stats;
+        assert!(s.translations >= 2 && s.entries > 0, "{s:?}");
+    }
+
+    /// A translation queued before a flush is written for the old buffer
+    /// (or over code of the new one): it must never be installed. Both
+    /// kinds of flush: of the translations alone (a full buffer, lost SSE
+    /// permission), where the decoded block stays cached, and of all
+    /// decoded code.
+    #[test]
+    fn a_flush_drops_translations_queued_before_it() {
+        for all_code in [false, true] {
+            let mut cpu = summing_cpu();
+            cpu.run(1);
+            assert!(!jit(&cpu).pending.is_empty(), "the first block is queued");
+            if all_code {
+                cpu.flush_code();
+            } else {
+                cpu.jit.as_mut().unwrap().flush();
+            }
+            settle(&mut cpu);
+            let j = jit(&cpu);
+            assert_eq!(j.stats.translations, 0, "{:?}", j.stats);
+            assert!(j.blocks.is_empty());
+            // The blocks are queued again, and the guest gets its answer.
+            assert_eq!(cpu.run(1_000_000), crate::Exit::Halted);
+            assert_eq!(cpu.s.gpr[0], 5_000_050_000);
+            assert!(jit(&cpu).stats.translations > 0);
+        }
+    }
 }

@@ -1,0 +1,150 @@
+//! Background translation: a host thread per vCPU that turns hot blocks
+//! into host code while the vCPU goes on interpreting them, so that
+//! translation (about 7 µs a block, 150 ms of a Linux boot) leaves the
+//! vCPU's critical path.
+//!
+//! The code buffer is shared: the translator appends at its end, and the
+//! vCPU thread patches chain sites in code it has installed and resets the
+//! buffer on a flush. A flush bumps the buffer's epoch; a translation
+//! assembled for one epoch is only written if the epoch is still current,
+//! and only installed by the vCPU if no flush came in between.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use super::codebuf::CodeBuf;
+use super::translate::{self, Opts, Stubs, Translation};
+use crate::cpu::Block;
+
+/// The code buffer and the number of flushes it has seen.
+pub(super) struct Code {
+    pub buf: CodeBuf,
+    pub epoch: u64,
+}
+
+pub(super) type SharedCode = Arc<Mutex<Code>>;
+
+/// Lock the code buffer. A panic while it was held (only in `produce`,
+/// between two plain field updates) leaves it consistent.
+pub(super) fn lock(c: &Mutex<Code>) -> MutexGuard<'_, Code> {
+    c.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One block to translate.
+pub(super) struct Job {
+    pub id: u64,
+    pub block: *const Block,
+    pub gens: Vec<(*const u32, u32)>,
+    pub stubs: Stubs,
+    pub opts: Opts,
+}
+
+// SAFETY: the vCPU thread keeps the block alive (an `Rc` in
+// `Jit::pending`) until the job's `Finished` comes back, so the pointer
+// stays valid while the translator uses it. The translator reads only the
+// fields that never change after decoding (pc, bitness, pages, insns), not
+// the `Cell`s the vCPU thread updates, and never touches the `Rc`'s count.
+// The page-generation pointers are only embedded in the generated code.
+unsafe impl Send for Job {}
+
+pub(super) enum Outcome {
+    /// Written to the buffer in this epoch.
+    Done(Translation, u64),
+    Failed(String),
+    /// The buffer has no room (the vCPU thread must flush it).
+    Full,
+}
+
+pub(super) struct Finished {
+    pub id: u64,
+    pub outcome: Outcome,
+    pub ms: f64,
+}
+
+/// Translate `job` and append the code to the buffer, assembling it for
+/// the address where it will land. The buffer is not locked while
+/// assembling; if a flush moved its end meanwhile, assemble again.
+pub(super) fn produce(code: &Mutex<Code>, job: &Job) -> Finished {
+    let t0 = Instant::now();
+    // SAFETY: see `Job`: the block outlives the job.
+    let block = unsafe { &*job.block };
+    let outcome = loop {
+        let (at, epoch) = {
+            let c = lock(code);
+            (c.buf.next_addr(), c.epoch)
+        };
+        let t = match translate::translate(block, &job.gens, job.stubs, at, job.opts) {
+            Ok(t) => t,
+            Err(e) => break Outcome::Failed(e.to_string()),
+        };
+        let mut c = lock(code);
+        if c.epoch != epoch || c.buf.next_addr() != at {
+            continue;
+        }
+        break match c.buf.push(&t.code) {
+            Some(_) => Outcome::Done(t, epoch),
+            None => Outcome::Full,
+        };
+    };
+    Finished {
+        id: job.id,
+        outcome,
+        ms: t0.elapsed().as_secs_f64() * 1e3,
+    }
+}
+
+/// The translator thread and its two queues.
+pub(super) struct Worker {
+    jobs: Option<Sender<Job>>,
+    pub done: Receiver<Finished>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Worker {
+    pub fn spawn(code: SharedCode) -> std::io::Result<Worker> {
+        let (jobs, rx) = channel::<Job>();
+        let (tx, done) = channel();
+        let thread = std::thread::Builder::new()
+            .name("matryoshka-jit".into())
+            .spawn(move || {
+                for job in rx {
+                    // A translator bug fails this block (the interpreter
+                    // keeps running it), not the VM.
+                    let f = catch_unwind(AssertUnwindSafe(|| produce(&code, &job))).unwrap_or_else(
+                        |_| Finished {
+                            id: job.id,
+                            outcome: Outcome::Failed("translator panicked".into()),
+                            ms: 0.0,
+                        },
+                    );
+                    if tx.send(f).is_err() {
+                        break;
+                    }
+                }
+            })?;
+        Ok(Worker {
+            jobs: Some(jobs),
+            done,
+            thread: Some(thread),
+        })
+    }
+
+    /// Queue a job; false if the thread is gone.
+    pub fn send(&self, job: Job) -> bool {
+        self.jobs.as_ref().is_some_and(|j| j.send(job).is_ok())
+    }
+}
+
+impl Drop for Worker {
+    /// Stop the thread and wait for it: it must not touch a block or the
+    /// buffer after the `Jit` that owns them is gone.
+    fn drop(&mut self) {
+        self.jobs.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
