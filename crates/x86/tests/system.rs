@@ -1495,8 +1495,12 @@ fn background_translation_matches_interpreter() {
             if exit != Exit::Budget || slices > 10_000 {
                 break exit;
             }
+            // A flush right after a slice catches the jobs it queued in
+            // flight; otherwise they are installed before the next one.
             if flush_every.is_some_and(|n| slices.is_multiple_of(n)) {
                 cpu.flush_code();
+            } else {
+                cpu.jit_wait_idle();
             }
         };
         assert_eq!(exit, Exit::Halted);
@@ -1511,7 +1515,9 @@ fn background_translation_matches_interpreter() {
     for flush_every in [None, Some(1), Some(7)] {
         let (g_j, m_j, stats) = run(mat_x86::Engine::Jit, flush_every);
         let stats = stats.expect("jit stats");
-        assert!(stats.translations > 0 && stats.entries > 0, "{stats:?}");
+        if flush_every != Some(1) {
+            assert!(stats.translations > 0 && stats.entries > 0, "{stats:?}");
+        }
         if flush_every.is_some() {
             assert!(stats.flushes > 10, "{stats:?}");
         }

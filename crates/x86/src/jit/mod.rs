@@ -343,6 +343,13 @@ impl Cpu {
         }
     }
 
+    /// Wait for the background translator to finish every queued block,
+    /// and install the translations: tests and measurements that need to
+    /// know what is translated call this between runs.
+    pub fn jit_wait_idle(&mut self) {
+        self.jit_collect(true);
+    }
+
     /// Set the number of interpreted executions before a block is
     /// translated (0 and 1 translate on first use).
     pub fn set_jit_threshold(&mut self, n: u32) {
@@ -361,7 +368,7 @@ impl Cpu {
         let sse = self.s.cr0 & (cr0::TS | cr0::EM) == 0 && self.s.cr4 & cr4::OSFXSR != 0;
         let fp = self.s.fpu.mxcsr & 0x1f80 == 0x1f80;
         if self.jit.as_ref()?.worker.is_some() {
-            self.jit_collect();
+            self.jit_collect(false);
         }
         let jit = self.jit.as_mut()?;
         if jit.sse != sse || jit.fp != fp {
@@ -468,8 +475,9 @@ impl Cpu {
         jit.install(block, f)
     }
 
-    /// Install the translations the background translator has finished.
-    fn jit_collect(&mut self) {
+    /// Install the translations the background translator has finished;
+    /// with `wait`, every queued one (waiting for the translator).
+    fn jit_collect(&mut self, wait: bool) {
         let Some(jit) = self.jit.as_mut() else {
             return;
         };
@@ -477,13 +485,19 @@ impl Cpu {
             let Some(w) = jit.worker.as_ref() else {
                 return;
             };
-            let f = match w.done.try_recv() {
-                Ok(f) => f,
-                Err(std::sync::mpsc::TryRecvError::Empty) => return,
-                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
-                    jit.drain_worker();
-                    return;
+            let got = if wait && !jit.pending.is_empty() {
+                w.done.recv().ok()
+            } else {
+                match w.done.try_recv() {
+                    Ok(f) => Some(f),
+                    Err(std::sync::mpsc::TryRecvError::Empty) => return,
+                    Err(std::sync::mpsc::TryRecvError::Disconnected) => None,
                 }
+            };
+            let Some(f) = got else {
+                // The thread is gone.
+                jit.drain_worker();
+                return;
             };
             let Some((block, epoch)) = jit.pending.remove(&f.id) else {
                 continue;
@@ -735,25 +749,16 @@ mod tests {
         cpu.jit.as_ref().expect("jit engine")
     }
 
-    /// Collect until every queued job has come back.
-    fn settle(cpu: &mut Cpu) {
-        for _ in 0..10_000 {
-            cpu.jit_collect();
-            if jit(cpu).pending.is_empty() {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
-        panic!("the translator thread never answered");
-    }
-
     #[test]
     fn background_translations_are_installed_and_run() {
         let mut cpu = summing_cpu();
         cpu.run(1);
         assert!(!jit(&cpu).pending.is_empty(), "the first block is queued");
-        settle(&mut cpu);
+        cpu.jit_wait_idle();
         assert_eq!(jit(&cpu).stats.translations, 1);
+        // Queues the loop's block, which then runs translated.
+        cpu.run(10);
+        cpu.jit_wait_idle();
         assert_eq!(cpu.run(1_000_000), crate::Exit::Halted);
         assert_eq!(cpu.s.gpr[0], 5_000_050_000);
         let s = &jit(&cpu).stats;
@@ -776,11 +781,13 @@ mod tests {
             } else {
                 cpu.jit.as_mut().unwrap().flush();
             }
-            settle(&mut cpu);
+            cpu.jit_wait_idle();
             let j = jit(&cpu);
             assert_eq!(j.stats.translations, 0, "{:?}", j.stats);
             assert!(j.blocks.is_empty());
             // The blocks are queued again, and the guest gets its answer.
+            cpu.run(10);
+            cpu.jit_wait_idle();
             assert_eq!(cpu.run(1_000_000), crate::Exit::Halted);
             assert_eq!(cpu.s.gpr[0], 5_000_050_000);
             assert!(jit(&cpu).stats.translations > 0);
