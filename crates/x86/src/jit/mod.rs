@@ -485,19 +485,14 @@ impl Cpu {
             let Some(w) = jit.worker.as_ref() else {
                 return;
             };
-            let got = if wait && !jit.pending.is_empty() {
-                w.done.recv().ok()
-            } else {
-                match w.done.try_recv() {
-                    Ok(f) => Some(f),
-                    Err(std::sync::mpsc::TryRecvError::Empty) => return,
-                    Err(std::sync::mpsc::TryRecvError::Disconnected) => None,
+            let f = match w.receive(wait && !jit.pending.is_empty()) {
+                Ok(Some(f)) => f,
+                Ok(None) => return,
+                Err(()) => {
+                    // The thread is gone.
+                    jit.drain_worker();
+                    return;
                 }
-            };
-            let Some(f) = got else {
-                // The thread is gone.
-                jit.drain_worker();
-                return;
             };
             let Some((block, epoch)) = jit.pending.remove(&f.id) else {
                 continue;

@@ -10,6 +10,7 @@
 //! and only installed by the vCPU if no flush came in between.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -99,7 +100,10 @@ pub(super) fn produce(code: &Mutex<Code>, job: &Job) -> Finished {
 /// The translator thread and its two queues.
 pub(super) struct Worker {
     jobs: Option<Sender<Job>>,
-    pub done: Receiver<Finished>,
+    done: Receiver<Finished>,
+    /// Finished jobs not yet received: the dispatcher polls this one word
+    /// (a channel's `try_recv` costs several percent of a boot).
+    ready: Arc<AtomicUsize>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -107,6 +111,8 @@ impl Worker {
     pub fn spawn(code: SharedCode) -> std::io::Result<Worker> {
         let (jobs, rx) = channel::<Job>();
         let (tx, done) = channel();
+        let ready = Arc::new(AtomicUsize::new(0));
+        let ready2 = ready.clone();
         let thread = std::thread::Builder::new()
             .name("matryoshka-jit".into())
             .spawn(move || {
@@ -123,13 +129,35 @@ impl Worker {
                     if tx.send(f).is_err() {
                         break;
                     }
+                    ready2.fetch_add(1, Ordering::Release);
                 }
             })?;
         Ok(Worker {
             jobs: Some(jobs),
             done,
+            ready,
             thread: Some(thread),
         })
+    }
+
+    /// The next finished job: Ok(None) if there is none yet (or, with
+    /// `wait`, after waiting for one), Err if the thread is gone.
+    pub fn receive(&self, wait: bool) -> Result<Option<Finished>, ()> {
+        if !wait && self.ready.load(Ordering::Acquire) == 0 {
+            return Ok(None);
+        }
+        let got = if wait {
+            self.done.recv().map_err(|_| ())
+        } else {
+            match self.done.try_recv() {
+                Ok(f) => Ok(f),
+                // Counted but not yet visible: next time.
+                Err(std::sync::mpsc::TryRecvError::Empty) => return Ok(None),
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => Err(()),
+            }
+        }?;
+        self.ready.fetch_sub(1, Ordering::Relaxed);
+        Ok(Some(got))
     }
 
     /// Queue a job; false if the thread is gone.
