@@ -423,6 +423,11 @@ impl Cpu {
     }
 
     fn jit_translate(&mut self, block: &Rc<Block>) -> Option<u64> {
+        let jit = self.jit.as_ref()?;
+        if jit.worker.is_some() && jit.pending.len() >= MAX_PENDING {
+            // The translator is behind: ask again on a later run.
+            return None;
+        }
         let mut gens = Vec::new();
         for &(ppn, gen) in block.pages.iter() {
             if ppn == u64::MAX {
@@ -451,10 +456,6 @@ impl Cpu {
         };
         jit.next_job += 1;
         if let Some(w) = jit.worker.as_ref() {
-            if jit.pending.len() >= MAX_PENDING {
-                // The translator is behind: ask again on a later run.
-                return None;
-            }
             if w.send(job) {
                 jit.pending
                     .insert(jit.next_job - 1, (block.clone(), jit.epoch));
@@ -504,6 +505,9 @@ impl Cpu {
             }
             if matches!(f.outcome, Outcome::Full) {
                 jit.stats.translate_ms += f.ms;
+                // No longer pending, so the flush would not reset it.
+                block.jit_entry.set(0);
+                block.heat.set(0);
                 jit.flush();
                 continue;
             }
@@ -787,5 +791,52 @@ mod tests {
             assert_eq!(cpu.s.gpr[0], 5_000_050_000);
             assert!(jit(&cpu).stats.translations > 0);
         }
+    }
+    /// A translation that finds the buffer full makes the vCPU flush it;
+    /// that block and the others are queued again. Here 24 blocks that
+    /// run in turn do not fit in a small buffer, so it fills again and
+    /// again, and blocks keep being translated: none is left waiting for
+    /// a job that will never come back.
+    #[test]
+    fn a_full_buffer_in_the_background_flushes_and_translates_again() {
+        let code = asm64(0x10000, |a| {
+            let mut top = a.create_label();
+            a.mov(ecx, 20_000).unwrap();
+            a.set_label(&mut top).unwrap();
+            for k in 1..=24 {
+                let mut next = a.create_label();
+                a.add(rax, k).unwrap();
+                a.jmp(next).unwrap();
+                a.set_label(&mut next).unwrap();
+            }
+            a.dec(ecx).unwrap();
+            a.jnz(top).unwrap();
+            a.hlt().unwrap();
+        });
+        let mut cpu = cpu64(16 << 20, &code, 0x10000);
+        cpu.set_engine(Engine::Jit).unwrap();
+        let small = Jit::with_size(4096).unwrap();
+        cpu.jctx.jc_base = small.jc.as_ptr() as u64;
+        cpu.jit = Some(Box::new(small));
+        cpu.set_jit_background(true).unwrap();
+        cpu.set_jit_threshold(1);
+        let mut translated = Vec::new();
+        let exit = loop {
+            let exit = cpu.run(5_000);
+            cpu.jit_wait_idle();
+            translated.push(jit(&cpu).stats.translations);
+            if exit != crate::Exit::Budget {
+                break exit;
+            }
+        };
+        assert_eq!(exit, crate::Exit::Halted);
+        assert_eq!(cpu.s.gpr[0], 20_000 * 300);
+        let s = &jit(&cpu).stats;
+        assert!(s.flushes > 10, "{s:?}");
+        let n = translated.len();
+        assert!(
+            translated[n - 1] > translated[n / 2],
+            "translations stopped: {translated:?}"
+        );
     }
 }
