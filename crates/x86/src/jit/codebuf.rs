@@ -11,7 +11,9 @@ pub struct CodeBuf {
     used: usize,
 }
 
-// SAFETY: the buffer is owned by one vCPU; the raw pointers are not shared.
+// SAFETY: the buffer belongs to one vCPU's translator; the vCPU thread and
+// its translator thread reach it only through the mutex around it
+// (`worker::Code`), and it unmaps nothing until dropped.
 unsafe impl Send for CodeBuf {}
 
 impl CodeBuf {

@@ -24,7 +24,7 @@ use crate::cpu::{Block, Cpu, DInsn};
 use crate::fasthash::FastMap;
 use codebuf::CodeBuf;
 use translate::Stubs;
-use worker::{Finished, Job, Outcome, SharedCode, Worker};
+use worker::{Job, Outcome, SharedCode, Worker};
 
 /// Which engine runs guest code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -442,8 +442,10 @@ impl Cpu {
             }
         }
         let jit = self.jit.as_mut()?;
+        let id = jit.next_job;
+        jit.next_job += 1;
         let job = Job {
-            id: jit.next_job,
+            id,
             block: Rc::as_ptr(block),
             gens,
             stubs: jit.stubs,
@@ -454,11 +456,9 @@ impl Cpu {
                 groups: jit.groups,
             },
         };
-        jit.next_job += 1;
         if let Some(w) = jit.worker.as_ref() {
             if w.send(job) {
-                jit.pending
-                    .insert(jit.next_job - 1, (block.clone(), jit.epoch));
+                jit.pending.insert(id, (block.clone(), jit.epoch));
                 block.jit_entry.set(PENDING);
                 return None;
             }
@@ -468,12 +468,12 @@ impl Cpu {
         }
         let mut f = worker::produce(&jit.code, &job);
         if matches!(f.outcome, Outcome::Full) {
+            jit.stats.translate_ms += f.ms;
             jit.flush();
-            let ms = f.ms;
             f = worker::produce(&jit.code, &job);
-            f.ms += ms;
         }
-        jit.install(block, f)
+        jit.stats.translate_ms += f.ms;
+        jit.install(block, f.outcome)
     }
 
     /// Install the translations the background translator has finished;
@@ -495,16 +495,15 @@ impl Cpu {
                     return;
                 }
             };
+            jit.stats.translate_ms += f.ms;
             let Some((block, epoch)) = jit.pending.remove(&f.id) else {
                 continue;
             };
             if epoch != jit.epoch {
                 // Queued before a flush (which reset the block).
-                jit.stats.translate_ms += f.ms;
                 continue;
             }
             if matches!(f.outcome, Outcome::Full) {
-                jit.stats.translate_ms += f.ms;
                 // No longer pending, so the flush would not reset it.
                 block.jit_entry.set(0);
                 block.heat.set(0);
@@ -514,25 +513,18 @@ impl Cpu {
             // The block is no longer cached (its page was written, or it
             // was evicted): nothing would run its code.
             if Rc::strong_count(&block) == 1 {
-                jit.stats.translate_ms += f.ms;
                 continue;
             }
-            jit.install(&block, f);
+            jit.install(&block, f.outcome);
         }
     }
 }
 
 impl Jit {
     /// Make a finished translation of `block` runnable; the block's entry.
-    fn install(&mut self, block: &Rc<Block>, f: Finished) -> Option<u64> {
-        self.stats.translate_ms += f.ms;
-        let t = match f.outcome {
-            Outcome::Done(t, epoch) if epoch == self.epoch => t,
-            Outcome::Done(..) => {
-                // Written before a flush: translate again.
-                block.jit_entry.set(0);
-                return None;
-            }
+    fn install(&mut self, block: &Rc<Block>, outcome: Outcome) -> Option<u64> {
+        let t = match outcome {
+            Outcome::Done(t) => t,
             Outcome::Full => {
                 // No room even in an empty buffer.
                 block.jit_entry.set(1);

@@ -52,8 +52,9 @@ pub(super) struct Job {
 unsafe impl Send for Job {}
 
 pub(super) enum Outcome {
-    /// Written to the buffer in this epoch.
-    Done(Translation, u64),
+    /// Written to the buffer (in the epoch the job was queued in, when
+    /// the vCPU still has it pending: only the vCPU flushes).
+    Done(Translation),
     Failed(String),
     /// The buffer has no room (the vCPU thread must flush it).
     Full,
@@ -86,7 +87,7 @@ pub(super) fn produce(code: &Mutex<Code>, job: &Job) -> Finished {
             continue;
         }
         break match c.buf.push(&t.code) {
-            Some(_) => Outcome::Done(t, epoch),
+            Some(_) => Outcome::Done(t),
             None => Outcome::Full,
         };
     };
