@@ -249,17 +249,18 @@ impl Jit {
 
     /// Drop every translation (buffer full, or guest memory replaced).
     pub fn flush(&mut self) {
-        for b in self.blocks.drain(..) {
-            b.jit_entry.set(0);
-            b.heat.set(0);
-        }
         // Queued blocks stay pending (the translator may be reading them)
         // until their jobs come back, to be dropped: they are of an old
         // epoch now.
-        for (b, _) in self.pending.values() {
+        for b in self
+            .blocks
+            .iter()
+            .chain(self.pending.values().map(|(b, _)| b))
+        {
             b.jit_entry.set(0);
             b.heat.set(0);
         }
+        self.blocks.clear();
         self.chains.clear();
         self.fast_entries.clear();
         self.jc.fill(JC_EMPTY);
@@ -784,6 +785,7 @@ mod tests {
             assert!(jit(&cpu).stats.translations > 0);
         }
     }
+
     /// A translation that finds the buffer full makes the vCPU flush it;
     /// that block and the others are queued again. Here 24 blocks that
     /// run in turn do not fit in a small buffer, so it fills again and
