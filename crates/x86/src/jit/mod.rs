@@ -142,8 +142,9 @@ pub struct Jit {
     /// Patchable exit sites: site -> (target rip, source physical page,
     /// the site's fast jmp, the source's parked-register key).
     chains: FastMap<u64, (u64, u64, u64, u64)>,
-    /// Block entry -> (entry past parking and page checks, parked key).
-    fast_entries: FastMap<u64, (u64, u64)>,
+    /// Block entry of a single-page block -> (entry past the page checks
+    /// and the parking, entry past the page checks, parked key).
+    fast_entries: FastMap<u64, (u64, u64, u64)>,
     /// Translated blocks, kept alive while their code may run (the code
     /// points at their decoded instructions).
     blocks: Vec<Rc<Block>>,
@@ -412,9 +413,12 @@ impl Cpu {
                 let jit = self.jit.as_mut()?;
                 if let Some((_, _, fast_site, key)) = jit.chains.remove(&site) {
                     let mut c = worker::lock(&jit.code);
+                    // Same page: past the target's page check, and past
+                    // its parking too when it parks the same registers.
                     match jit.fast_entries.get(&entry) {
-                        Some(&(ce, k)) if k == key => c.buf.patch_jmp(fast_site, ce),
-                        _ => c.buf.patch_jmp(site, entry),
+                        Some(&(ce, _, k)) if k == key => c.buf.patch_jmp(fast_site, ce),
+                        Some(&(_, pe, _)) => c.buf.patch_jmp(site, pe),
+                        None => c.buf.patch_jmp(site, entry),
                     }
                     jit.stats.chain_patches += 1;
                 }
@@ -563,8 +567,8 @@ impl Jit {
             self.chains
                 .insert(c.site, (c.target, src_ppn, c.fast_site, t.park_key));
         }
-        if let Some(ce) = t.count_entry {
-            self.fast_entries.insert(t.entry, (ce, t.park_key));
+        if let (Some(ce), Some(pe)) = (t.count_entry, t.park_entry) {
+            self.fast_entries.insert(t.entry, (ce, pe, t.park_key));
         }
         self.stats.translations += 1;
         self.stats.code_bytes += t.code.len() as u64;

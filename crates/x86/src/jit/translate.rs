@@ -376,6 +376,10 @@ pub struct Translation {
     pub entry: u64,
     /// Entry past the parking and the page checks (single-page blocks).
     pub count_entry: Option<u64>,
+    /// Entry past the page checks, before the parking (single-page
+    /// blocks): for chained jumps from the same page with other parked
+    /// registers.
+    pub park_entry: Option<u64>,
     /// The parked registers, in order (equal keys: same slots).
     pub park_key: u64,
     pub chains: Vec<ChainSite>,
@@ -514,16 +518,18 @@ pub fn translate(
     let rcx_parked = tx.rcx_parked();
     // The entry is the first instruction (index 0).
     let mut l_stale = tx.a.create_label();
-    tx.park_spill()?;
     // Check that the guest code is unchanged (a chained jump may arrive
-    // here without passing the dispatcher), then count instructions.
-    // Jumps back to the block's own start, and chained jumps from a block
-    // of the same page with the same parked registers, enter at the count
-    // (`l_count`): their source checked this page and nothing can have
-    // written it since without leaving translated code (a helper that
-    // writes decoded code exits).
+    // here without passing the dispatcher), then park, then count
+    // instructions. Chained jumps from a block of the same page skip the
+    // check: their source checked this page and nothing can have written
+    // it since without leaving translated code (a helper that writes
+    // decoded code exits). With the same parked registers they enter at
+    // the count (`l_count`), as do jumps back to the block's own start;
+    // with others at the parking (`park_idx`). The check runs before the
+    // parking, so rcx goes through a spill slot (the keeper still holds
+    // a guest value).
     if !page_gens.is_empty() {
-        tx.save_rcx(SP_ENTRY)?;
+        tx.a.mov(m(o_spill(SP_ENTRY)), rcx)?;
     }
     for &(ptr, gen) in page_gens {
         let a = &mut tx.a;
@@ -532,20 +538,27 @@ pub fn translate(
         a.mov(ecx, dword_ptr(rcx))?;
         a.lea(ecx, dword_ptr(rcx + (gen.wrapping_neg() as i32)))?;
         a.jrcxz(ok)?;
-        tx.restore_rcx(SP_ENTRY)?;
-        let a = &mut tx.a;
+        a.mov(rcx, m(o_spill(SP_ENTRY)))?;
         a.jmp(l_stale)?;
         a.set_label(&mut ok)?;
     }
     if !page_gens.is_empty() {
-        tx.restore_rcx(SP_ENTRY)?;
+        tx.a.mov(rcx, m(o_spill(SP_ENTRY)))?;
     }
+    let park_idx = tx.a.instructions().len();
+    tx.park_spill()?;
     let a = &mut tx.a;
     // (Keeps l_count off any label set above.)
     a.zero_bytes()?;
     let mut l_count = a.create_label();
     let count_idx = a.instructions().len();
     a.set_label(&mut l_count)?;
+    // Nothing parked: the parking entry is the count (a real instruction).
+    let park_idx = if tx.parked.is_empty() {
+        count_idx
+    } else {
+        park_idx
+    };
     tx.l_count = Some(l_count);
     let n = block.insns.len();
     // Where the guest flags are dead, one flag-clobbering ADD counts;
@@ -646,10 +659,11 @@ pub fn translate(
         tx.helpers = helpers;
         tx.helper_codes.truncate(codes);
     }
-    // Stale code: leave with rip at the block start.
+    // Stale code: leave with rip at the block start (before the parking:
+    // every guest register is in place).
     tx.a.set_label(&mut l_stale)?;
     tx.no_jc = true;
-    tx.exit_to(ExitTarget::Imm(block.insns[0].insn.ip()), None)?;
+    tx.exit_tail(ExitTarget::Imm(block.insns[0].insn.ip()), None)?;
     tx.no_jc = false;
     // Cold paths.
     let slow = std::mem::take(&mut tx.slow);
@@ -701,6 +715,11 @@ pub fn translate(
         entry: addr(0)?,
         count_entry: if single_page {
             Some(addr(count_idx)?)
+        } else {
+            None
+        },
+        park_entry: if single_page {
+            Some(addr(park_idx)?)
         } else {
             None
         },
