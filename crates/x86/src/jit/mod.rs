@@ -64,6 +64,8 @@ pub struct JitCtx {
     /// must be zero for a naturally aligned access of `1 << k` bytes.
     pub(crate) m_idx: u64,
     pub(crate) m_page: [u64; 5],
+    /// The low four address bits (16-byte alignment checks of groups).
+    pub(crate) m_low4: u64,
     /// The bus's interrupt hint word (non-zero: an interrupt may wait).
     pub(crate) hint: u64,
     /// The TLB array `eslots` point into.
@@ -318,6 +320,7 @@ impl Cpu {
         self.jctx.helper = jit_helper as *const () as u64;
         self.jctx.m_idx = ((crate::mmu::TLB_SIZE as u64) - 1) << 12;
         self.jctx.m_page = std::array::from_fn(|k| !0xfff | ((1 << k) - 1));
+        self.jctx.m_low4 = 0xf;
         if let Some(j) = self.jit.as_ref() {
             self.jctx.jc_base = j.jc.as_ptr() as u64;
         }

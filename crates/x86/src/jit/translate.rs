@@ -432,6 +432,9 @@ struct Tx<'a> {
     /// one, target rip); indices into the assembler's instruction list.
     chain_sites: Vec<(usize, usize, u64)>,
     slow: Vec<Slow>,
+    /// Failed group checks, out of line: (their label, the plain copy's
+    /// label to go on at), entered with guest rcx where `save_rcx` put it.
+    group_fails: Vec<(CodeLabel, CodeLabel)>,
     info: InstructionInfoFactory,
     native: u32,
     helpers: u32,
@@ -488,6 +491,7 @@ pub fn translate(
         tlb_entry: size_of::<TlbEntry>(),
         chain_sites: Vec::new(),
         slow: Vec::new(),
+        group_fails: Vec::new(),
         info: InstructionInfoFactory::new(),
         native: 0,
         helpers: 0,
@@ -668,6 +672,11 @@ pub fn translate(
     tx.exit_tail(ExitTarget::Imm(block.insns[0].insn.ip()), None)?;
     tx.no_jc = false;
     // Cold paths.
+    for (mut at, fail) in std::mem::take(&mut tx.group_fails) {
+        tx.a.set_label(&mut at)?;
+        tx.restore_rcx(SP_RCX)?;
+        tx.a.jmp(fail)?;
+    }
     let slow = std::mem::take(&mut tx.slow);
     for mut s in slow {
         tx.a.set_label(&mut s.label)?;
@@ -783,21 +792,29 @@ fn choose_parked(
     (v, keeper)
 }
 
-/// Accesses `[base + disp]` by several instructions of a block, with
-/// `base` unchanged between them: one check that the whole byte range
-/// `[base + lo, base + end)` lies in one page the TLB maps (for writing if
-/// any member writes) puts the host addend in `reg`, and every member then
-/// runs as `[base + reg + disp]` with no lookup of its own. When the check
-/// fails (a miss, a range crossing a page, a page without fast access) the
-/// block goes on in its second, plain copy (see [`translate`]).
+/// Accesses `[base + index * scale + disp]` by several instructions of a
+/// block, with `base` and `index` unchanged between them: one check that
+/// the whole byte range `[x + lo, x + end)` (x = base + index * scale)
+/// lies in one page the TLB maps (for writing if any member writes), and
+/// that the members that need 16-byte alignment have it, puts x plus the
+/// host addend in `reg`; every member then runs as `[reg + disp]` with no
+/// lookup of its own. When the check fails (a miss, a range crossing a
+/// page, a page without fast access, a misaligned address) the block goes
+/// on in its second, plain copy (see [`translate`]).
 #[derive(Clone, Debug)]
 struct Group {
     /// Instruction indices, ascending (never empty).
     members: Vec<usize>,
     base: Register,
+    /// `Register::None` for `[base + disp]`.
+    index: Register,
+    scale: u32,
     lo: i64,
     end: i64,
     write: bool,
+    /// The displacement of the first member that needs 16-byte alignment
+    /// (legacy SSE m128): every other such member's is congruent mod 16.
+    align16: Option<i64>,
     reg: Register,
 }
 
@@ -818,15 +835,25 @@ const GROUP_SPAN: i64 = 2048;
 /// than one instruction makes, so the check keys an entry slot of its own.
 const GROUP_LOOKUP: u64 = 7;
 
-/// The `[base + disp]` access of `i` a group may cover: (base, disp,
-/// size, write), for instructions the fast memory path runs natively with
-/// no alignment check (aligned SSE forms keep their own lookup).
+/// The `[base + index * scale + disp]` access of `i` a group may cover,
+/// for instructions the fast memory path runs natively.
+struct GroupAccess {
+    base: Register,
+    index: Register,
+    scale: u32,
+    disp: i64,
+    size: i64,
+    write: bool,
+    /// A legacy SSE m128 operand: must be 16-byte aligned.
+    align16: bool,
+}
+
 fn group_access(
     i: &Instruction,
     info: &mut InstructionInfoFactory,
     sse: bool,
     fp: bool,
-) -> Option<(Register, i64, i64, bool)> {
+) -> Option<GroupAccess> {
     if i.mnemonic() == Mnemonic::Lea || !native_ok(i, sse, fp) {
         return None;
     }
@@ -850,12 +877,13 @@ fn group_access(
         i.mnemonic(),
         Mnemonic::Movdqu | Mnemonic::Movups | Mnemonic::Movupd | Mnemonic::Lddqu
     );
+    let index = i.memory_index();
     if !mem
-        || !(matches!(size, 1 | 2 | 4 | 8) || size == 16 && unaligned16)
+        || !matches!(size, 1 | 2 | 4 | 8 | 16)
         || !is64addr(i)
         || !base.is_gpr64()
         || matches!(base, Register::RSP | Register::R15)
-        || i.memory_index() != Register::None
+        || !(index == Register::None || index.is_gpr64() && index != Register::R15)
         || matches!(i.memory_segment(), Register::FS | Register::GS)
         || matches!(
             i.mnemonic(),
@@ -872,7 +900,15 @@ fn group_access(
         info.used_memory()[0].access(),
         OpAccess::Write | OpAccess::ReadWrite | OpAccess::CondWrite | OpAccess::ReadCondWrite
     );
-    Some((base, i.memory_displacement64() as i64, size as i64, write))
+    Some(GroupAccess {
+        base,
+        index,
+        scale: i.memory_index_scale(),
+        disp: i.memory_displacement64() as i64,
+        size: size as i64,
+        write,
+        align16: size == 16 && !unaligned16,
+    })
 }
 
 fn is_immediate(k: OpKind) -> bool {
@@ -903,34 +939,48 @@ fn plan_groups(
     let mut open: Vec<Group> = Vec::new();
     for (k, dn) in block.insns.iter().enumerate() {
         let i = &dn.insn;
-        if let Some((base, disp, size, write)) = group_access(i, info, sse, fp) {
-            let pos = open.iter().position(|g| g.base == base);
+        if let Some(x) = group_access(i, info, sse, fp) {
+            let (disp, size) = (x.disp, x.size);
+            let pos = open
+                .iter()
+                .position(|g| g.base == x.base && g.index == x.index && g.scale == x.scale);
             let fits = pos.is_some_and(|p| {
                 let g = &open[p];
                 g.end.max(disp + size) - g.lo.min(disp) <= GROUP_SPAN
+                    && match (x.align16, g.align16) {
+                        (true, Some(d0)) => (disp - d0).rem_euclid(16) == 0,
+                        _ => true,
+                    }
             });
             if let (Some(p), true) = (pos, fits) {
                 let g = &mut open[p];
                 g.members.push(k);
                 g.lo = g.lo.min(disp);
                 g.end = g.end.max(disp + size);
-                g.write |= write;
+                g.write |= x.write;
+                if x.align16 && g.align16.is_none() {
+                    g.align16 = Some(disp);
+                }
             } else {
                 if let Some(p) = pos {
                     done.push(open.swap_remove(p));
                 }
                 open.push(Group {
                     members: vec![k],
-                    base,
+                    base: x.base,
+                    index: x.index,
+                    scale: x.scale,
                     lo: disp,
                     end: disp + size,
-                    write,
+                    write: x.write,
+                    align16: x.align16.then_some(disp),
                     reg: Register::None,
                 });
             }
         }
         // Instructions that leave for a helper end every group (the plain
-        // copy takes over after them anyway); a write to a base ends its.
+        // copy takes over after them anyway); a write to a base or an
+        // index ends its.
         let inline = native_ok(i, sse, fp)
             || matches!(
                 i.mnemonic(),
@@ -957,7 +1007,7 @@ fn plan_groups(
             .collect();
         let mut n = 0;
         while n < open.len() {
-            if written.contains(&open[n].base) {
+            if written.contains(&open[n].base) || written.contains(&open[n].index) {
                 done.push(open.swap_remove(n));
             } else {
                 n += 1;
@@ -1821,30 +1871,43 @@ impl Tx<'_> {
     }
 
     /// Establish group `g` (see [`Group`]) before its first member: its
-    /// register gets the addend of the one page that holds the whole range
-    /// `[base + lo, base + end)`, else jump to `fail`: a flag-free
-    /// [`Self::lookup_fast`] of the range as one unaligned access.
+    /// register gets x (its base plus scaled index) plus the addend of the
+    /// one page that holds the whole range `[x + lo, x + end)`, else jump
+    /// to `fail`: a flag-free [`Self::lookup_fast`] of the range as one
+    /// unaligned access, and the alignment of its aligned SSE members.
     fn group_check(&mut self, g: &Group, fail: CodeLabel) -> R<()> {
         let Some((sa, sb, sc)) = self.free3() else {
             return self.a.jmp(fail);
         };
-        // Before rcx is saved: the base may be guest rcx.
-        self.a.lea(r64(sa), qword_ptr(r64(g.base) + g.lo as i32))?;
+        // Before rcx is saved: the base or the index may be guest rcx.
+        let x = if g.index == Register::None {
+            qword_ptr(r64(g.base) + g.lo as i32)
+        } else {
+            qword_ptr(r64(g.base) + r64(g.index) * g.scale + g.lo as i32)
+        };
+        self.a.lea(r64(sa), x)?;
         self.save_rcx(SP_RCX)?;
         // Its own entry slot: keyed apart from the head's own lookup (in
         // the plain copy), which `insn` numbers from 0.
         self.cur_rip = self.block.insns[g.head()].insn.ip();
         self.cur_lookups = GROUP_LOOKUP;
         let size = (g.end - g.lo) as usize;
-        let mut miss = self.lookup_fast(sa, sb, sc, size, g.write, false)?;
-        let mut done = self.a.create_label();
-        self.a.mov(r64(g.reg), r64(sc))?;
+        // One aligned 16-byte location: the lookup's own alignment check.
+        let one16 = g.align16 == Some(g.lo) && size == 16;
+        let miss = self.lookup_fast(sa, sb, sc, size, g.write, one16)?;
+        if let (Some(d0), false) = (g.align16, one16) {
+            // The aligned members' addresses: x + d0 (mod 16).
+            let mut aligned = self.a.create_label();
+            self.a.lea(rcx, qword_ptr(r64(sa) + (d0 - g.lo) as i32))?;
+            self.a.pext(rcx, rcx, m(o_ctx!(m_low4)))?;
+            self.a.jrcxz(aligned)?;
+            self.a.jmp(miss)?;
+            self.a.set_label(&mut aligned)?;
+        }
+        self.a
+            .lea(r64(g.reg), qword_ptr(r64(sa) + r64(sc) - g.lo as i32))?;
         self.restore_rcx(SP_RCX)?;
-        self.a.jmp(done)?;
-        self.a.set_label(&mut miss)?;
-        self.restore_rcx(SP_RCX)?;
-        self.a.jmp(fail)?;
-        self.a.set_label(&mut done)?;
+        self.group_fails.push((miss, fail));
         self.a.zero_bytes()
     }
 
@@ -1964,12 +2027,13 @@ impl Tx<'_> {
             return Ok(false);
         };
         let remap = Remap::new(&reg_ops, &free);
-        // A group member: its group's register holds the addend of the
-        // page, checked when the group began.
+        // A group member: its group's register holds the host address of
+        // its base plus scaled index, checked when the group began.
         if let Some(g) = self.member {
             let mut ni = *i;
             remap.rewrite_registers(&mut ni);
-            ni.set_memory_index(g);
+            ni.set_memory_base(g);
+            ni.set_memory_index(Register::None);
             ni.set_memory_index_scale(1);
             ni.set_segment_prefix(Register::None);
             let still = self.used_full_regs(&ni);
