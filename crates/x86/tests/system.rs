@@ -1576,6 +1576,73 @@ fn a_misaligned_group_member_faults_precisely() {
     assert_eq!(g_j, g_i, "registers (jit vs interpreter)");
 }
 
+/// Chained blocks of one page that park different registers (each parks
+/// registers it never names) go through a chain stub that moves only the
+/// registers the two park differently; the stubs sit at the top of the
+/// code buffer, and a flush drops them with everything else. The loop's
+/// three blocks name different registers, and the outcome matches the
+/// interpreter's, with and without flushes.
+#[test]
+fn chain_stubs_between_blocks_that_park_differently() {
+    const DATA: u64 = 0x30000;
+    let run = |engine: mat_x86::Engine, flush: bool| {
+        let mut cpu = machine(|a| {
+            let mut top = a.create_label();
+            let mut skip = a.create_label();
+            a.mov(r12d, 3000).unwrap();
+            a.mov(rsi, DATA).unwrap();
+            a.set_label(&mut top).unwrap();
+            a.mov(rax, qword_ptr(rsi)).unwrap();
+            a.add(rbx, rax).unwrap();
+            a.add(r11, rbx).unwrap();
+            a.test(r12d, 1).unwrap();
+            a.jnz(skip).unwrap();
+            a.mov(rdx, qword_ptr(rsi + 8)).unwrap();
+            a.mov(rcx, rdx).unwrap();
+            a.add(r8, rcx).unwrap();
+            a.xor(r9, r8).unwrap();
+            a.add(r10, r9).unwrap();
+            a.mov(qword_ptr(rsi + 8), r10).unwrap();
+            a.set_label(&mut skip).unwrap();
+            a.add(r14, r12).unwrap();
+            a.dec(r12d).unwrap();
+            a.jnz(top).unwrap();
+            a.hlt().unwrap();
+        });
+        cpu.ram.write(DATA, &0x0123_4567_89ab_cdefu64.to_le_bytes());
+        cpu.bus = Box::new(QuietBus);
+        cpu.set_engine(engine).unwrap();
+        cpu.set_jit_threshold(1);
+        let exit = loop {
+            let exit = cpu.run(5_000);
+            if exit != Exit::Budget {
+                break exit;
+            }
+            if flush {
+                cpu.flush_code();
+            }
+        };
+        assert_eq!(exit, Exit::Halted);
+        assert_eq!(cpu.s.gpr[15], SENTINEL, "no exception");
+        (
+            cpu.s.gpr,
+            read_bytes(&cpu, DATA, 16),
+            cpu.jit_stats().cloned(),
+        )
+    };
+    let (g_i, m_i, _) = run(mat_x86::Engine::Interp, false);
+    for flush in [false, true] {
+        let (g_j, m_j, stats) = run(mat_x86::Engine::Jit, flush);
+        let stats = stats.expect("jit stats");
+        assert!(stats.translations > 0 && stats.entries > 0, "{stats:?}");
+        // The middle block names rcx and the others do not: their parked
+        // sets differ with or without BMI2.
+        assert!(stats.chain_stubs > 0, "{stats:?}");
+        assert_eq!(g_j, g_i, "registers (jit vs interpreter, flush {flush})");
+        assert_eq!(m_j, m_i, "memory (jit vs interpreter, flush {flush})");
+    }
+}
+
 /// With background translation the vCPU interprets a hot block until its
 /// translation is ready and then runs that; a flush while jobs are queued
 /// (here between short run slices) drops their results, and the blocks are

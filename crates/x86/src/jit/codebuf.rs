@@ -8,7 +8,11 @@ pub struct CodeBuf {
     rw: *mut u8,
     rx: *mut u8,
     size: usize,
+    /// Translations grow up from 0 to `used`; chain stubs grow down from
+    /// `size` to `top`, so that a stub never moves where the next
+    /// translation goes (the translator thread assembles for that address).
     used: usize,
+    top: usize,
 }
 
 // SAFETY: the buffer belongs to one vCPU's translator; the vCPU thread and
@@ -46,6 +50,7 @@ impl CodeBuf {
                         rx,
                         size,
                         used: 0,
+                        top: size,
                     }),
                     Err(e) => {
                         // SAFETY: rw was mapped above with this size.
@@ -66,7 +71,7 @@ impl CodeBuf {
     }
 
     pub fn free(&self) -> usize {
-        self.size - self.used
+        self.top - self.used
     }
 
     pub fn used(&self) -> usize {
@@ -83,7 +88,28 @@ impl CodeBuf {
         // SAFETY: [used, used+len) is inside the RW mapping (checked above).
         unsafe { std::ptr::copy_nonoverlapping(code.as_ptr(), self.rw.add(self.used), code.len()) };
         // Keep entries 16-byte aligned for the host's fetch.
-        self.used = (self.used + code.len()).next_multiple_of(16).min(self.size);
+        self.used = (self.used + code.len()).next_multiple_of(16).min(self.top);
+        Some(at)
+    }
+
+    /// Place `len` bytes at the top end (16-byte aligned): `assemble` gets
+    /// their executable address and must return exactly `len` bytes.
+    /// None when the buffer is full or the assembly fails.
+    pub fn push_high(
+        &mut self,
+        len: usize,
+        assemble: impl FnOnce(u64) -> Option<Vec<u8>>,
+    ) -> Option<u64> {
+        let top = self.top.checked_sub(len)? & !15;
+        if top < self.used {
+            return None;
+        }
+        let at = self.rx as u64 + top as u64;
+        let code = assemble(at).filter(|c| c.len() == len)?;
+        // SAFETY: [top, top+len) is inside the RW mapping, above every
+        // translation (checked above).
+        unsafe { std::ptr::copy_nonoverlapping(code.as_ptr(), self.rw.add(top), len) };
+        self.top = top;
         Some(at)
     }
 
@@ -91,7 +117,7 @@ impl CodeBuf {
     /// so that it jumps to `target`.
     pub fn patch_jmp(&mut self, site: u64, target: u64) {
         let off = site.wrapping_sub(self.rx as u64) as usize;
-        if off + 5 > self.used {
+        if off + 5 > self.used && (off < self.top || off + 5 > self.size) {
             return;
         }
         let rel = target.wrapping_sub(site + 5) as i64;
@@ -110,6 +136,7 @@ impl CodeBuf {
     /// Forget all code (the caller drops every reference to it first).
     pub fn reset(&mut self, keep: usize) {
         self.used = keep;
+        self.top = self.size;
     }
 }
 

@@ -41,7 +41,7 @@ pub enum Engine {
 #[repr(C)]
 #[derive(Default)]
 pub struct JitCtx {
-    pub(crate) spill: [u64; 16],
+    pub(crate) spill: [u64; 24],
     /// Guest arithmetic flags as LAHF (bits 8..15) and SETO (bit 0).
     pub(crate) fl: u64,
     /// Instructions left in the budget, minus one: translated code
@@ -131,6 +131,8 @@ pub struct JitStats {
     /// Entries into translated code from the dispatcher (cache hits).
     pub entries: u64,
     pub chain_patches: u64,
+    /// Chains through a stub (the two blocks park different registers).
+    pub chain_stubs: u64,
     pub helper_calls: u64,
     pub helper_exits: u64,
     pub flushes: u64,
@@ -427,10 +429,24 @@ impl Cpu {
                 if let Some((_, _, fast_site, key)) = jit.chains.remove(&site) {
                     let mut c = worker::lock(&jit.code);
                     // Same page: past the target's page check, and past
-                    // its parking too when it parks the same registers.
+                    // its parking too when it parks the same registers;
+                    // otherwise through a stub that moves only the
+                    // registers the two park differently.
                     match jit.fast_entries.get(&entry) {
                         Some(&(ce, _, k)) if k == key => c.buf.patch_jmp(fast_site, ce),
-                        Some(&(_, pe, _)) => c.buf.patch_jmp(site, pe),
+                        Some(&(ce, pe, k)) => {
+                            let stub = translate::chain_stub_len(key, k).ok().and_then(|len| {
+                                c.buf
+                                    .push_high(len, |at| translate::chain_stub(key, k, ce, at).ok())
+                            });
+                            match stub {
+                                Some(s) => {
+                                    c.buf.patch_jmp(fast_site, s);
+                                    jit.stats.chain_stubs += 1;
+                                }
+                                None => c.buf.patch_jmp(site, pe),
+                            }
+                        }
                         None => c.buf.patch_jmp(site, entry),
                     }
                     jit.stats.chain_patches += 1;

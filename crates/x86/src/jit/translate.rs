@@ -149,8 +149,53 @@ const SP_R2: usize = 5;
 const SP_ENTRY: usize = 6;
 /// Guest rcx around a flag-free TLB lookup when rcx is not parked.
 const SP_RCX: usize = 7;
-/// Parked registers (see [`Tx::parked`]), in order.
+/// Parked registers (see [`Tx::parked`]): register `r` at
+/// `SP_PARK0 + gidx(r)`, so that two blocks parking a register agree on
+/// where its guest value is.
 const SP_PARK0: usize = 8;
+
+fn park_slot(r: Register) -> usize {
+    SP_PARK0 + gidx(r)
+}
+
+/// The instructions of a chain stub (see [`chain_stub`]).
+fn chain_stub_moves(from: u64, to: u64) -> Result<Vec<Instruction>, IcedError> {
+    let mut v = Vec::new();
+    for (n, &r) in GPR64.iter().enumerate() {
+        let slot = MemoryOperand::with_base_displ(Register::R15, o_spill(park_slot(r)) as i64);
+        match (from >> n & 1, to >> n & 1) {
+            (1, 0) => v.push(Instruction::with2(Code::Mov_r64_rm64, r, slot)?),
+            (0, 1) => v.push(Instruction::with2(Code::Mov_rm64_r64, slot, r)?),
+            _ => {}
+        }
+    }
+    Ok(v)
+}
+
+/// Length of [`chain_stub`]'s code (independent of its address).
+pub fn chain_stub_len(from: u64, to: u64) -> Result<usize, IcedError> {
+    let mut e = Encoder::new(64);
+    let mut n = 5; // the jmp rel32
+    for i in chain_stub_moves(from, to)? {
+        n += e.encode(&i, 0)?;
+    }
+    Ok(n)
+}
+
+/// A chained jump between blocks of one page that park different
+/// registers (`from`, `to`: their [`Translation::park_key`] bitmasks):
+/// reload the guest values of the registers only the source parked, park
+/// the ones only the target parks, and enter the target at its count
+/// (`target`). Assembled for address `at`.
+pub fn chain_stub(from: u64, to: u64, target: u64, at: u64) -> Result<Vec<u8>, IcedError> {
+    let mut e = Encoder::new(64);
+    let mut ip = at;
+    for i in chain_stub_moves(from, to)? {
+        ip += e.encode(&i, ip)? as u64;
+    }
+    e.encode(&Instruction::with_branch(Code::Jmp_rel32_64, target)?, ip)?;
+    Ok(e.take_buffer())
+}
 
 pub(super) type R<T> = Result<T, IcedError>;
 
@@ -382,7 +427,7 @@ pub struct Translation {
     /// blocks): for chained jumps from the same page with other parked
     /// registers.
     pub park_entry: Option<u64>,
-    /// The parked registers, in order (equal keys: same slots).
+    /// The parked registers: bit `n` for guest register `n`.
     pub park_key: u64,
     pub chains: Vec<ChainSite>,
     pub native: u32,
@@ -506,8 +551,9 @@ pub fn translate(
     (tx.parked, tx.keeper) = choose_parked(block, &mut tx.info, opts.bmi2);
     if opts.groups && tx.free3().is_some() {
         let free = unnamed(block, &mut tx.info, &tx.parked);
-        // Up to 8 parked registers (spill slots SP_PARK0..).
-        let room = 8 - tx.parked.len();
+        // Up to 8 parked registers: each costs a store and a load around
+        // every exit and helper call.
+        let room = 8usize.saturating_sub(tx.parked.len());
         tx.groups = plan_groups(
             block,
             &mut tx.info,
@@ -734,11 +780,7 @@ pub fn translate(
         } else {
             None
         },
-        park_key: tx
-            .parked
-            .iter()
-            .enumerate()
-            .fold(0, |k, (n, &r)| k | (gidx(r) as u64 + 1) << (4 * n)),
+        park_key: tx.parked.iter().fold(0, |k, &r| k | 1 << gidx(r)),
         code,
         chains,
         native: tx.native,
@@ -1649,15 +1691,15 @@ impl Tx<'_> {
     }
 
     fn park_spill(&mut self) -> R<()> {
-        for (k, &r) in self.parked.iter().enumerate() {
-            self.a.mov(m(o_spill(SP_PARK0 + k)), r64(r))?;
+        for &r in self.parked.iter() {
+            self.a.mov(m(o_spill(park_slot(r))), r64(r))?;
         }
         Ok(())
     }
 
     fn park_reload(&mut self) -> R<()> {
-        for (k, &r) in self.parked.iter().enumerate() {
-            self.a.mov(r64(r), m(o_spill(SP_PARK0 + k)))?;
+        for &r in self.parked.iter() {
+            self.a.mov(r64(r), m(o_spill(park_slot(r))))?;
         }
         Ok(())
     }
