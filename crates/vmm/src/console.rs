@@ -11,7 +11,7 @@ use std::sync::{Arc, Condvar, Mutex};
 pub struct Waker {
     pending: Mutex<bool>,
     cv: Condvar,
-    kicks: Mutex<Vec<Arc<x86::Kick>>>,
+    kicks: Mutex<Vec<Arc<AtomicBool>>>,
 }
 
 impl Waker {
@@ -23,13 +23,13 @@ impl Waker {
         })
     }
 
-    pub fn add_kick(&self, k: Arc<x86::Kick>) {
+    pub fn add_kick(&self, k: Arc<AtomicBool>) {
         self.kicks.lock().unwrap_or_else(|e| e.into_inner()).push(k);
     }
 
     pub fn wake(&self) {
         for k in self.kicks.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            k.kick();
+            k.store(true, Ordering::Relaxed);
         }
         *self.pending.lock().unwrap_or_else(|e| e.into_inner()) = true;
         self.cv.notify_all();

@@ -311,7 +311,7 @@ fn run_once(
             .spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     std::thread::sleep(Duration::from_millis(1));
-                    kick.kick();
+                    kick.store(true, Ordering::Relaxed);
                 }
             })
             .context("spawning the timer thread")?

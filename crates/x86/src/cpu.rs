@@ -2,6 +2,7 @@
 
 use crate::fasthash::FastMap;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction};
@@ -87,8 +88,8 @@ pub struct Cpu {
     pub bus: Box<dyn Bus>,
     pub config: CpuConfig,
     pub stats: Stats,
-    /// Kicked from any thread to make `run` return `Exit::Kicked` soon.
-    pub kick: Arc<crate::Kick>,
+    /// Set from any thread to make `run` return `Exit::Kicked` soon.
+    pub kick: Arc<AtomicBool>,
     pub(crate) tlb: Box<Tlb>,
     blocks: FastMap<(u64, u64, u32), Rc<Block>>,
     fast: Vec<Option<Rc<Block>>>,
@@ -119,7 +120,7 @@ impl Cpu {
             bus,
             config,
             stats: Stats::default(),
-            kick: Arc::default(),
+            kick: Arc::new(AtomicBool::new(false)),
             tlb: Box::default(),
             blocks: FastMap::default(),
             fast: vec![None; FAST_CACHE],
@@ -574,14 +575,6 @@ impl Cpu {
 
     /// Execute up to roughly `budget` instructions.
     pub fn run(&mut self, budget: u64) -> Exit {
-        // Kicks also reach the byte translated code checks (see `Kick`).
-        self.kick.attach(&self.jctx.stop);
-        let exit = self.run_attached(budget);
-        self.kick.detach();
-        exit
-    }
-
-    fn run_attached(&mut self, budget: u64) -> Exit {
         let stop_at = self.stats.instructions.saturating_add(budget);
         let mut chain = None;
         loop {
@@ -589,7 +582,8 @@ impl Cpu {
             if let Some(why) = self.shutdown.take() {
                 return Exit::Shutdown(why);
             }
-            if self.kick.take(&self.jctx.stop) {
+            if self.kick.load(Ordering::Relaxed) {
+                self.kick.store(false, Ordering::Relaxed);
                 return Exit::Kicked;
             }
             if self.stats.instructions >= stop_at {

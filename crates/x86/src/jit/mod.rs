@@ -18,7 +18,6 @@ mod worker;
 
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::sync::atomic::AtomicU8;
 use std::sync::Arc;
 
 use crate::cpu::{Block, Cpu, DInsn};
@@ -44,14 +43,9 @@ pub struct JitCtx {
     pub(crate) spill: [u64; 24],
     /// Guest arithmetic flags as LAHF (bits 8..15) and SETO (bit 0).
     pub(crate) fl: u64,
-    /// Instructions left in the budget, minus one: translated code
-    /// subtracts each block's count and stops once it is negative (its top
-    /// byte non-zero).
+    pub(crate) kick: u64,
+    /// Minus the instructions left in the budget (counts up; see exits).
     pub(crate) left: u64,
-    /// The kick mirror (see [`crate::Kick`]), right after `left`'s top
-    /// byte: one 16-bit load at `left + 7` is zero exactly when translated
-    /// code may go on.
-    pub(crate) stop: AtomicU8,
     /// Address of the patchable jmp of the exit taken (0: not chainable).
     pub(crate) exit_site: u64,
     pub(crate) tlb_base: u64,
@@ -74,11 +68,6 @@ pub struct JitCtx {
     /// `translate::lookup_fast`): always a pointer into the current array.
     pub(crate) eslots: EntrySlots,
 }
-
-const _: () = assert!(
-    std::mem::offset_of!(JitCtx, stop) == std::mem::offset_of!(JitCtx, left) + 8,
-    "translated code loads left's top byte and the kick mirror as one word"
-);
 
 /// Entry slots for the translated memory access sites. Few: `jit_run`
 /// refills them all whenever the privilege level picks the other TLB
@@ -317,8 +306,9 @@ impl Cpu {
             Engine::Interp => None,
             Engine::Jit => Some(Box::new(Jit::new()?)),
         };
-        // Fixed for the life of the translator (the jump cache never
-        // moves).
+        // Fixed for the life of the translator (the kick flag's Arc and the
+        // jump cache never move).
+        self.jctx.kick = Arc::as_ptr(&self.kick) as u64;
         self.jctx.helper = jit_helper as *const () as u64;
         self.jctx.m_idx = ((crate::mmu::TLB_SIZE as u64) - 1) << 12;
         self.jctx.m_page = std::array::from_fn(|k| !0xfff | ((1 << k) - 1));
@@ -621,7 +611,7 @@ impl Cpu {
             self.jctx.eslots.0 = [self.jctx.tlb_base; ENTRY_SLOTS];
             self.jctx.eslots_for = self.jctx.tlb_base;
         }
-        let left0 = budget.clamp(1, 1 << 50) - 1;
+        let left0 = (budget.clamp(1, 1 << 50) as i64).wrapping_neg() as u64;
         self.jctx.left = left0;
         self.jctx.exit_site = 0;
         // The bus (owned by this Cpu) keeps the word alive while the
@@ -648,7 +638,7 @@ impl Cpu {
             set_mxcsr(host_mxcsr);
         }
         self.s.rflags = fl_merge(self.s.rflags, self.jctx.fl);
-        self.stats.instructions += left0.wrapping_sub(self.jctx.left);
+        self.stats.instructions += self.jctx.left.wrapping_sub(left0);
         let site = self.jctx.exit_site;
         let jit = self.jit.as_mut()?;
         jit.stats.entries += 1;

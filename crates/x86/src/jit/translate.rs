@@ -356,9 +356,11 @@ pub fn build_stubs(at: u64) -> R<(Vec<u8>, Stubs)> {
     a.mov(m(o_spill(SP_C)), rdx)?;
     a.lahf()?;
     a.seto(al)?;
-    // Budget spent or kicked (see JitCtx::stop).
-    a.cmp(word_ptr(r15 + (o_ctx!(left) + 7)), 0)?;
+    a.mov(rcx, m(o_ctx!(kick)))?;
+    a.cmp(byte_ptr(rcx), 0)?;
     a.jne(l_miss)?;
+    a.cmp(byte_ptr(r15 + (o_ctx!(left) + 7)), 0)?;
+    a.je(l_miss)?;
     a.mov(rcx, m(o_rip()))?;
     a.mov(rdx, rcx)?;
     a.shr(rdx, 10)?;
@@ -630,7 +632,7 @@ pub fn translate(
             a.mov(m(o_spill(SP_ENTRY)), rcx)?;
         }
         a.mov(cnt, m(o_ctx!(left)))?;
-        a.lea(cnt, qword_ptr(cnt - n as i32))?;
+        a.lea(cnt, qword_ptr(cnt + n as i32))?;
         a.mov(m(o_ctx!(left)), cnt)?;
         if save_rcx {
             a.mov(rcx, m(o_spill(SP_ENTRY)))?;
@@ -659,7 +661,7 @@ pub fn translate(
             tx.group_check(g, plain[k])?;
         }
         if add_at == Some(k) {
-            tx.a.sub(qword_ptr(r15 + o_ctx!(left)), n as i32)?;
+            tx.a.add(qword_ptr(r15 + o_ctx!(left)), n as i32)?;
         }
         tx.member = groups
             .iter()
@@ -695,7 +697,7 @@ pub fn translate(
             tx.a.set_label(label)?;
             tx.a.zero_bytes()?;
             if add_at == Some(k) {
-                tx.a.sub(qword_ptr(r15 + o_ctx!(left)), n as i32)?;
+                tx.a.add(qword_ptr(r15 + o_ctx!(left)), n as i32)?;
             }
             ended = tx.insn(dn)?;
             if ended {
@@ -1760,10 +1762,10 @@ impl Tx<'_> {
         let mut go = a.create_label();
         let mut slow = a.create_label();
         let mut site = a.create_label();
+        let mut stop = a.create_label();
         // Leave for the dispatcher when kicked (pending interrupt, timer)
-        // or when the budget ran out: the 16-bit word of `left`'s top byte
-        // and the kick mirror (JitCtx::stop) is zero exactly while neither
-        // happened. Flag-free (jrcxz).
+        // or when the budget ran out: `left` counts up from -budget, so its
+        // top byte becomes 0 when it reaches 0. Flag-free (jrcxz).
         // Only jumps that do not go forward past this block check: chained
         // code can only run on without bound through a cycle, and every
         // cycle has such a jump (jumps to other pages check in the
@@ -1772,12 +1774,16 @@ impl Tx<'_> {
         if target <= last_ip {
             self.save_rcx(SP_ENTRY)?;
             let a = &mut self.a;
-            a.movzx(ecx, word_ptr(r15 + (o_ctx!(left) + 7)))?;
+            a.mov(rcx, m(o_ctx!(kick)))?;
+            a.movzx(ecx, byte_ptr(rcx))?;
             a.jrcxz(go)?;
+            a.set_label(&mut stop)?;
             self.restore_rcx(SP_ENTRY)?;
             let a = &mut self.a;
             a.jmp(slow)?;
             a.set_label(&mut go)?;
+            a.movzx(ecx, byte_ptr(r15 + (o_ctx!(left) + 7)))?;
+            a.jrcxz(stop)?;
             self.restore_rcx(SP_ENTRY)?;
         }
         let a = &mut self.a;
