@@ -456,4 +456,8 @@ fn print_stats(cpu: &Cpu, elapsed: Duration) {
             j.flushes
         );
     }
+    if let Some(ev) = cpu.jit_events() {
+        let v: Vec<String> = ev.iter().map(|(what, n)| format!("{n} {what}")).collect();
+        eprintln!("[matryoshka] jit events: {}\r", v.join(", "));
+    }
 }

@@ -1581,11 +1581,12 @@ fn a_misaligned_group_member_faults_precisely() {
 /// registers the two park differently; the stubs sit at the top of the
 /// code buffer, and a flush drops them with everything else. The loop's
 /// three blocks name different registers, and the outcome matches the
-/// interpreter's, with and without flushes.
+/// interpreter's, with and without flushes. With event counting on, the
+/// counts match what the loop must run.
 #[test]
 fn chain_stubs_between_blocks_that_park_differently() {
     const DATA: u64 = 0x30000;
-    let run = |engine: mat_x86::Engine, flush: bool| {
+    let run = |engine: mat_x86::Engine, flush: bool, events: bool| {
         let mut cpu = machine(|a| {
             let mut top = a.create_label();
             let mut skip = a.create_label();
@@ -1613,6 +1614,7 @@ fn chain_stubs_between_blocks_that_park_differently() {
         cpu.bus = Box::new(QuietBus);
         cpu.set_engine(engine).unwrap();
         cpu.set_jit_threshold(1);
+        cpu.set_jit_events(events);
         let exit = loop {
             let exit = cpu.run(5_000);
             if exit != Exit::Budget {
@@ -1624,15 +1626,43 @@ fn chain_stubs_between_blocks_that_park_differently() {
         };
         assert_eq!(exit, Exit::Halted);
         assert_eq!(cpu.s.gpr[15], SENTINEL, "no exception");
+        if let Some(ev) = cpu.jit_events() {
+            // Each round runs two blocks: the first, then the second or
+            // (odd rounds) the loop's tail. Lookups: one in the first,
+            // one group of two in the second; one backward jump each in
+            // the second and the tail; the second names rcx (the keeper
+            // saves it around its lookup and its back-edge check).
+            let n = |what: &str| ev.iter().find(|e| e.0 == what).map_or(0, |e| e.1);
+            let within = |what: &str, lo: u64, hi: u64| {
+                assert!((lo..=hi).contains(&n(what)), "{what}: {ev:?}");
+            };
+            // Only the flag-free lookups (a host with a fast PEXT) count.
+            within("block executions", 6000, 6002);
+            within("back-edge checks", 2990, 3000);
+            within("entries past a page check", 1, 100);
+            let lookups = n("TLB lookups hitting their slot") + n("full TLB lookups");
+            if lookups > 0 {
+                assert!((4490..=4505).contains(&lookups), "{ev:?}");
+                within("saves of guest rcx", 2990, 3010);
+                within("chains through a stub", 5900, 6000);
+            } else {
+                // Only rcx is parked: the first block and the tail park
+                // it, the second does not.
+                within("saves of guest rcx", 1490, 1510);
+                within("chains through a stub", 2900, 3000);
+            }
+        } else {
+            assert!(!events || engine == mat_x86::Engine::Interp, "no events");
+        }
         (
             cpu.s.gpr,
             read_bytes(&cpu, DATA, 16),
             cpu.jit_stats().cloned(),
         )
     };
-    let (g_i, m_i, _) = run(mat_x86::Engine::Interp, false);
-    for flush in [false, true] {
-        let (g_j, m_j, stats) = run(mat_x86::Engine::Jit, flush);
+    let (g_i, m_i, _) = run(mat_x86::Engine::Interp, false, false);
+    for (flush, events) in [(false, false), (true, false), (false, true)] {
+        let (g_j, m_j, stats) = run(mat_x86::Engine::Jit, flush, events);
         let stats = stats.expect("jit stats");
         assert!(stats.translations > 0 && stats.entries > 0, "{stats:?}");
         // The middle block names rcx and the others do not: their parked

@@ -64,6 +64,8 @@ pub struct JitCtx {
     pub(crate) hint: u64,
     /// The TLB array `eslots` point into.
     pub(crate) eslots_for: u64,
+    /// Event counts (`translate::EVENTS`, MATRYOSHKA_JIT_EVENTS=1).
+    pub(crate) events: [u64; 8],
     /// Last TLB entry hit by each group of memory access sites (see
     /// `translate::lookup_fast`): always a pointer into the current array.
     pub(crate) eslots: EntrySlots,
@@ -169,6 +171,8 @@ pub struct Jit {
     /// Same-base accesses share one TLB check (see `translate::Group`);
     /// MATRYOSHKA_JIT_NO_GROUPS=1 turns that off (A/B measurements).
     groups: bool,
+    /// Translated code counts events (MATRYOSHKA_JIT_EVENTS=1).
+    events: bool,
     /// `perf` symbol map of translated blocks (MATRYOSHKA_JIT_PERFMAP=1
     /// writes /tmp/perf-PID.map, which `perf report` reads).
     perf_map: Option<std::io::BufWriter<std::fs::File>>,
@@ -240,6 +244,7 @@ impl Jit {
             profile: std::env::var_os("MATRYOSHKA_JIT_PROFILE").map(|_| HashMap::new()),
             bmi2: fast_pext(),
             groups: std::env::var_os("MATRYOSHKA_JIT_NO_GROUPS").is_none(),
+            events: std::env::var_os("MATRYOSHKA_JIT_EVENTS").is_some(),
             dump: std::env::var("MATRYOSHKA_JIT_DUMP")
                 .ok()
                 .and_then(|v| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok()),
@@ -331,11 +336,33 @@ impl Cpu {
         self.jit.as_ref().map(|j| &j.stats)
     }
 
+    /// The event counts of translated code, when it counts them
+    /// (MATRYOSHKA_JIT_EVENTS=1): (what, how many).
+    pub fn jit_events(&self) -> Option<Vec<(&'static str, u64)>> {
+        self.jit.as_ref().filter(|j| j.events)?;
+        Some(
+            translate::EVENTS
+                .iter()
+                .copied()
+                .zip(self.jctx.events)
+                .collect(),
+        )
+    }
+
     /// Use the flag-free PEXT soft-TLB lookup (where the host has a fast
     /// PEXT) or always the LAHF/SAHF one. Drops existing translations.
     pub fn set_jit_fast_lookup(&mut self, on: bool) {
         if let Some(j) = self.jit.as_mut() {
             j.bmi2 = on && fast_pext();
+            j.flush();
+        }
+    }
+
+    /// Make translated code count events (see [`Self::jit_events`]), as
+    /// MATRYOSHKA_JIT_EVENTS=1 does. Drops existing translations.
+    pub fn set_jit_events(&mut self, on: bool) {
+        if let Some(j) = self.jit.as_mut() {
+            j.events = on;
             j.flush();
         }
     }
@@ -425,9 +452,11 @@ impl Cpu {
                     match jit.fast_entries.get(&entry) {
                         Some(&(ce, _, k)) if k == key => c.buf.patch_jmp(fast_site, ce),
                         Some(&(ce, pe, k)) => {
-                            let stub = translate::chain_stub_len(key, k).ok().and_then(|len| {
-                                c.buf
-                                    .push_high(len, |at| translate::chain_stub(key, k, ce, at).ok())
+                            let ev = jit.events;
+                            let stub = translate::chain_stub_len(key, k, ev).ok().and_then(|len| {
+                                c.buf.push_high(len, |at| {
+                                    translate::chain_stub(key, k, ce, at, ev).ok()
+                                })
                             });
                             match stub {
                                 Some(s) => {
@@ -478,6 +507,7 @@ impl Cpu {
                 fp: jit.fp,
                 bmi2: jit.bmi2,
                 groups: jit.groups,
+                events: jit.events,
             },
         };
         if let Some(w) = jit.worker.as_ref() {

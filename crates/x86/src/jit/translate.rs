@@ -159,8 +159,17 @@ fn park_slot(r: Register) -> usize {
 }
 
 /// The instructions of a chain stub (see [`chain_stub`]).
-fn chain_stub_moves(from: u64, to: u64) -> Result<Vec<Instruction>, IcedError> {
+fn chain_stub_moves(from: u64, to: u64, events: bool) -> Result<Vec<Instruction>, IcedError> {
     let mut v = Vec::new();
+    if events {
+        let ev = MemoryOperand::with_base_displ(
+            Register::R15,
+            (o_ctx!(events) + 8 * EV_STUB as i32) as i64,
+        );
+        v.push(Instruction::with(Code::Pushfq));
+        v.push(Instruction::with1(Code::Inc_rm64, ev)?);
+        v.push(Instruction::with(Code::Popfq));
+    }
     for (n, &r) in GPR64.iter().enumerate() {
         let slot = MemoryOperand::with_base_displ(Register::R15, o_spill(park_slot(r)) as i64);
         match (from >> n & 1, to >> n & 1) {
@@ -173,10 +182,10 @@ fn chain_stub_moves(from: u64, to: u64) -> Result<Vec<Instruction>, IcedError> {
 }
 
 /// Length of [`chain_stub`]'s code (independent of its address).
-pub fn chain_stub_len(from: u64, to: u64) -> Result<usize, IcedError> {
+pub fn chain_stub_len(from: u64, to: u64, events: bool) -> Result<usize, IcedError> {
     let mut e = Encoder::new(64);
     let mut n = 5; // the jmp rel32
-    for i in chain_stub_moves(from, to)? {
+    for i in chain_stub_moves(from, to, events)? {
         n += e.encode(&i, 0)?;
     }
     Ok(n)
@@ -187,10 +196,16 @@ pub fn chain_stub_len(from: u64, to: u64) -> Result<usize, IcedError> {
 /// reload the guest values of the registers only the source parked, park
 /// the ones only the target parks, and enter the target at its count
 /// (`target`). Assembled for address `at`.
-pub fn chain_stub(from: u64, to: u64, target: u64, at: u64) -> Result<Vec<u8>, IcedError> {
+pub fn chain_stub(
+    from: u64,
+    to: u64,
+    target: u64,
+    at: u64,
+    events: bool,
+) -> Result<Vec<u8>, IcedError> {
     let mut e = Encoder::new(64);
     let mut ip = at;
-    for i in chain_stub_moves(from, to)? {
+    for i in chain_stub_moves(from, to, events)? {
         ip += e.encode(&i, ip)? as u64;
     }
     e.encode(&Instruction::with_branch(Code::Jmp_rel32_64, target)?, ip)?;
@@ -463,11 +478,46 @@ pub struct Opts {
     pub bmi2: bool,
     /// Same-base accesses may share one TLB check ([`Group`]).
     pub groups: bool,
+    /// Count events in `JitCtx::events` (see [`EVENTS`]).
+    pub events: bool,
+}
+
+/// What translated code counts when `Opts::events` is set
+/// (MATRYOSHKA_JIT_EVENTS=1): exact counts of the glue that runs, for
+/// hosts without hardware counters. Each costs a PUSHFQ/INC/POPFQ, so
+/// times are meaningless in such a run.
+pub const EVENTS: [&str; 7] = [
+    "entries past a page check",
+    "chains through a stub",
+    "block executions",
+    "TLB lookups hitting their slot",
+    "full TLB lookups",
+    "back-edge checks",
+    "saves of guest rcx",
+];
+const EV_ENTRY: usize = 0;
+const EV_STUB: usize = 1;
+const EV_BLOCK: usize = 2;
+const EV_SLOT_HIT: usize = 3;
+const EV_FULL_LOOKUP: usize = 4;
+const EV_BACK_EDGE: usize = 5;
+const EV_RCX_SAVE: usize = 6;
+
+/// Count event `k` (flags and registers unchanged).
+fn count_event(a: &mut CodeAssembler, on: bool, k: usize) -> R<()> {
+    if on {
+        a.pushfq()?;
+        a.inc(qword_ptr(r15 + (o_ctx!(events) + 8 * k as i32)))?;
+        a.popfq()?;
+    }
+    Ok(())
 }
 
 struct Tx<'a> {
     /// SSE instructions may run natively (CR0.TS/EM clear, CR4.OSFXSR set).
     sse: bool,
+    /// Count events (`Opts::events`).
+    events: bool,
     /// SSE floating point may run natively: the guest MXCSR masks every
     /// exception and is the host MXCSR while translated code runs.
     fp: bool,
@@ -527,6 +577,7 @@ pub fn translate(
 ) -> Result<Translation, TranslateError> {
     let mut tx = Tx {
         sse: opts.sse,
+        events: opts.events,
         fp: opts.fp,
         bmi2: opts.bmi2,
         parked: Vec::new(),
@@ -572,6 +623,7 @@ pub fn translate(
     let rcx_parked = tx.rcx_parked();
     // The entry is the first instruction (index 0).
     let mut l_stale = tx.a.create_label();
+    count_event(&mut tx.a, tx.events, EV_ENTRY)?;
     // Check that the guest code is unchanged (a chained jump may arrive
     // here without passing the dispatcher), then park, then count
     // instructions. Chained jumps from a block of the same page skip the
@@ -607,6 +659,7 @@ pub fn translate(
     let mut l_count = a.create_label();
     let count_idx = a.instructions().len();
     a.set_label(&mut l_count)?;
+    count_event(a, tx.events, EV_BLOCK)?;
     // Nothing parked: the parking entry is the count (a real instruction).
     let park_idx = if tx.parked.is_empty() {
         count_idx
@@ -1664,6 +1717,7 @@ impl Tx<'_> {
         if self.rcx_parked() {
             return Ok(());
         }
+        count_event(&mut self.a, self.events, EV_RCX_SAVE)?;
         match self.keeper {
             Some(k) => self.a.mov(r64(k), rcx),
             None => self.a.mov(m(o_spill(slot)), rcx),
@@ -1772,6 +1826,7 @@ impl Tx<'_> {
         // indirect stub).
         let last_ip = self.block.insns.last().map_or(0, |d| d.insn.ip());
         if target <= last_ip {
+            count_event(&mut self.a, self.events, EV_BACK_EDGE)?;
             self.save_rcx(SP_ENTRY)?;
             let a = &mut self.a;
             a.mov(rcx, m(o_ctx!(kick)))?;
@@ -1905,6 +1960,7 @@ impl Tx<'_> {
         }
         x.jrcxz(hit)?;
         // The full lookup: b = &tlb[idx], 64-byte entries (idx*8*8).
+        count_event(x, self.events, EV_FULL_LOOKUP)?;
         x.pext(rcx, a_, m(o_ctx!(m_idx)))?;
         x.mov(b, m(o_ctx!(tlb_base)))?;
         x.lea(rcx, qword_ptr(rcx * 8))?;
@@ -1914,6 +1970,7 @@ impl Tx<'_> {
         x.jrcxz(hit)?;
         x.jmp(slow)?;
         x.set_label(&mut hit)?;
+        count_event(x, self.events, EV_SLOT_HIT)?;
         x.mov(c, qword_ptr(b + offset_of!(TlbEntry, addend) as i32))?;
         Ok(slow)
     }
@@ -3042,6 +3099,7 @@ mod tests {
                 fp: true,
                 bmi2: true,
                 groups: true,
+                events: false,
             },
         )
         .expect("translates");
