@@ -148,9 +148,9 @@ pub struct Jit {
     /// Patchable exit sites: site -> (target rip, source physical page,
     /// the site's fast jmp, the source's parked-register key).
     chains: FastMap<u64, (u64, u64, u64, u64)>,
-    /// Block entry of a single-page block -> (entry past the page checks
-    /// and the parking, entry past the page checks, parked key).
-    fast_entries: FastMap<u64, (u64, u64, u64)>,
+    /// Block entry of a single-page block -> (entry past the parking and
+    /// the page checks, parked key).
+    fast_entries: FastMap<u64, (u64, u64)>,
     /// Translated blocks, kept alive while their code may run (the code
     /// points at their decoded instructions).
     blocks: Vec<Rc<Block>>,
@@ -445,13 +445,14 @@ impl Cpu {
                 let jit = self.jit.as_mut()?;
                 if let Some((_, _, fast_site, key)) = jit.chains.remove(&site) {
                     let mut c = worker::lock(&jit.code);
-                    // Same page: past the target's page check, and past
-                    // its parking too when it parks the same registers;
-                    // otherwise through a stub that moves only the
-                    // registers the two park differently.
+                    // Same page: past the target's parking and page
+                    // check, directly when it parks the same registers,
+                    // else through a stub that moves only the registers
+                    // the two park differently (a full buffer: the full
+                    // entry).
                     match jit.fast_entries.get(&entry) {
-                        Some(&(ce, _, k)) if k == key => c.buf.patch_jmp(fast_site, ce),
-                        Some(&(ce, pe, k)) => {
+                        Some(&(ce, k)) if k == key => c.buf.patch_jmp(fast_site, ce),
+                        Some(&(ce, k)) => {
                             let ev = jit.events;
                             let stub = translate::chain_stub_len(key, k, ev).ok().and_then(|len| {
                                 c.buf.push_high(len, |at| {
@@ -463,7 +464,7 @@ impl Cpu {
                                     c.buf.patch_jmp(fast_site, s);
                                     jit.stats.chain_stubs += 1;
                                 }
-                                None => c.buf.patch_jmp(site, pe),
+                                None => c.buf.patch_jmp(site, entry),
                             }
                         }
                         None => c.buf.patch_jmp(site, entry),
@@ -616,8 +617,8 @@ impl Jit {
             self.chains
                 .insert(c.site, (c.target, src_ppn, c.fast_site, t.park_key));
         }
-        if let (Some(ce), Some(pe)) = (t.count_entry, t.park_entry) {
-            self.fast_entries.insert(t.entry, (ce, pe, t.park_key));
+        if let Some(ce) = t.count_entry {
+            self.fast_entries.insert(t.entry, (ce, t.park_key));
         }
         self.stats.translations += 1;
         self.stats.code_bytes += t.code.len() as u64;

@@ -440,10 +440,6 @@ pub struct Translation {
     pub entry: u64,
     /// Entry past the parking and the page checks (single-page blocks).
     pub count_entry: Option<u64>,
-    /// Entry past the page checks, before the parking (single-page
-    /// blocks): for chained jumps from the same page with other parked
-    /// registers.
-    pub park_entry: Option<u64>,
     /// The parked registers: bit `n` for guest register `n`.
     pub park_key: u64,
     pub chains: Vec<ChainSite>,
@@ -624,18 +620,16 @@ pub fn translate(
     // The entry is the first instruction (index 0).
     let mut l_stale = tx.a.create_label();
     count_event(&mut tx.a, tx.events, EV_ENTRY)?;
+    tx.park_spill()?;
     // Check that the guest code is unchanged (a chained jump may arrive
-    // here without passing the dispatcher), then park, then count
-    // instructions. Chained jumps from a block of the same page skip the
-    // check: their source checked this page and nothing can have written
-    // it since without leaving translated code (a helper that writes
-    // decoded code exits). With the same parked registers they enter at
-    // the count (`l_count`), as do jumps back to the block's own start;
-    // with others at the parking (`park_idx`). The check runs before the
-    // parking, so rcx goes through a spill slot (the keeper still holds
-    // a guest value).
+    // here without passing the dispatcher), then count instructions.
+    // Jumps back to the block's own start, and chained jumps from a block
+    // of the same page (directly when it parks the same registers, else
+    // through a chain stub), enter at the count (`l_count`): their source
+    // checked this page and nothing can have written it since without
+    // leaving translated code (a helper that writes decoded code exits).
     if !page_gens.is_empty() {
-        tx.a.mov(m(o_spill(SP_ENTRY)), rcx)?;
+        tx.save_rcx(SP_ENTRY)?;
     }
     for &(ptr, gen) in page_gens {
         let a = &mut tx.a;
@@ -644,15 +638,14 @@ pub fn translate(
         a.mov(ecx, dword_ptr(rcx))?;
         a.lea(ecx, dword_ptr(rcx + (gen.wrapping_neg() as i32)))?;
         a.jrcxz(ok)?;
-        a.mov(rcx, m(o_spill(SP_ENTRY)))?;
+        tx.restore_rcx(SP_ENTRY)?;
+        let a = &mut tx.a;
         a.jmp(l_stale)?;
         a.set_label(&mut ok)?;
     }
     if !page_gens.is_empty() {
-        tx.a.mov(rcx, m(o_spill(SP_ENTRY)))?;
+        tx.restore_rcx(SP_ENTRY)?;
     }
-    let park_idx = tx.a.instructions().len();
-    tx.park_spill()?;
     let a = &mut tx.a;
     // (Keeps l_count off any label set above.)
     a.zero_bytes()?;
@@ -660,12 +653,6 @@ pub fn translate(
     let count_idx = a.instructions().len();
     a.set_label(&mut l_count)?;
     count_event(a, tx.events, EV_BLOCK)?;
-    // Nothing parked: the parking entry is the count (a real instruction).
-    let park_idx = if tx.parked.is_empty() {
-        count_idx
-    } else {
-        park_idx
-    };
     tx.l_count = Some(l_count);
     let n = block.insns.len();
     // Where the guest flags are dead, one flag-clobbering ADD counts;
@@ -766,11 +753,10 @@ pub fn translate(
         tx.helpers = helpers;
         tx.helper_codes.truncate(codes);
     }
-    // Stale code: leave with rip at the block start (before the parking:
-    // every guest register is in place).
+    // Stale code: leave with rip at the block start.
     tx.a.set_label(&mut l_stale)?;
     tx.no_jc = true;
-    tx.exit_tail(ExitTarget::Imm(block.insns[0].insn.ip()), None)?;
+    tx.exit_to(ExitTarget::Imm(block.insns[0].insn.ip()), None)?;
     tx.no_jc = false;
     // Cold paths.
     for (mut at, fail) in std::mem::take(&mut tx.group_fails) {
@@ -827,11 +813,6 @@ pub fn translate(
         entry: addr(0)?,
         count_entry: if single_page {
             Some(addr(count_idx)?)
-        } else {
-            None
-        },
-        park_entry: if single_page {
-            Some(addr(park_idx)?)
         } else {
             None
         },
