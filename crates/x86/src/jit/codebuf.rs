@@ -92,25 +92,19 @@ impl CodeBuf {
         Some(at)
     }
 
-    /// Place `len` bytes at the top end (16-byte aligned): `assemble` gets
-    /// their executable address and must return exactly `len` bytes.
-    /// None when the buffer is full or the assembly fails.
-    pub fn push_high(
-        &mut self,
-        len: usize,
-        assemble: impl FnOnce(u64) -> Option<Vec<u8>>,
-    ) -> Option<u64> {
-        let top = self.top.checked_sub(len)? & !15;
+    /// Place position-independent `code` at the top end (16-byte
+    /// aligned); returns its executable address, or None when the buffer
+    /// is full.
+    pub fn push_high(&mut self, code: &[u8]) -> Option<u64> {
+        let top = self.top.checked_sub(code.len())? & !15;
         if top < self.used {
             return None;
         }
-        let at = self.rx as u64 + top as u64;
-        let code = assemble(at).filter(|c| c.len() == len)?;
         // SAFETY: [top, top+len) is inside the RW mapping, above every
         // translation (checked above).
-        unsafe { std::ptr::copy_nonoverlapping(code.as_ptr(), self.rw.add(top), len) };
+        unsafe { std::ptr::copy_nonoverlapping(code.as_ptr(), self.rw.add(top), code.len()) };
         self.top = top;
-        Some(at)
+        Some(self.rx as u64 + top as u64)
     }
 
     /// Rewrite the rel32 of the 5-byte `jmp` at executable address `site`

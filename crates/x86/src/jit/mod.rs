@@ -453,14 +453,12 @@ impl Cpu {
                     match jit.fast_entries.get(&entry) {
                         Some(&(ce, k)) if k == key => c.buf.patch_jmp(fast_site, ce),
                         Some(&(ce, k)) => {
-                            let ev = jit.events;
-                            let stub = translate::chain_stub_len(key, k, ev).ok().and_then(|len| {
-                                c.buf.push_high(len, |at| {
-                                    translate::chain_stub(key, k, ce, at, ev).ok()
-                                })
-                            });
+                            let stub = translate::chain_stub(key, k, jit.events)
+                                .ok()
+                                .and_then(|code| Some((c.buf.push_high(&code)?, code.len())));
                             match stub {
-                                Some(s) => {
+                                Some((s, len)) => {
+                                    c.buf.patch_jmp(s + len as u64 - 5, ce);
                                     c.buf.patch_jmp(fast_site, s);
                                     jit.stats.chain_stubs += 1;
                                 }

@@ -158,60 +158,6 @@ fn park_slot(r: Register) -> usize {
     SP_PARK0 + gidx(r)
 }
 
-/// The instructions of a chain stub (see [`chain_stub`]).
-fn chain_stub_moves(from: u64, to: u64, events: bool) -> Result<Vec<Instruction>, IcedError> {
-    let mut v = Vec::new();
-    if events {
-        let ev = MemoryOperand::with_base_displ(
-            Register::R15,
-            (o_ctx!(events) + 8 * EV_STUB as i32) as i64,
-        );
-        v.push(Instruction::with(Code::Pushfq));
-        v.push(Instruction::with1(Code::Inc_rm64, ev)?);
-        v.push(Instruction::with(Code::Popfq));
-    }
-    for (n, &r) in GPR64.iter().enumerate() {
-        let slot = MemoryOperand::with_base_displ(Register::R15, o_spill(park_slot(r)) as i64);
-        match (from >> n & 1, to >> n & 1) {
-            (1, 0) => v.push(Instruction::with2(Code::Mov_r64_rm64, r, slot)?),
-            (0, 1) => v.push(Instruction::with2(Code::Mov_rm64_r64, slot, r)?),
-            _ => {}
-        }
-    }
-    Ok(v)
-}
-
-/// Length of [`chain_stub`]'s code (independent of its address).
-pub fn chain_stub_len(from: u64, to: u64, events: bool) -> Result<usize, IcedError> {
-    let mut e = Encoder::new(64);
-    let mut n = 5; // the jmp rel32
-    for i in chain_stub_moves(from, to, events)? {
-        n += e.encode(&i, 0)?;
-    }
-    Ok(n)
-}
-
-/// A chained jump between blocks of one page that park different
-/// registers (`from`, `to`: their [`Translation::park_key`] bitmasks):
-/// reload the guest values of the registers only the source parked, park
-/// the ones only the target parks, and enter the target at its count
-/// (`target`). Assembled for address `at`.
-pub fn chain_stub(
-    from: u64,
-    to: u64,
-    target: u64,
-    at: u64,
-    events: bool,
-) -> Result<Vec<u8>, IcedError> {
-    let mut e = Encoder::new(64);
-    let mut ip = at;
-    for i in chain_stub_moves(from, to, events)? {
-        ip += e.encode(&i, ip)? as u64;
-    }
-    e.encode(&Instruction::with_branch(Code::Jmp_rel32_64, target)?, ip)?;
-    Ok(e.take_buffer())
-}
-
 pub(super) type R<T> = Result<T, IcedError>;
 
 /// Why a block was not translated (the interpreter keeps running it).
@@ -498,6 +444,26 @@ const EV_SLOT_HIT: usize = 3;
 const EV_FULL_LOOKUP: usize = 4;
 const EV_BACK_EDGE: usize = 5;
 const EV_RCX_SAVE: usize = 6;
+
+/// A chained jump between blocks of one page that park different
+/// registers (`from`, `to`: their [`Translation::park_key`] bitmasks):
+/// reload the guest values of the registers only the source parked, park
+/// the ones only the target parks, then a `jmp rel32` (its last 5 bytes)
+/// for the caller to patch to the target's count entry. The code does
+/// not depend on where it is placed.
+pub fn chain_stub(from: u64, to: u64, events: bool) -> R<Vec<u8>> {
+    let mut a = CodeAssembler::new(64)?;
+    count_event(&mut a, events, EV_STUB)?;
+    for (n, &r) in GPR64.iter().enumerate() {
+        match (from >> n & 1, to >> n & 1) {
+            (1, 0) => a.mov(r64(r), m(o_spill(park_slot(r))))?,
+            (0, 1) => a.mov(m(o_spill(park_slot(r))), r64(r))?,
+            _ => {}
+        }
+    }
+    a.db(&[0xe9, 0, 0, 0, 0])?;
+    a.assemble(0)
+}
 
 /// Count event `k` (flags and registers unchanged).
 fn count_event(a: &mut CodeAssembler, on: bool, k: usize) -> R<()> {
