@@ -127,6 +127,14 @@ fn expect_vector(cpu: &mut Cpu, vec: u8) -> Vec<u64> {
     (0..6).map(|k| r64(cpu, top + 8 * k)).collect()
 }
 
+/// Run with `engine`, translating every block the first time it runs,
+/// with a bus that ignores I/O.
+fn hot_engine(cpu: &mut Cpu, engine: mat_x86::Engine) {
+    cpu.bus = Box::new(QuietBus);
+    cpu.set_engine(engine).unwrap();
+    cpu.set_jit_threshold(1);
+}
+
 /// Run until HLT with no exception delivered.
 fn expect_clean_halt(cpu: &mut Cpu) {
     let exit = cpu.run(100_000);
@@ -1195,9 +1203,7 @@ fn translated_inline_forms_match_the_interpreter() {
         w64(&cpu, DATA + 0x100, FUNC);
         // FUNC: inc r11; ret
         cpu.ram.write(FUNC, &[0x49, 0xff, 0xc3, 0xc3]);
-        cpu.bus = Box::new(QuietBus);
-        cpu.set_engine(engine).unwrap();
-        cpu.set_jit_threshold(1);
+        hot_engine(&mut cpu, engine);
         let frame = expect_vector(&mut cpu, 0);
         let stats = cpu.jit_stats().cloned();
         let at = read_bytes(&cpu, frame[0], 3);
@@ -1244,9 +1250,7 @@ fn fault_before_the_count_shows_the_guest_flags() {
             a.jnz(top).unwrap();
             a.hlt().unwrap();
         });
-        cpu.bus = Box::new(QuietBus);
-        cpu.set_engine(engine).unwrap();
-        cpu.set_jit_threshold(1);
+        hot_engine(&mut cpu, engine);
         let frame = expect_vector(&mut cpu, 14);
         (cpu.s.gpr, frame, cpu.jit_stats().cloned())
     };
@@ -1317,9 +1321,7 @@ fn translated_accesses_follow_remapped_and_alternating_pages() {
         w64(&cpu, pa(10) + 0xff8, 0x5555_6666_7777_8888);
         w64(&cpu, pa(11), 0x9999_aaaa_bbbb_cccc);
         w64(&cpu, pa(11) + 0xc, 0xdddd_eeee_0000_0001);
-        cpu.bus = Box::new(QuietBus);
-        cpu.set_engine(engine).unwrap();
-        cpu.set_jit_threshold(1);
+        hot_engine(&mut cpu, engine);
         expect_clean_halt(&mut cpu);
         let stats = cpu.jit_stats().cloned();
         (cpu.s.gpr, r64(&cpu, pa(8)), r64(&cpu, pa(9)), stats)
@@ -1416,9 +1418,7 @@ fn grouped_accesses_survive_straddles_and_helpers() {
             w64(&cpu, at, 0x0101_0101 << k);
         }
         let low = r64(&cpu, 0x3000);
-        cpu.bus = Box::new(QuietBus);
-        cpu.set_engine(engine).unwrap();
-        cpu.set_jit_threshold(1);
+        hot_engine(&mut cpu, engine);
         expect_clean_halt(&mut cpu);
         let stats = cpu.jit_stats().cloned();
         let mem: Vec<u64> = [
@@ -1498,9 +1498,7 @@ fn indexed_groups_with_aligned_members_match_the_interpreter() {
         for k in -4..4i64 {
             w64(&cpu, at(8 * k), (k as f64 + 10.0).to_bits());
         }
-        cpu.bus = Box::new(QuietBus);
-        cpu.set_engine(engine).unwrap();
-        cpu.set_jit_threshold(1);
+        hot_engine(&mut cpu, engine);
         expect_clean_halt(&mut cpu);
         let stats = cpu.jit_stats().cloned();
         let mem: Vec<u64> = (-4..4).map(|k| r64(&cpu, at(8 * k))).collect();
@@ -1556,9 +1554,7 @@ fn a_misaligned_group_member_faults_precisely() {
             a.jnz(top).unwrap();
             a.hlt().unwrap();
         });
-        cpu.bus = Box::new(QuietBus);
-        cpu.set_engine(engine).unwrap();
-        cpu.set_jit_threshold(1);
+        hot_engine(&mut cpu, engine);
         let frame = expect_vector(&mut cpu, 13);
         let mut g = cpu.s.gpr;
         g[4] = 0; // the handler's stack
@@ -1611,9 +1607,7 @@ fn chain_stubs_between_blocks_that_park_differently() {
             a.hlt().unwrap();
         });
         cpu.ram.write(DATA, &0x0123_4567_89ab_cdefu64.to_le_bytes());
-        cpu.bus = Box::new(QuietBus);
-        cpu.set_engine(engine).unwrap();
-        cpu.set_jit_threshold(1);
+        hot_engine(&mut cpu, engine);
         cpu.set_jit_events(events);
         let exit = loop {
             let exit = cpu.run(5_000);
