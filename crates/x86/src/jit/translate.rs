@@ -55,9 +55,7 @@ pub(super) const RESIDENT: [usize; 14] = [0, 1, 2, 3, 5, 6, 7, 8, 9, 10, 11, 12,
 
 /// Scratch candidates, those compiled code names least first (r11 and
 /// r10 are the ABI's temporaries), so that neighbouring blocks more often
-/// park the same registers (a chain between equal sets skips the parking;
-/// this order cut such slow chains by 11% in the boot, the low registers
-/// first by none).
+/// park the same registers and chain with no stub (see `choose_parked`).
 const POOL: [Register; 13] = [
     Register::R11,
     Register::R10,
