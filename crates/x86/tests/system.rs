@@ -1737,3 +1737,105 @@ fn background_translation_matches_interpreter() {
         assert_eq!(m_j, m_i, "memory (jit vs interpreter, {flush_every:?})");
     }
 }
+
+/// A block that names every general register leaves none to park, so its
+/// memory accesses spill their scratch registers around the lookup
+/// (`mem_prologue`). Indexed loads (one straddling two non-adjacent
+/// frames in some round), an rcx base, a GS-based load, a store, PUSH and
+/// POP match the interpreter with either lookup (flag-free PEXT, or
+/// LAHF/SAHF), and a page fault in the last round shows the guest the
+/// interpreter's frame and registers.
+#[test]
+fn register_starved_blocks_match_the_interpreter() {
+    const N: u32 = 48;
+    let rsi0 = va(6) - 8 * (N as u64 / 2) - 4;
+    // gs:[rsi + 0x40] is va(3) + 0x140.
+    let gs_base = (va(3) + 0x100).wrapping_sub(rsi0);
+    let run = |engine: mat_x86::Engine, fast_lookup: bool, fault: bool| {
+        let mut cpu = paging_machine(|a| {
+            let mut top = a.create_label();
+            a.mov(r12d, N).unwrap();
+            // rsi + 8 * r12 - 8 is va(6) - 4 (straddling) when r12 = N/2 + 1.
+            a.mov(rsi, rsi0).unwrap();
+            a.set_label(&mut top).unwrap();
+            a.mov(rax, qword_ptr(rsi + r12 * 8 - 8)).unwrap();
+            a.mov(rcx, rsi).unwrap();
+            if fault {
+                // rcx + 16 is in va(7) in the last round (not present).
+                a.cmp(r12d, 1).unwrap();
+                a.sete(dl).unwrap();
+                a.movzx(edx, dl).unwrap();
+                a.shl(edx, 13).unwrap();
+                a.add(rcx, rdx).unwrap();
+            }
+            a.add(rbx, qword_ptr(rcx + 16)).unwrap();
+            a.mov(rdx, r8).unwrap();
+            a.imul_2(rdx, r9).unwrap();
+            a.push(rdx).unwrap();
+            a.xor(rdi, rbp).unwrap();
+            a.add(r10, r11).unwrap();
+            a.mov(qword_ptr(rsi + r13 * 8 + 64), rbx).unwrap();
+            a.add(rbp, qword_ptr(rcx + 0x40).gs()).unwrap();
+            a.pop(r14).unwrap();
+            a.add(r14, rax).unwrap();
+            a.lea(r13, qword_ptr(r13 + 1)).unwrap();
+            a.and(r13d, 31).unwrap();
+            a.add(r8, r14).unwrap();
+            a.add(r9, rdi).unwrap();
+            a.sub(r11, r10).unwrap();
+            a.dec(r12d).unwrap();
+            a.jnz(top).unwrap();
+            a.hlt().unwrap();
+        });
+        set_pte(&cpu, 6, pa(14) | P | RW | US);
+        set_pte(&cpu, 7, 0);
+        for k in 0..512 {
+            w64(&cpu, pa(5) + 8 * k, 0x1111_0000_0000 + k * 0x0101_0101);
+            w64(&cpu, pa(14) + 8 * k, 0x7777_0000_0000 + k * 0x0303_0303);
+            w64(&cpu, pa(3) + 8 * k, k * k);
+        }
+        for (r, v) in [(8, 3u64), (9, 5), (10, 7), (11, 11), (5, 13), (7, 17)] {
+            cpu.s.gpr[r] = v;
+        }
+        cpu.s.seg[mat_x86::state::GS].base = gs_base;
+        hot_engine(&mut cpu, engine);
+        cpu.set_jit_fast_lookup(fast_lookup);
+        cpu.set_jit_events(true);
+        let frame = if fault {
+            expect_vector(&mut cpu, 14)
+        } else {
+            expect_clean_halt(&mut cpu);
+            vec![]
+        };
+        if engine == mat_x86::Engine::Jit {
+            let ev = cpu.jit_events().expect("jit events");
+            let spilled = ev
+                .iter()
+                .find(|e| e.0 == "TLB lookups spilling their scratch registers")
+                .map_or(0, |e| e.1);
+            // Five accesses per round, from the second round on.
+            assert!(spilled >= 5 * (N as u64 - 2), "{ev:?}");
+        }
+        let mut g = cpu.s.gpr;
+        if fault {
+            assert_eq!(cpu.s.cr2, rsi0 + 0x2000 + 16, "CR2");
+            g[4] = 0; // the handler's stack
+            g[15] = 0;
+        }
+        let mem: Vec<u64> = (0..512).map(|k| r64(&cpu, pa(5) + 8 * k)).collect();
+        let stack = r64(&cpu, STACK - 8);
+        (frame, g, mem, stack)
+    };
+    for fault in [false, true] {
+        let want = run(mat_x86::Engine::Interp, true, fault);
+        assert_eq!(want.1[12], if fault { 1 } else { 0 });
+        for fast_lookup in [true, false] {
+            let got = run(mat_x86::Engine::Jit, fast_lookup, fault);
+            let what = format!("fault {fault}, fast lookup {fast_lookup}");
+            assert_eq!(got.0, want.0, "exception frame: {what}");
+            assert_eq!(got.1, want.1, "registers: {what}");
+            assert_eq!(got.2, want.2, "memory: {what}");
+            assert_eq!(got.3, want.3, "stack: {what}");
+        }
+    }
+}

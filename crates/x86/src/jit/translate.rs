@@ -426,7 +426,7 @@ pub struct Opts {
 /// (MATRYOSHKA_JIT_EVENTS=1): exact counts of the glue that runs, for
 /// hosts without hardware counters. Each costs a PUSHFQ/INC/POPFQ, so
 /// times are meaningless in such a run.
-pub const EVENTS: [&str; 7] = [
+pub const EVENTS: [&str; 8] = [
     "entries past a page check",
     "chains through a stub",
     "block executions",
@@ -434,6 +434,7 @@ pub const EVENTS: [&str; 7] = [
     "full TLB lookups",
     "back-edge checks",
     "saves of guest rcx",
+    "TLB lookups spilling their scratch registers",
 ];
 const EV_ENTRY: usize = 0;
 const EV_STUB: usize = 1;
@@ -442,6 +443,7 @@ const EV_SLOT_HIT: usize = 3;
 const EV_FULL_LOOKUP: usize = 4;
 const EV_BACK_EDGE: usize = 5;
 const EV_RCX_SAVE: usize = 6;
+const EV_SPILL_LOOKUP: usize = 7;
 
 /// A chained jump between blocks of one page that park different
 /// registers (`from`, `to`: their [`Translation::park_key`] bitmasks):
@@ -2179,6 +2181,10 @@ impl Tx<'_> {
         }
         let mut avoid = avoid.to_vec();
         avoid.extend([Register::RAX, Register::RSP, Register::R15]);
+        if self.bmi2 {
+            // mem_prologue's lookup takes rcx as scratch.
+            avoid.push(Register::RCX);
+        }
         let Some(s) = self.pick(&avoid, 3) else {
             return Ok(None);
         };
@@ -2246,9 +2252,14 @@ impl Tx<'_> {
         Ok(())
     }
 
-    /// Common prologue for a memory access: spills, address into `sa`,
-    /// flags saved, TLB lookup. Returns the slow label (flags still in ax
-    /// there) — the caller restores the flags on the fast path.
+    /// Common prologue for a memory access in a block without three
+    /// parked registers: spills, address into `sa`, TLB lookup; on a hit
+    /// `sa` holds the host pointer and every other register its guest
+    /// value. Returns the slow label, which [`Self::defer_slow`] handles.
+    /// With BMI2 the lookup is [`Self::lookup_fast`] (flag-free; rcx is
+    /// saved in its slot unless parked), else the flags go through ax
+    /// (guest rax spilled) around a lookup that clobbers them. `sa`, `sb`
+    /// and `sc` are never rcx, nor rax without BMI2.
     #[allow(clippy::too_many_arguments)]
     fn mem_prologue(
         &mut self,
@@ -2260,6 +2271,30 @@ impl Tx<'_> {
         size: usize,
         write: bool,
     ) -> R<CodeLabel> {
+        count_event(&mut self.a, self.events, EV_SPILL_LOOKUP)?;
+        if self.bmi2 {
+            self.spill(&[(sa, SP_A), (sb, SP_B), (sc, SP_C)])?;
+            let keep_rcx = !self.rcx_parked();
+            if keep_rcx {
+                self.a.mov(m(o_spill(SP_RCX)), rcx)?;
+            }
+            // The address may name rcx: computed before the lookup
+            // clobbers it.
+            ea(&mut self.a)?;
+            if seg == Register::FS || seg == Register::GS {
+                let s = if seg == Register::FS { FS } else { GS };
+                self.a.mov(r64(sb), m(o_seg!(s, base)))?;
+                self.a.lea(r64(sa), qword_ptr(r64(sa) + r64(sb)))?;
+            }
+            let slow = self.lookup_fast(sa, sb, sc, size, write, self.align16)?;
+            self.a.lea(r64(sa), qword_ptr(r64(sa) + r64(sc)))?;
+            if keep_rcx {
+                self.a.mov(rcx, m(o_spill(SP_RCX)))?;
+            }
+            self.a.mov(r64(sb), m(o_spill(SP_B)))?;
+            self.a.mov(r64(sc), m(o_spill(SP_C)))?;
+            return Ok(slow);
+        }
         self.spill(&[(Register::RAX, SP_RAX), (sa, SP_A), (sb, SP_B), (sc, SP_C)])?;
         ea(&mut self.a)?;
         save_flags_only(&mut self.a)?;
@@ -2287,17 +2322,24 @@ impl Tx<'_> {
         dn: &DInsn,
         restore: Vec<(Register, usize)>,
     ) -> R<()> {
-        // The slow label is entered with flags in ax: restore them through
-        // a small trampoline placed with the other cold code.
-        let mut restore_all = vec![(Register::RAX, SP_RAX)];
+        // See mem_prologue: with BMI2 the slow label is entered with the
+        // flags untouched and guest rcx in its slot (unless parked), else
+        // with the flags in ax and guest rax spilled.
+        let mut restore_all = Vec::new();
+        if !self.bmi2 {
+            restore_all.push((Register::RAX, SP_RAX));
+        }
         restore_all.extend(restore);
+        if self.bmi2 && !self.rcx_parked() {
+            restore_all.push((Register::RCX, SP_RCX));
+        }
         self.slow.push(Slow {
             label: slow,
             back,
             dn: dn as *const DInsn,
             restore: restore_all,
             rcx_from: None,
-            flags_in_ax: true,
+            flags_in_ax: !self.bmi2,
             popf: false,
         });
         Ok(())
@@ -2726,6 +2768,10 @@ impl Tx<'_> {
         let used = self.used_full_regs(i);
         let mut avoid = used.clone();
         avoid.extend([Register::RAX, Register::RSP, Register::R15]);
+        if self.bmi2 {
+            // mem_prologue's lookup takes rcx as scratch.
+            avoid.push(Register::RCX);
+        }
         let uses_rsp = used.contains(&Register::RSP);
         let uses_r15 = used.contains(&Register::R15);
         let need = 3 + uses_rsp as usize + uses_r15 as usize;
