@@ -200,7 +200,7 @@ impl<'a> BzImage<'a> {
     }
 
     /// Decompress the payload on the host, giving the vmlinux ELF image.
-    pub fn decompress_vmlinux(&self) -> Result<Vec<u8>, KernelImageError> {
+    pub fn decompress_vmlinux(&self) -> Result<Vmlinux, KernelImageError> {
         let payload = self.payload()?;
         match Compression::detect(payload) {
             Compression::Xz => {
@@ -209,10 +209,27 @@ impl<'a> BzImage<'a> {
                 }
                 let v = decompress_xz(payload)?;
                 cache::store(payload, &v);
-                Ok(v)
+                Ok(Vmlinux::Owned(v))
             }
-            Compression::None => Ok(payload.to_vec()),
+            Compression::None => Ok(Vmlinux::Owned(payload.to_vec())),
             other => Err(KernelImageError::UnsupportedCompression(other)),
+        }
+    }
+}
+
+/// A decompressed kernel: decoded now, or the cached copy mapped from the
+/// host's page cache (no 66 MB of fresh memory to fault in and fill).
+pub enum Vmlinux {
+    Owned(Vec<u8>),
+    Mapped { map: memmap2::Mmap, len: usize },
+}
+
+impl std::ops::Deref for Vmlinux {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Vmlinux::Owned(v) => v,
+            Vmlinux::Mapped { map, len } => &map[..*len],
         }
     }
 }
@@ -257,7 +274,7 @@ pub fn decompress_xz(payload: &[u8]) -> Result<Vec<u8>, KernelImageError> {
 /// Location: `$MATRYOSHKA_CACHE_DIR`, else `$XDG_CACHE_HOME/matryoshka`, else
 /// `~/.cache/matryoshka`. `MATRYOSHKA_CACHE_DIR=off` disables it.
 mod cache {
-    use std::path::PathBuf;
+    use std::path::{Path, PathBuf};
 
     fn dir() -> Option<PathBuf> {
         if let Some(d) = std::env::var_os("MATRYOSHKA_CACHE_DIR") {
@@ -316,24 +333,38 @@ mod cache {
         out ^ out >> 32
     }
 
-    fn path(payload: &[u8]) -> Option<PathBuf> {
-        Some(dir()?.join(format!(
+    fn path(dir: &Path, payload: &[u8]) -> PathBuf {
+        dir.join(format!(
             "vmlinux-{:x}-{:016x}",
             payload.len(),
             hash(payload)
-        )))
+        ))
     }
 
-    pub fn load(payload: &[u8]) -> Option<Vec<u8>> {
-        let mut v = std::fs::read(path(payload)?).ok()?;
-        let at = v.len().checked_sub(8)?;
-        let want = u64::from_le_bytes(v[at..].try_into().ok()?);
-        v.truncate(at);
-        (hash(&v) == want).then_some(v)
+    pub fn load(payload: &[u8]) -> Option<super::Vmlinux> {
+        load_from(&dir()?, payload)
     }
 
     pub fn store(payload: &[u8], vmlinux: &[u8]) {
-        let Some(p) = path(payload) else { return };
+        if let Some(d) = dir() {
+            store_in(&d, payload, vmlinux);
+        }
+    }
+
+    fn load_from(dir: &Path, payload: &[u8]) -> Option<super::Vmlinux> {
+        let f = std::fs::File::open(path(dir, payload)).ok()?;
+        // SAFETY: a private read-only mapping of a cache file. `store`
+        // never writes a published file in place (it renames a finished
+        // temporary over it), so the bytes cannot change under the map;
+        // they are hashed before use.
+        let map = unsafe { memmap2::Mmap::map(&f) }.ok()?;
+        let len = map.len().checked_sub(8)?;
+        let want = u64::from_le_bytes(map[len..].try_into().ok()?);
+        (hash(&map[..len]) == want).then_some(super::Vmlinux::Mapped { map, len })
+    }
+
+    fn store_in(dir: &Path, payload: &[u8], vmlinux: &[u8]) {
+        let p = path(dir, payload);
         let tmp = p.with_extension(format!("tmp{}", std::process::id()));
         let r = (|| -> std::io::Result<()> {
             std::fs::create_dir_all(p.parent().unwrap_or(&p))?;
@@ -369,7 +400,34 @@ mod cache {
 
     #[cfg(test)]
     mod tests {
-        use super::hash;
+        use super::{hash, load_from, path, store_in};
+
+        /// A stored kernel comes back mapped and byte for byte; a cached
+        /// file changed in place or cut short is refused (the caller then
+        /// decompresses again).
+        #[test]
+        fn cached_kernels_come_back_mapped_and_damaged_ones_are_refused() {
+            let dir = std::env::temp_dir().join(format!("mat-cache-test-{}", std::process::id()));
+            let payload = b"compressed kernel";
+            let vmlinux: Vec<u8> = (0..100_000u32).map(|i| (i ^ i >> 9) as u8).collect();
+            assert!(load_from(&dir, payload).is_none(), "empty cache");
+            store_in(&dir, payload, &vmlinux);
+            let got = load_from(&dir, payload).expect("cached");
+            assert!(matches!(got, super::super::Vmlinux::Mapped { .. }));
+            assert_eq!(&got[..], &vmlinux[..]);
+            drop(got);
+            let file = path(&dir, payload);
+            let mut bytes = std::fs::read(&file).unwrap();
+            bytes[4321] ^= 0x10;
+            std::fs::write(&file, &bytes).unwrap();
+            assert!(load_from(&dir, payload).is_none(), "flipped bit");
+            bytes[4321] ^= 0x10;
+            std::fs::write(&file, &bytes[..bytes.len() - 1]).unwrap();
+            assert!(load_from(&dir, payload).is_none(), "truncated");
+            std::fs::write(&file, &bytes).unwrap();
+            assert!(load_from(&dir, payload).is_some(), "repaired");
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
 
         /// A corrupted or truncated cache file must fail the check: every
         /// single-bit flip, in the 32-byte chunks and in the tail, and every

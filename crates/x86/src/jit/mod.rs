@@ -65,7 +65,7 @@ pub struct JitCtx {
     /// The TLB array `eslots` point into.
     pub(crate) eslots_for: u64,
     /// Event counts (`translate::EVENTS`, MATRYOSHKA_JIT_EVENTS=1).
-    pub(crate) events: [u64; 8],
+    pub(crate) events: [u64; translate::EVENTS.len()],
     /// Last TLB entry hit by each group of memory access sites (see
     /// `translate::lookup_fast`): always a pointer into the current array.
     pub(crate) eslots: EntrySlots,

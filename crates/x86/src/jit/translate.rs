@@ -426,7 +426,7 @@ pub struct Opts {
 /// (MATRYOSHKA_JIT_EVENTS=1): exact counts of the glue that runs, for
 /// hosts without hardware counters. Each costs a PUSHFQ/INC/POPFQ, so
 /// times are meaningless in such a run.
-pub const EVENTS: [&str; 8] = [
+pub const EVENTS: [&str; 10] = [
     "entries past a page check",
     "chains through a stub",
     "block executions",
@@ -435,6 +435,8 @@ pub const EVENTS: [&str; 8] = [
     "back-edge checks",
     "saves of guest rcx",
     "TLB lookups spilling their scratch registers",
+    "jump-cache probes for direct jumps to another page",
+    "jump-cache probes for indirect jumps and returns",
 ];
 const EV_ENTRY: usize = 0;
 const EV_STUB: usize = 1;
@@ -444,6 +446,8 @@ const EV_FULL_LOOKUP: usize = 4;
 const EV_BACK_EDGE: usize = 5;
 const EV_RCX_SAVE: usize = 6;
 const EV_SPILL_LOOKUP: usize = 7;
+const EV_JC_DIRECT: usize = 8;
+const EV_JC_INDIRECT: usize = 9;
 
 /// A chained jump between blocks of one page that park different
 /// registers (`from`, `to`: their [`Translation::park_key`] bitmasks):
@@ -1724,6 +1728,11 @@ impl Tx<'_> {
         let a = &mut self.a;
         if site.is_none() && !self.no_jc {
             // Through the jump cache (target stored in cpu.s.rip).
+            let ev = match t {
+                ExitTarget::Imm(_) => EV_JC_DIRECT,
+                _ => EV_JC_INDIRECT,
+            };
+            count_event(a, self.events, ev)?;
             if let ExitTarget::Imm(v) = t {
                 if let Ok(v) = i32::try_from(v as i64) {
                     // Sign-extended: user code low, kernel code in the top 2 GiB.
