@@ -441,7 +441,7 @@ fn print_stats(cpu: &Cpu, elapsed: Duration) {
     );
     if let Some(j) = cpu.jit_stats() {
         eprintln!(
-            "[matryoshka] jit: {} translations ({} failed, {:.1} ms, {} KiB code; {} native / {} helper insns), {} dispatcher entries, {} chain patches ({} through stubs), {} helper calls ({} exits), {} flushes\r",
+            "[matryoshka] jit: {} translations ({} failed, {:.1} ms, {} KiB code; {} native / {} helper insns), {} dispatcher entries, {} chain patches ({} through stubs, {} to other pages), {} helper calls ({} exits), {} flushes\r",
             j.translations,
             j.translate_failures,
             j.translate_ms,
@@ -451,6 +451,7 @@ fn print_stats(cpu: &Cpu, elapsed: Duration) {
             j.entries,
             j.chain_patches,
             j.chain_stubs,
+            j.far_chains,
             j.helper_calls,
             j.helper_exits,
             j.flushes

@@ -124,6 +124,8 @@ pub struct JitStats {
     pub chain_patches: u64,
     /// Chains through a stub (the two blocks park different registers).
     pub chain_stubs: u64,
+    /// Direct jumps to another page patched to their target's guard.
+    pub far_chains: u64,
     pub helper_calls: u64,
     pub helper_exits: u64,
     pub flushes: u64,
@@ -151,6 +153,14 @@ pub struct Jit {
     /// Block entry of a single-page block -> (entry past the parking and
     /// the page checks, parked key).
     fast_entries: FastMap<u64, (u64, u64)>,
+    /// Direct jumps to another page (see `translate::far_guard`) whose
+    /// target has no translation yet: target rip -> patchable sites.
+    far_pending: FastMap<u64, Vec<u64>>,
+    /// The latest translation of each guest rip: (physical page, entry).
+    far_latest: FastMap<u64, (u64, u64)>,
+    /// Guards: (target rip, physical page) -> (guard, its jmp to the
+    /// target's entry, repatched when the target is translated again).
+    far_guards: FastMap<(u64, u64), (u64, u64)>,
     /// Translated blocks, kept alive while their code may run (the code
     /// points at their decoded instructions).
     blocks: Vec<Rc<Block>>,
@@ -232,6 +242,9 @@ impl Jit {
             stubs,
             chains: FastMap::default(),
             fast_entries: FastMap::default(),
+            far_pending: FastMap::default(),
+            far_latest: FastMap::default(),
+            far_guards: FastMap::default(),
             blocks: Vec::new(),
             jc: vec![JC_EMPTY; JC_SIZE].into_boxed_slice(),
             sse: false,
@@ -273,6 +286,9 @@ impl Jit {
         self.blocks.clear();
         self.chains.clear();
         self.fast_entries.clear();
+        self.far_pending.clear();
+        self.far_latest.clear();
+        self.far_guards.clear();
         self.jc.fill(JC_EMPTY);
         let mut c = worker::lock(&self.code);
         c.buf.reset(self.stub_len);
@@ -611,13 +627,14 @@ impl Jit {
             );
         }
         let src_ppn = block.phys_pc >> 12;
-        for c in t.chains {
+        for c in t.chains.iter() {
             self.chains
                 .insert(c.site, (c.target, src_ppn, c.fast_site, t.park_key));
         }
         if let Some(ce) = t.count_entry {
             self.fast_entries.insert(t.entry, (ce, t.park_key));
         }
+        self.link_far(block, &t);
         self.stats.translations += 1;
         self.stats.code_bytes += t.code.len() as u64;
         self.stats.native_insns += t.native as u64;
@@ -625,6 +642,64 @@ impl Jit {
         self.blocks.push(block.clone());
         block.jit_entry.set(t.entry);
         Some(t.entry)
+    }
+}
+
+impl Jit {
+    /// Direct jumps between pages: patch this translation's far sites to
+    /// the guards of targets already translated (the others wait in
+    /// `far_pending`), and the sites waiting for this block to its guard;
+    /// a guard of this block from an earlier translation (its page was
+    /// written since) jumps to this one from now on.
+    fn link_far(&mut self, block: &Block, t: &translate::Translation) {
+        let (lin, ppn) = (block.lin_pc, block.phys_pc >> 12);
+        let code = self.code.clone();
+        let mut c = worker::lock(&code);
+        self.far_latest.insert(lin, (ppn, t.entry));
+        if let Some(&(_, to_entry)) = self.far_guards.get(&(lin, ppn)) {
+            c.buf.patch_jmp(to_entry, t.entry);
+        }
+        if let Some(sites) = self.far_pending.remove(&lin) {
+            if let Some(g) = self.far_guard(&mut c, lin, ppn, t.entry) {
+                for s in sites {
+                    c.buf.patch_jmp(s, g);
+                    self.stats.far_chains += 1;
+                }
+            }
+        }
+        for &(site, target) in t.far.iter() {
+            match self.far_latest.get(&target) {
+                Some(&(p, e)) => {
+                    if let Some(g) = self.far_guard(&mut c, target, p, e) {
+                        c.buf.patch_jmp(site, g);
+                        self.stats.far_chains += 1;
+                    }
+                }
+                None => self.far_pending.entry(target).or_default().push(site),
+            }
+        }
+    }
+
+    /// The guard for `target` in physical page `ppn` (made on first use,
+    /// at the top of the buffer); None when the buffer is full.
+    fn far_guard(
+        &mut self,
+        c: &mut worker::Code,
+        target: u64,
+        ppn: u64,
+        entry: u64,
+    ) -> Option<u64> {
+        if let Some(&(g, _)) = self.far_guards.get(&(target, ppn)) {
+            return Some(g);
+        }
+        let p = i32::try_from(ppn).ok()?;
+        let (code, to_entry, to_jc) = translate::far_guard(target, p, self.events).ok()?;
+        let g = c.buf.push_high(&code)?;
+        c.buf.patch_jmp(g + to_entry as u64, entry);
+        c.buf.patch_jmp(g + to_jc as u64, self.stubs.indirect);
+        self.far_guards
+            .insert((target, ppn), (g, g + to_entry as u64));
+        Some(g)
     }
 }
 

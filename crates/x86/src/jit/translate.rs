@@ -387,6 +387,9 @@ pub struct Translation {
     /// The parked registers: bit `n` for guest register `n`.
     pub park_key: u64,
     pub chains: Vec<ChainSite>,
+    /// Direct jumps to another page: (site of a 5-byte jmp that goes on
+    /// to the jump-cache exit until patched to a [`far_guard`], target).
+    pub far: Vec<(u64, u64)>,
     pub native: u32,
     pub helpers: u32,
     /// Instructions left to helpers (diagnostics).
@@ -426,7 +429,7 @@ pub struct Opts {
 /// (MATRYOSHKA_JIT_EVENTS=1): exact counts of the glue that runs, for
 /// hosts without hardware counters. Each costs a PUSHFQ/INC/POPFQ, so
 /// times are meaningless in such a run.
-pub const EVENTS: [&str; 10] = [
+pub const EVENTS: [&str; 11] = [
     "entries past a page check",
     "chains through a stub",
     "block executions",
@@ -437,6 +440,7 @@ pub const EVENTS: [&str; 10] = [
     "TLB lookups spilling their scratch registers",
     "jump-cache probes for direct jumps to another page",
     "jump-cache probes for indirect jumps and returns",
+    "chains to another page through a guard",
 ];
 const EV_ENTRY: usize = 0;
 const EV_STUB: usize = 1;
@@ -448,6 +452,7 @@ const EV_RCX_SAVE: usize = 6;
 const EV_SPILL_LOOKUP: usize = 7;
 const EV_JC_DIRECT: usize = 8;
 const EV_JC_INDIRECT: usize = 9;
+const EV_FAR_CHAIN: usize = 10;
 
 /// A chained jump between blocks of one page that park different
 /// registers (`from`, `to`: their [`Translation::park_key`] bitmasks):
@@ -467,6 +472,67 @@ pub fn chain_stub(from: u64, to: u64, events: bool) -> R<Vec<u8>> {
     }
     a.db(&[0xe9, 0, 0, 0, 0])?;
     a.assemble(0)
+}
+
+/// The guard of direct jumps to `target` from other pages, valid while
+/// the TLB maps `target`'s page to physical page `ppn` for execution: the
+/// kick and budget checks of the jump cache, then the TLB entry's exec tag
+/// and page, all flag-free (jrcxz). Entered and left with the whole guest
+/// state in registers. Two `jmp rel32` for the caller to patch: at the
+/// returned offsets, to the target's translation (its full entry, which
+/// checks that the code is unchanged) and to the jump-cache stub (rip =
+/// target), taken when a check fails. Position-independent.
+pub fn far_guard(target: u64, ppn: i32, events: bool) -> R<(Vec<u8>, usize, usize)> {
+    const _: () = assert!(size_of::<TlbEntry>() == 64);
+    let vpn = target >> 12;
+    let at = 64 * (vpn as usize & (crate::mmu::TLB_SIZE - 1)) as i32;
+    let tag = at + offset_of!(TlbEntry, exec_tag) as i32;
+    let page = at + offset_of!(TlbEntry, ppn) as i32;
+    let mut a = CodeAssembler::new(64)?;
+    let mut kick_ok = a.create_label();
+    let mut tag_ok = a.create_label();
+    let mut page_ok = a.create_label();
+    let mut fail = a.create_label();
+    let mut fail_rcx = a.create_label();
+    a.mov(m(o_spill(SP_A)), rcx)?;
+    a.mov(rcx, m(o_ctx!(kick)))?;
+    a.movzx(ecx, byte_ptr(rcx))?;
+    a.jrcxz(kick_ok)?;
+    a.jmp(fail_rcx)?;
+    a.set_label(&mut kick_ok)?;
+    // `left` counts up from minus the budget: its top byte is 0 at the end.
+    a.movzx(ecx, byte_ptr(r15 + (o_ctx!(left) + 7)))?;
+    a.jrcxz(fail_rcx)?;
+    a.mov(m(o_spill(SP_B)), rdx)?;
+    a.mov(rdx, m(o_ctx!(tlb_base)))?;
+    a.mov(rcx, qword_ptr(rdx + tag))?;
+    a.mov(rdx, (vpn as i64).wrapping_neg() as u64)?;
+    a.lea(rcx, qword_ptr(rcx + rdx))?;
+    a.jrcxz(tag_ok)?;
+    a.jmp(fail)?;
+    a.set_label(&mut tag_ok)?;
+    a.mov(rdx, m(o_ctx!(tlb_base)))?;
+    a.mov(rcx, qword_ptr(rdx + page))?;
+    a.lea(rcx, qword_ptr(rcx - ppn))?;
+    a.jrcxz(page_ok)?;
+    a.jmp(fail)?;
+    a.set_label(&mut page_ok)?;
+    a.mov(rdx, m(o_spill(SP_B)))?;
+    a.mov(rcx, m(o_spill(SP_A)))?;
+    count_event(&mut a, events, EV_FAR_CHAIN)?;
+    let to_entry = a.instructions().len();
+    a.db(&[0xe9, 0, 0, 0, 0])?;
+    a.set_label(&mut fail)?;
+    a.mov(rdx, m(o_spill(SP_B)))?;
+    a.set_label(&mut fail_rcx)?;
+    a.mov(rcx, target)?;
+    a.mov(m(o_rip()), rcx)?;
+    a.mov(rcx, m(o_spill(SP_A)))?;
+    let to_jc = a.instructions().len();
+    a.db(&[0xe9, 0, 0, 0, 0])?;
+    let res = a.assemble_options(0, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)?;
+    let off = |k: usize| res.inner.new_instruction_offsets[k] as usize;
+    Ok((res.inner.code_buffer.clone(), off(to_entry), off(to_jc)))
 }
 
 /// Count event `k` (flags and registers unchanged).
@@ -494,6 +560,9 @@ struct Tx<'a> {
     /// Chainable exits: (index of the patchable jmp, index of the fast
     /// one, target rip); indices into the assembler's instruction list.
     chain_sites: Vec<(usize, usize, u64)>,
+    /// Patchable jmps before the jump-cache exit of direct jumps to
+    /// another page: (instruction index, target).
+    far_sites: Vec<(usize, u64)>,
     slow: Vec<Slow>,
     /// Failed group checks, out of line: (their label, the plain copy's
     /// label to go on at), entered with guest rcx where `save_rcx` put it.
@@ -554,6 +623,7 @@ pub fn translate(
         block,
         tlb_entry: size_of::<TlbEntry>(),
         chain_sites: Vec::new(),
+        far_sites: Vec::new(),
         slow: Vec::new(),
         group_fails: Vec::new(),
         info: InstructionInfoFactory::new(),
@@ -778,6 +848,10 @@ pub fn translate(
             target,
         });
     }
+    let mut far = Vec::new();
+    for &(site, target) in tx.far_sites.iter() {
+        far.push((addr(site)?, target));
+    }
     let single_page = block.pages[1].0 == u64::MAX;
     Ok(Translation {
         entry: addr(0)?,
@@ -789,6 +863,7 @@ pub fn translate(
         park_key: tx.parked.iter().fold(0, |k, &r| k | 1 << gidx(r)),
         code,
         chains,
+        far,
         native: tx.native,
         helpers: tx.helpers,
         helper_codes: tx.helper_codes,
@@ -1766,7 +1841,15 @@ impl Tx<'_> {
     /// Exit to a known target; chainable when it is in the same guest page.
     fn exit_direct(&mut self, target: u64) -> R<()> {
         if target >> 12 != self.block.lin_pc >> 12 {
-            return self.exit_to(ExitTarget::Imm(target), None);
+            // To another page: through the jump cache until the site is
+            // patched to the target's guard (see `far_guard`).
+            self.park_reload()?;
+            if !self.no_jc {
+                let idx = self.a.instructions().len();
+                self.a.db(&[0xe9, 0, 0, 0, 0])?;
+                self.far_sites.push((idx, target));
+            }
+            return self.exit_tail(ExitTarget::Imm(target), None);
         }
         let a = &mut self.a;
         let mut go = a.create_label();
