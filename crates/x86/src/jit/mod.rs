@@ -161,6 +161,8 @@ pub struct Jit {
     /// Guards: (target rip, physical page) -> (guard, its jmp to the
     /// target's entry, repatched when the target is translated again).
     far_guards: FastMap<(u64, u64), (u64, u64)>,
+    /// The guards' code, assembled once (for the events setting it holds).
+    guard: Option<(bool, translate::GuardTemplate)>,
     /// Translated blocks, kept alive while their code may run (the code
     /// points at their decoded instructions).
     blocks: Vec<Rc<Block>>,
@@ -245,6 +247,7 @@ impl Jit {
             far_pending: FastMap::default(),
             far_latest: FastMap::default(),
             far_guards: FastMap::default(),
+            guard: None,
             blocks: Vec::new(),
             jc: vec![JC_EMPTY; JC_SIZE].into_boxed_slice(),
             sse: false,
@@ -693,12 +696,18 @@ impl Jit {
             return Some(g);
         }
         let p = i32::try_from(ppn).ok()?;
-        let (code, to_entry, to_jc) = translate::far_guard(target, p, self.events).ok()?;
+        if self.guard.as_ref().is_none_or(|(ev, _)| *ev != self.events) {
+            self.guard = Some((
+                self.events,
+                translate::GuardTemplate::new(self.events).ok()?,
+            ));
+        }
+        let t = &self.guard.as_ref()?.1;
+        let (code, to_entry, to_jc) = (t.instance(target, p), t.to_entry as u64, t.to_jc as u64);
         let g = c.buf.push_high(&code)?;
-        c.buf.patch_jmp(g + to_entry as u64, entry);
-        c.buf.patch_jmp(g + to_jc as u64, self.stubs.indirect);
-        self.far_guards
-            .insert((target, ppn), (g, g + to_entry as u64));
+        c.buf.patch_jmp(g + to_entry, entry);
+        c.buf.patch_jmp(g + to_jc, self.stubs.indirect);
+        self.far_guards.insert((target, ppn), (g, g + to_entry));
         Some(g)
     }
 }

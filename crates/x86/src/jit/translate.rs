@@ -474,65 +474,133 @@ pub fn chain_stub(from: u64, to: u64, events: bool) -> R<Vec<u8>> {
     a.assemble(0)
 }
 
-/// The guard of direct jumps to `target` from other pages, valid while
-/// the TLB maps `target`'s page to physical page `ppn` for execution: the
+/// The guard of direct jumps to a target from other pages, valid while
+/// the TLB maps the target's page to one physical page for execution: the
 /// kick and budget checks of the jump cache, then the TLB entry's exec tag
 /// and page, all flag-free (jrcxz). Entered and left with the whole guest
-/// state in registers. Two `jmp rel32` for the caller to patch: at the
-/// returned offsets, to the target's translation (its full entry, which
-/// checks that the code is unchanged) and to the jump-cache stub (rip =
-/// target), taken when a check fails. Position-independent.
-pub fn far_guard(target: u64, ppn: i32, events: bool) -> R<(Vec<u8>, usize, usize)> {
-    const _: () = assert!(size_of::<TlbEntry>() == 64);
-    let vpn = target >> 12;
-    let at = 64 * (vpn as usize & (crate::mmu::TLB_SIZE - 1)) as i32;
-    let tag = at + offset_of!(TlbEntry, exec_tag) as i32;
-    let page = at + offset_of!(TlbEntry, ppn) as i32;
-    let mut a = CodeAssembler::new(64)?;
-    let mut kick_ok = a.create_label();
-    let mut tag_ok = a.create_label();
-    let mut page_ok = a.create_label();
-    let mut fail = a.create_label();
-    let mut fail_rcx = a.create_label();
-    a.mov(m(o_spill(SP_A)), rcx)?;
-    a.mov(rcx, m(o_ctx!(kick)))?;
-    a.movzx(ecx, byte_ptr(rcx))?;
-    a.jrcxz(kick_ok)?;
-    a.jmp(fail_rcx)?;
-    a.set_label(&mut kick_ok)?;
-    // `left` counts up from minus the budget: its top byte is 0 at the end.
-    a.movzx(ecx, byte_ptr(r15 + (o_ctx!(left) + 7)))?;
-    a.jrcxz(fail_rcx)?;
-    a.mov(m(o_spill(SP_B)), rdx)?;
-    a.mov(rdx, m(o_ctx!(tlb_base)))?;
-    a.mov(rcx, qword_ptr(rdx + tag))?;
-    a.mov(rdx, (vpn as i64).wrapping_neg() as u64)?;
-    a.lea(rcx, qword_ptr(rcx + rdx))?;
-    a.jrcxz(tag_ok)?;
-    a.jmp(fail)?;
-    a.set_label(&mut tag_ok)?;
-    a.mov(rdx, m(o_ctx!(tlb_base)))?;
-    a.mov(rcx, qword_ptr(rdx + page))?;
-    a.lea(rcx, qword_ptr(rcx - ppn))?;
-    a.jrcxz(page_ok)?;
-    a.jmp(fail)?;
-    a.set_label(&mut page_ok)?;
-    a.mov(rdx, m(o_spill(SP_B)))?;
-    a.mov(rcx, m(o_spill(SP_A)))?;
-    count_event(&mut a, events, EV_FAR_CHAIN)?;
-    let to_entry = a.instructions().len();
-    a.db(&[0xe9, 0, 0, 0, 0])?;
-    a.set_label(&mut fail)?;
-    a.mov(rdx, m(o_spill(SP_B)))?;
-    a.set_label(&mut fail_rcx)?;
-    a.mov(rcx, target)?;
-    a.mov(m(o_rip()), rcx)?;
-    a.mov(rcx, m(o_spill(SP_A)))?;
-    let to_jc = a.instructions().len();
-    a.db(&[0xe9, 0, 0, 0, 0])?;
-    let res = a.assemble_options(0, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)?;
-    let off = |k: usize| res.inner.new_instruction_offsets[k] as usize;
-    Ok((res.inner.code_buffer.clone(), off(to_entry), off(to_jc)))
+/// state in registers. Two `jmp rel32` for the caller to patch: to the
+/// target's translation (its full entry, which checks that the code is
+/// unchanged) and to the jump-cache stub (rip = target), taken when a
+/// check fails. Position-independent. Assembled once (iced's encoder is
+/// slow for thousands of guards); [`GuardTemplate::instance`] fills in a
+/// target's constants.
+pub struct GuardTemplate {
+    code: Vec<u8>,
+    /// Byte offsets of the 4-byte displacements (tag, page, -ppn) and the
+    /// 8-byte immediates (-vpn, target).
+    tag: usize,
+    page: usize,
+    neg_ppn: usize,
+    neg_vpn: usize,
+    target: usize,
+    /// Offsets of the jmp to the target's entry and of the one to the
+    /// jump-cache stub.
+    pub to_entry: usize,
+    pub to_jc: usize,
+}
+
+impl GuardTemplate {
+    pub fn new(events: bool) -> R<GuardTemplate> {
+        // Placeholders that force 4-byte displacements and 8-byte
+        // immediates, whatever values replace them.
+        const DISP: i32 = 0x1000_0000;
+        const IMM: u64 = 0x1122_3344_5566_7788;
+        let mut a = CodeAssembler::new(64)?;
+        let mut kick_ok = a.create_label();
+        let mut tag_ok = a.create_label();
+        let mut page_ok = a.create_label();
+        let mut fail = a.create_label();
+        let mut fail_rcx = a.create_label();
+        a.mov(m(o_spill(SP_A)), rcx)?;
+        a.mov(rcx, m(o_ctx!(kick)))?;
+        a.movzx(ecx, byte_ptr(rcx))?;
+        a.jrcxz(kick_ok)?;
+        a.jmp(fail_rcx)?;
+        a.set_label(&mut kick_ok)?;
+        // `left` counts up from minus the budget: its top byte is 0 at the end.
+        a.movzx(ecx, byte_ptr(r15 + (o_ctx!(left) + 7)))?;
+        a.jrcxz(fail_rcx)?;
+        a.mov(m(o_spill(SP_B)), rdx)?;
+        a.mov(rdx, m(o_ctx!(tlb_base)))?;
+        let i_tag = a.instructions().len();
+        a.mov(rcx, qword_ptr(rdx + DISP))?;
+        let i_vpn = a.instructions().len();
+        a.mov(rdx, IMM)?;
+        a.lea(rcx, qword_ptr(rcx + rdx))?;
+        a.jrcxz(tag_ok)?;
+        a.jmp(fail)?;
+        a.set_label(&mut tag_ok)?;
+        a.mov(rdx, m(o_ctx!(tlb_base)))?;
+        let i_page = a.instructions().len();
+        a.mov(rcx, qword_ptr(rdx + DISP))?;
+        let i_ppn = a.instructions().len();
+        a.lea(rcx, qword_ptr(rcx + DISP))?;
+        a.jrcxz(page_ok)?;
+        a.jmp(fail)?;
+        a.set_label(&mut page_ok)?;
+        a.mov(rdx, m(o_spill(SP_B)))?;
+        a.mov(rcx, m(o_spill(SP_A)))?;
+        count_event(&mut a, events, EV_FAR_CHAIN)?;
+        let i_entry = a.instructions().len();
+        a.db(&[0xe9, 0, 0, 0, 0])?;
+        a.set_label(&mut fail)?;
+        a.mov(rdx, m(o_spill(SP_B)))?;
+        a.set_label(&mut fail_rcx)?;
+        let i_target = a.instructions().len();
+        a.mov(rcx, IMM)?;
+        a.mov(m(o_rip()), rcx)?;
+        a.mov(rcx, m(o_spill(SP_A)))?;
+        let i_jc = a.instructions().len();
+        a.db(&[0xe9, 0, 0, 0, 0])?;
+        let res = a.assemble_options(
+            0,
+            BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS
+                | BlockEncoderOptions::RETURN_CONSTANT_OFFSETS,
+        )?;
+        let r = &res.inner;
+        let at = |k: usize| r.new_instruction_offsets[k] as usize;
+        let disp = |k: usize| {
+            let c = &r.constant_offsets[k];
+            debug_assert_eq!(c.displacement_size(), 4);
+            at(k) + c.displacement_offset()
+        };
+        let imm = |k: usize| {
+            let c = &r.constant_offsets[k];
+            debug_assert_eq!(c.immediate_size(), 8);
+            at(k) + c.immediate_offset()
+        };
+        Ok(GuardTemplate {
+            code: r.code_buffer.clone(),
+            tag: disp(i_tag),
+            page: disp(i_page),
+            neg_ppn: disp(i_ppn),
+            neg_vpn: imm(i_vpn),
+            target: imm(i_target),
+            to_entry: at(i_entry),
+            to_jc: at(i_jc),
+        })
+    }
+
+    /// The guard for `target` in physical page `ppn`.
+    pub fn instance(&self, target: u64, ppn: i32) -> Vec<u8> {
+        const _: () = assert!(size_of::<TlbEntry>() == 64);
+        let vpn = target >> 12;
+        let at = 64 * (vpn as usize & (crate::mmu::TLB_SIZE - 1)) as i32;
+        let mut c = self.code.clone();
+        let mut put = |off: usize, b: &[u8]| c[off..off + b.len()].copy_from_slice(b);
+        put(
+            self.tag,
+            &(at + offset_of!(TlbEntry, exec_tag) as i32).to_le_bytes(),
+        );
+        put(
+            self.page,
+            &(at + offset_of!(TlbEntry, ppn) as i32).to_le_bytes(),
+        );
+        put(self.neg_ppn, &ppn.wrapping_neg().to_le_bytes());
+        put(self.neg_vpn, &vpn.wrapping_neg().to_le_bytes());
+        put(self.target, &target.to_le_bytes());
+        c
+    }
 }
 
 /// Count event `k` (flags and registers unchanged).
@@ -3145,6 +3213,40 @@ fn jcc(a: &mut CodeAssembler, cc: ConditionCode, l: CodeLabel) -> R<()> {
 mod tests {
     use super::*;
     use iced_x86::Decoder;
+
+    /// A guard made from the template checks the TLB entry of its own
+    /// target's page against that page and physical page, and stores its
+    /// own target when it fails; both jmps sit where the template says.
+    #[test]
+    fn guard_instances_carry_their_target() {
+        let t = GuardTemplate::new(false).unwrap();
+        for (target, ppn) in [(0xffff_ffff_8123_4567u64, 0x1_2345), (0x40_1000, 7)] {
+            let code = t.instance(target, ppn);
+            let insns: Vec<Instruction> = Decoder::new(64, &code, 0).into_iter().collect();
+            let at = 64 * (target >> 12 & (crate::mmu::TLB_SIZE as u64 - 1));
+            let loads: Vec<u64> = insns
+                .iter()
+                .filter(|i| i.code() == Code::Mov_r64_rm64 && i.memory_base() == Register::RDX)
+                .map(|i| i.memory_displacement64())
+                .collect();
+            let tag = at + offset_of!(TlbEntry, exec_tag) as u64;
+            let page = at + offset_of!(TlbEntry, ppn) as u64;
+            assert_eq!(loads, [tag, page]);
+            let imms: Vec<u64> = insns
+                .iter()
+                .filter(|i| i.code() == Code::Mov_r64_imm64)
+                .map(|i| i.immediate64())
+                .collect();
+            assert_eq!(imms, [(target >> 12).wrapping_neg(), target]);
+            let leas: Vec<u64> = insns
+                .iter()
+                .filter(|i| i.code() == Code::Lea_r64_m && i.memory_index() == Register::None)
+                .map(|i| i.memory_displacement64())
+                .collect();
+            assert_eq!(leas, [-(ppn as i64) as u64]);
+            assert_eq!((code[t.to_entry], code[t.to_jc]), (0xe9, 0xe9));
+        }
+    }
 
     /// Translate `code` as one block; returns (native, helper) counts.
     fn counts(code: &[u8]) -> (u32, u32) {
