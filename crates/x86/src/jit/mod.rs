@@ -161,6 +161,9 @@ pub struct Jit {
     /// Guards: (target rip, physical page) -> (guard, its jmp to the
     /// target's entry, repatched when the target is translated again).
     far_guards: FastMap<(u64, u64), (u64, u64)>,
+    /// Chain stubs' code by (source key, target key, events): the same
+    /// for every chain between two parked sets, so assembled once.
+    stub_code: HashMap<(u64, u64, bool), Vec<u8>>,
     /// The guards' code, assembled once (for the events setting it holds).
     guard: Option<(bool, translate::GuardTemplate)>,
     /// Translated blocks, kept alive while their code may run (the code
@@ -248,6 +251,7 @@ impl Jit {
             far_latest: FastMap::default(),
             far_guards: FastMap::default(),
             guard: None,
+            stub_code: HashMap::new(),
             blocks: Vec::new(),
             jc: vec![JC_EMPTY; JC_SIZE].into_boxed_slice(),
             sse: false,
@@ -472,9 +476,18 @@ impl Cpu {
                     match jit.fast_entries.get(&entry) {
                         Some(&(ce, k)) if k == key => c.buf.patch_jmp(fast_site, ce),
                         Some(&(ce, k)) => {
-                            let stub = translate::chain_stub(key, k, jit.events)
-                                .ok()
-                                .and_then(|code| Some((c.buf.push_high(&code)?, code.len())));
+                            let events = jit.events;
+                            let stub = match jit.stub_code.entry((key, k, events)) {
+                                std::collections::hash_map::Entry::Occupied(e) => {
+                                    Some(e.into_mut())
+                                }
+                                std::collections::hash_map::Entry::Vacant(e) => {
+                                    translate::chain_stub(key, k, events)
+                                        .ok()
+                                        .map(|c| e.insert(c))
+                                }
+                            }
+                            .and_then(|code| Some((c.buf.push_high(code)?, code.len())));
                             match stub {
                                 Some((s, len)) => {
                                     c.buf.patch_jmp(s + len as u64 - 5, ce);
