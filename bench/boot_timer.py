@@ -43,7 +43,7 @@ def default_cmdline():
         with open(path) as f:
             return f.read().strip()
     except OSError:
-        return "console=ttyS0,115200 earlyprintk=serial,ttyS0,115200 reboot=k panic=-1 loglevel=4 nokaslr"
+        return "console=ttyS0,115200 earlyprintk=serial,ttyS0,115200 reboot=k panic=-1 loglevel=4 nokaslr cryptomgr.notests"
 
 
 def engine_argv(engine, args, cmdline):
@@ -154,7 +154,7 @@ def main():
     ap.add_argument("--engines", default="qemu-tcg,matryoshka",
                     help="comma list of qemu-tcg, qemu-kvm, matryoshka")
     ap.add_argument("--kernel", default=os.path.join(REPO, "guest/out/vmlinuz"))
-    ap.add_argument("--initrd", default=os.path.join(REPO, "guest/out/initramfs.cpio.gz"))
+    ap.add_argument("--initrd", default=os.path.join(REPO, "guest/out/initramfs.cpio"))
     ap.add_argument("--cmdline", default=None,
                     help="base kernel cmdline (default: guest/out/cmdline); "
                          "matryoshka.poweroff_after_init is appended")

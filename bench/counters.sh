@@ -27,7 +27,7 @@ w="$1" small="$2" large="$3"
     exit 2
 }
 command -v perf >/dev/null || { echo "counters.sh: perf not found (apt-get install linux-perf)" >&2; exit 1; }
-for f in "$OUT/bin/$w" "$OUT/initramfs-bench.cpio.gz" "$MAT"; do
+for f in "$OUT/bin/$w" "$OUT/initramfs-bench.cpio" "$MAT"; do
     [[ -e "$f" ]] || { echo "counters.sh: $f is missing (run bench/cpu.sh --quick once, and cargo build --release)" >&2; exit 1; }
 done
 
@@ -37,7 +37,7 @@ count() { perf stat -x, -e "$events" "$@" 2>&1 >/dev/null | awk -F, '$3 ~ /^[a-z
 
 guest() {
     count "$MAT" run --cpu-engine "$ENGINE" --no-reboot --memory 512M \
-        --kernel "$REPO/guest/out/vmlinuz" --initrd "$OUT/initramfs-bench.cpio.gz" \
+        --kernel "$REPO/guest/out/vmlinuz" --initrd "$OUT/initramfs-bench.cpio" \
         --cmdline "$(cat "$REPO/guest/out/cmdline") matryoshka.cmd=\"/bench/run.sh 1 $w:$1\""
 }
 

@@ -31,16 +31,16 @@ command -v cpio >/dev/null || { echo "cpu.sh: cpio not found (apt-get install cp
 make -s -C "$REPO/bench/workloads" OUT="$OUT/bin"
 
 # Guest initramfs = the default one + a second newc archive holding /bench.
-# Linux unpacks concatenated (separately compressed) archives in order.
+# Linux unpacks concatenated archives (each compressed or not) in order.
 stage="$OUT/stage"
 rm -rf "$stage"
 mkdir -p "$stage/bench"
 cp "$OUT"/bin/{int,fp,mem,syscall,forkexec,nop,run.sh} "$stage/bench/"
 (cd "$stage" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) \
     | gzip -6 -n > "$OUT/bench.cpio.gz"
-cat "$REPO/guest/out/initramfs.cpio.gz" "$OUT/bench.cpio.gz" > "$OUT/initramfs-bench.cpio.gz.tmp"
-mv "$OUT/initramfs-bench.cpio.gz.tmp" "$OUT/initramfs-bench.cpio.gz"
+cat "$REPO/guest/out/initramfs.cpio" "$OUT/bench.cpio.gz" > "$OUT/initramfs-bench.cpio.tmp"
+mv "$OUT/initramfs-bench.cpio.tmp" "$OUT/initramfs-bench.cpio"
 rm -rf "$stage"
 
 exec python3 "$REPO/bench/cpu_bench.py" --bin-dir "$OUT/bin" \
-    --initrd "$OUT/initramfs-bench.cpio.gz" "$@"
+    --initrd "$OUT/initramfs-bench.cpio" "$@"

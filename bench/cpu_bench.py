@@ -211,7 +211,7 @@ def main():
     ap.add_argument("--timeout", type=float, default=3600.0, help="per guest boot, seconds")
     ap.add_argument("--bin-dir", default=os.path.join(REPO, "bench/out/bin"))
     ap.add_argument("--kernel", default=os.path.join(REPO, "guest/out/vmlinuz"))
-    ap.add_argument("--initrd", default=os.path.join(REPO, "bench/out/initramfs-bench.cpio.gz"))
+    ap.add_argument("--initrd", default=os.path.join(REPO, "bench/out/initramfs-bench.cpio"))
     ap.add_argument("--memory", default="512M")
     ap.add_argument("--qemu", default=os.environ.get("QEMU", "qemu-system-x86_64"))
     ap.add_argument("--qemu-cpu", default=os.environ.get("QEMU_CPU", "Nehalem"),

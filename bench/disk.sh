@@ -50,7 +50,7 @@ def command(engine, img):
         if not shutil.which(q):
             sys.exit(f"{q} not found: apt-get install qemu-system-x86")
         return [q, "-accel", "tcg", "-m", "1G", "-smp", "1", "-no-reboot", "-nographic",
-                "-nic", "none", "-kernel", f"{out}/vmlinuz", "-initrd", f"{out}/initramfs.cpio.gz",
+                "-nic", "none", "-kernel", f"{out}/vmlinuz", "-initrd", f"{out}/initramfs.cpio",
                 "-drive", f"file={img},if=virtio,format=raw", "-append", cmdline]
     if engine in ("matryoshka", "matryoshka-interp", "matryoshka-jit"):
         cpu = {"matryoshka": [], "matryoshka-interp": ["--cpu-engine", "interp"],

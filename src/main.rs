@@ -174,7 +174,7 @@ fn guest_dir() -> PathBuf {
 fn ensure_default_guest() -> anyhow::Result<PathBuf> {
     let dir = guest_dir();
     let out = dir.join("out");
-    if !(out.join("vmlinuz").exists() && out.join("initramfs.cpio.gz").exists()) {
+    if !(out.join("vmlinuz").exists() && out.join("initramfs.cpio").exists()) {
         let script = dir.join("build.sh");
         eprintln!(
             "[matryoshka] building the default guest with {}",
@@ -238,7 +238,7 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
             };
             (
                 out.join("vmlinuz"),
-                Some(args.initrd.unwrap_or_else(|| out.join("initramfs.cpio.gz"))),
+                Some(args.initrd.unwrap_or_else(|| out.join("initramfs.cpio"))),
                 cmdline,
             )
         }

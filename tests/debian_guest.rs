@@ -65,7 +65,7 @@ fn require_tool(tool: &str, package: &str) {
     );
 }
 
-/// guest/out/{vmlinuz,initramfs.cpio.gz,debian.img}, built if missing.
+/// guest/out/{vmlinuz,initramfs.cpio,debian.img}, built if missing.
 fn ensure_debian_image() -> PathBuf {
     let out = common::ensure_guest();
     let img = out.join("debian.img");
@@ -179,7 +179,7 @@ fn qemu_command(out_dir: &Path, disk: &str, cmdline: &str, extra: &[&str]) -> Co
         .arg("-kernel")
         .arg(out_dir.join("vmlinuz"))
         .arg("-initrd")
-        .arg(out_dir.join("initramfs.cpio.gz"))
+        .arg(out_dir.join("initramfs.cpio"))
         .args(["-append", cmdline]);
     let (path, opts) = disk.split_once(',').unwrap_or((disk, ""));
     let format = if opts.contains("format=qcow2") {
@@ -505,7 +505,7 @@ fn debian_qcow2_overlay_keeps_base_unchanged() {
 #[test]
 fn initramfs_root_switch_without_disk_falls_back() {
     let out_dir = root().join("guest/out");
-    if !out_dir.join("initramfs.cpio.gz").exists() {
+    if !out_dir.join("initramfs.cpio").exists() {
         let st = Command::new("bash")
             .arg(root().join("guest/build.sh"))
             .status()

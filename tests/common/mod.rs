@@ -16,7 +16,7 @@ pub fn root() -> PathBuf {
 /// guest/out with the default guest, built by guest/build.sh if missing.
 pub fn ensure_guest() -> PathBuf {
     let out = root().join("guest/out");
-    if !(out.join("vmlinuz").exists() && out.join("initramfs.cpio.gz").exists()) {
+    if !(out.join("vmlinuz").exists() && out.join("initramfs.cpio").exists()) {
         let st = Command::new("bash")
             .arg(root().join("guest/build.sh"))
             .status()

@@ -656,9 +656,9 @@ fn real_kernel() -> PathBuf {
     path
 }
 
-/// initramfs.cpio.gz next to the kernel, if the guest build made one.
+/// initramfs.cpio next to the kernel, if the guest build made one.
 fn real_initrd(kernel: &std::path::Path) -> Option<PathBuf> {
-    let p = kernel.with_file_name("initramfs.cpio.gz");
+    let p = kernel.with_file_name("initramfs.cpio");
     p.exists().then_some(p)
 }
 
