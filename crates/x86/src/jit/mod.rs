@@ -153,7 +153,7 @@ pub struct Jit {
     /// Block entry of a single-page block -> (entry past the parking and
     /// the page checks, parked key).
     fast_entries: FastMap<u64, (u64, u64)>,
-    /// Direct jumps to another page (see `translate::far_guard`) whose
+    /// Direct jumps to another page (see `translate::GuardTemplate`) whose
     /// target has no translation yet: target rip -> patchable sites.
     far_pending: FastMap<u64, Vec<u64>>,
     /// The latest translation of each guest rip: (physical page, entry).
@@ -710,10 +710,7 @@ impl Jit {
         }
         let p = i32::try_from(ppn).ok()?;
         if self.guard.as_ref().is_none_or(|(ev, _)| *ev != self.events) {
-            self.guard = Some((
-                self.events,
-                translate::GuardTemplate::new(self.events).ok()?,
-            ));
+            self.guard = Some((self.events, translate::GuardTemplate::new(self.events)?));
         }
         let t = &self.guard.as_ref()?.1;
         let (code, to_entry, to_jc) = (t.instance(target, p), t.to_entry as u64, t.to_jc as u64);

@@ -388,7 +388,8 @@ pub struct Translation {
     pub park_key: u64,
     pub chains: Vec<ChainSite>,
     /// Direct jumps to another page: (site of a 5-byte jmp that goes on
-    /// to the jump-cache exit until patched to a [`far_guard`], target).
+    /// to the jump-cache exit until patched to a guard, see
+    /// [`GuardTemplate`]; target).
     pub far: Vec<(u64, u64)>,
     pub native: u32,
     pub helpers: u32,
@@ -500,7 +501,13 @@ pub struct GuardTemplate {
 }
 
 impl GuardTemplate {
-    pub fn new(events: bool) -> R<GuardTemplate> {
+    /// None if iced encoded a placeholder in another size than the one
+    /// `instance` writes (then no guards: jumps keep the jump cache).
+    pub fn new(events: bool) -> Option<GuardTemplate> {
+        Self::assemble(events).ok()?
+    }
+
+    fn assemble(events: bool) -> R<Option<GuardTemplate>> {
         // Placeholders that force 4-byte displacements and 8-byte
         // immediates, whatever values replace them.
         const DISP: i32 = 0x1000_0000;
@@ -560,25 +567,32 @@ impl GuardTemplate {
         let r = &res.inner;
         let at = |k: usize| r.new_instruction_offsets[k] as usize;
         let disp = |k: usize| {
-            let c = &r.constant_offsets[k];
-            debug_assert_eq!(c.displacement_size(), 4);
-            at(k) + c.displacement_offset()
+            let c = &r.constant_offsets.get(k)?;
+            (c.displacement_size() == 4).then(|| at(k) + c.displacement_offset())
         };
         let imm = |k: usize| {
-            let c = &r.constant_offsets[k];
-            debug_assert_eq!(c.immediate_size(), 8);
-            at(k) + c.immediate_offset()
+            let c = &r.constant_offsets.get(k)?;
+            (c.immediate_size() == 8).then(|| at(k) + c.immediate_offset())
         };
-        Ok(GuardTemplate {
+        let (Some(tag), Some(page), Some(neg_ppn), Some(neg_vpn), Some(target)) = (
+            disp(i_tag),
+            disp(i_page),
+            disp(i_ppn),
+            imm(i_vpn),
+            imm(i_target),
+        ) else {
+            return Ok(None);
+        };
+        Ok(Some(GuardTemplate {
             code: r.code_buffer.clone(),
-            tag: disp(i_tag),
-            page: disp(i_page),
-            neg_ppn: disp(i_ppn),
-            neg_vpn: imm(i_vpn),
-            target: imm(i_target),
+            tag,
+            page,
+            neg_ppn,
+            neg_vpn,
+            target,
             to_entry: at(i_entry),
             to_jc: at(i_jc),
-        })
+        }))
     }
 
     /// The guard for `target` in physical page `ppn`.
@@ -1910,7 +1924,7 @@ impl Tx<'_> {
     fn exit_direct(&mut self, target: u64) -> R<()> {
         if target >> 12 != self.block.lin_pc >> 12 {
             // To another page: through the jump cache until the site is
-            // patched to the target's guard (see `far_guard`).
+            // patched to the target's guard (see `GuardTemplate`).
             self.park_reload()?;
             if !self.no_jc {
                 let idx = self.a.instructions().len();
@@ -3219,7 +3233,7 @@ mod tests {
     /// own target when it fails; both jmps sit where the template says.
     #[test]
     fn guard_instances_carry_their_target() {
-        let t = GuardTemplate::new(false).unwrap();
+        let t = GuardTemplate::new(false).expect("guard template");
         for (target, ppn) in [(0xffff_ffff_8123_4567u64, 0x1_2345), (0x40_1000, 7)] {
             let code = t.instance(target, ppn);
             let insns: Vec<Instruction> = Decoder::new(64, &code, 0).into_iter().collect();
