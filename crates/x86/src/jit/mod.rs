@@ -161,11 +161,13 @@ pub struct Jit {
     /// Guards: (target rip, physical page) -> (guard, its jmp to the
     /// target's entry, repatched when the target is translated again).
     far_guards: FastMap<(u64, u64), (u64, u64)>,
-    /// Chain stubs' code by (source key, target key, events): the same
-    /// for every chain between two parked sets, so assembled once.
-    stub_code: HashMap<(u64, u64, bool), Vec<u8>>,
-    /// The guards' code, assembled once (for the events setting it holds).
-    guard: Option<(bool, translate::GuardTemplate)>,
+    /// Chain stubs' code by (source key, target key): the same for every
+    /// chain between two parked sets, so assembled once (for the current
+    /// `events` setting).
+    stub_code: FastMap<(u64, u64), Vec<u8>>,
+    /// The guards' code, assembled once (for the current `events`
+    /// setting); None if it cannot be, and then there are no guards.
+    guard: Option<translate::GuardTemplate>,
     /// Translated blocks, kept alive while their code may run (the code
     /// points at their decoded instructions).
     blocks: Vec<Rc<Block>>,
@@ -231,6 +233,7 @@ impl Jit {
     }
 
     pub fn with_size(size: usize) -> std::io::Result<Jit> {
+        let events = std::env::var_os("MATRYOSHKA_JIT_EVENTS").is_some();
         let mut buf = CodeBuf::new(size)?;
         let at = buf.next_addr();
         let (code, stubs) = translate::build_stubs(at)
@@ -250,8 +253,8 @@ impl Jit {
             far_pending: FastMap::default(),
             far_latest: FastMap::default(),
             far_guards: FastMap::default(),
-            guard: None,
-            stub_code: HashMap::new(),
+            guard: translate::GuardTemplate::new(events),
+            stub_code: FastMap::default(),
             blocks: Vec::new(),
             jc: vec![JC_EMPTY; JC_SIZE].into_boxed_slice(),
             sse: false,
@@ -264,7 +267,7 @@ impl Jit {
             profile: std::env::var_os("MATRYOSHKA_JIT_PROFILE").map(|_| HashMap::new()),
             bmi2: fast_pext(),
             groups: std::env::var_os("MATRYOSHKA_JIT_NO_GROUPS").is_none(),
-            events: std::env::var_os("MATRYOSHKA_JIT_EVENTS").is_some(),
+            events,
             dump: std::env::var("MATRYOSHKA_JIT_DUMP")
                 .ok()
                 .and_then(|v| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok()),
@@ -386,6 +389,8 @@ impl Cpu {
     pub fn set_jit_events(&mut self, on: bool) {
         if let Some(j) = self.jit.as_mut() {
             j.events = on;
+            j.guard = translate::GuardTemplate::new(on);
+            j.stub_code.clear();
             j.flush();
         }
     }
@@ -476,18 +481,15 @@ impl Cpu {
                     match jit.fast_entries.get(&entry) {
                         Some(&(ce, k)) if k == key => c.buf.patch_jmp(fast_site, ce),
                         Some(&(ce, k)) => {
-                            let events = jit.events;
-                            let stub = match jit.stub_code.entry((key, k, events)) {
-                                std::collections::hash_map::Entry::Occupied(e) => {
-                                    Some(e.into_mut())
-                                }
-                                std::collections::hash_map::Entry::Vacant(e) => {
-                                    translate::chain_stub(key, k, events)
-                                        .ok()
-                                        .map(|c| e.insert(c))
+                            if !jit.stub_code.contains_key(&(key, k)) {
+                                if let Ok(code) = translate::chain_stub(key, k, jit.events) {
+                                    jit.stub_code.insert((key, k), code);
                                 }
                             }
-                            .and_then(|code| Some((c.buf.push_high(code)?, code.len())));
+                            let stub = jit
+                                .stub_code
+                                .get(&(key, k))
+                                .and_then(|code| Some((c.buf.push_high(code)?, code.len())));
                             match stub {
                                 Some((s, len)) => {
                                     c.buf.patch_jmp(s + len as u64 - 5, ce);
@@ -709,10 +711,7 @@ impl Jit {
             return Some(g);
         }
         let p = i32::try_from(ppn).ok()?;
-        if self.guard.as_ref().is_none_or(|(ev, _)| *ev != self.events) {
-            self.guard = Some((self.events, translate::GuardTemplate::new(self.events)?));
-        }
-        let t = &self.guard.as_ref()?.1;
+        let t = self.guard.as_ref()?;
         let (code, to_entry, to_jc) = (t.instance(target, p), t.to_entry as u64, t.to_jc as u64);
         let g = c.buf.push_high(&code)?;
         c.buf.patch_jmp(g + to_entry, entry);
