@@ -1634,7 +1634,7 @@ fn chain_stubs_between_blocks_that_park_differently() {
             within("block executions", 6000, 6002);
             within("back-edge checks", 2990, 3000);
             within("entries past a page check", 1, 100);
-            let lookups = n("TLB lookups hitting their slot") + n("full TLB lookups");
+            let lookups = n("TLB lookups that hit") + n("full TLB lookups");
             if lookups > 0 {
                 assert!((4490..=4505).contains(&lookups), "{ev:?}");
                 within("saves of guest rcx", 2990, 3010);

@@ -434,7 +434,7 @@ pub const EVENTS: [&str; 11] = [
     "entries past a page check",
     "chains through a stub",
     "block executions",
-    "TLB lookups hitting their slot",
+    "TLB lookups that hit",
     "full TLB lookups",
     "back-edge checks",
     "saves of guest rcx",
@@ -446,7 +446,7 @@ pub const EVENTS: [&str; 11] = [
 const EV_ENTRY: usize = 0;
 const EV_STUB: usize = 1;
 const EV_BLOCK: usize = 2;
-const EV_SLOT_HIT: usize = 3;
+const EV_HIT: usize = 3;
 const EV_FULL_LOOKUP: usize = 4;
 const EV_BACK_EDGE: usize = 5;
 const EV_RCX_SAVE: usize = 6;
@@ -2091,7 +2091,7 @@ impl Tx<'_> {
         x.jrcxz(hit)?;
         x.jmp(slow)?;
         x.set_label(&mut hit)?;
-        count_event(x, self.events, EV_SLOT_HIT)?;
+        count_event(x, self.events, EV_HIT)?;
         x.mov(c, qword_ptr(b + offset_of!(TlbEntry, addend) as i32))?;
         Ok(slow)
     }
@@ -2353,13 +2353,7 @@ impl Tx<'_> {
             self.defer_fast(slow, back, dn);
             return Ok(Some(back));
         }
-        let mut avoid = avoid.to_vec();
-        avoid.extend([Register::RAX, Register::RSP, Register::R15]);
-        if self.bmi2 {
-            // mem_prologue's lookup takes rcx as scratch.
-            avoid.push(Register::RCX);
-        }
-        let Some(s) = self.pick(&avoid, 3) else {
+        let Some(s) = self.pick(&self.prologue_avoid(avoid), 3) else {
             return Ok(None);
         };
         let (sa, sb, sc) = (s[0], s[1], s[2]);
@@ -2424,6 +2418,18 @@ impl Tx<'_> {
         }
         x.add(a, qword_ptr(c + offset_of!(TlbEntry, addend) as i32))?;
         Ok(())
+    }
+
+    /// Registers [`Self::mem_prologue`]'s scratch must not be: `regs`,
+    /// rsp and r15 (never in host registers), rax without BMI2 (the flags
+    /// go through ax) and rcx with it (the lookup's own scratch).
+    fn prologue_avoid(&self, regs: &[Register]) -> Vec<Register> {
+        let mut v = regs.to_vec();
+        v.extend([Register::RAX, Register::RSP, Register::R15]);
+        if self.bmi2 {
+            v.push(Register::RCX);
+        }
+        v
     }
 
     /// Common prologue for a memory access in a block without three
@@ -2940,12 +2946,7 @@ impl Tx<'_> {
             return Ok(true);
         }
         let used = self.used_full_regs(i);
-        let mut avoid = used.clone();
-        avoid.extend([Register::RAX, Register::RSP, Register::R15]);
-        if self.bmi2 {
-            // mem_prologue's lookup takes rcx as scratch.
-            avoid.push(Register::RCX);
-        }
+        let avoid = self.prologue_avoid(&used);
         let uses_rsp = used.contains(&Register::RSP);
         let uses_r15 = used.contains(&Register::R15);
         let need = 3 + uses_rsp as usize + uses_r15 as usize;
