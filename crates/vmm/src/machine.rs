@@ -429,10 +429,11 @@ fn print_stats(cpu: &Cpu, elapsed: Duration) {
     let st = &cpu.stats;
     let secs = elapsed.as_secs_f64().max(1e-9);
     eprintln!(
-        "\r\n[matryoshka] {:.2}s, {} instructions ({:.1} M/s), {} blocks decoded, {} invalidations, {} exceptions, {} interrupts, {} unimplemented\r",
+        "\r\n[matryoshka] {:.2}s, {} instructions ({:.1} M/s; {} interpreted), {} blocks decoded, {} invalidations, {} exceptions, {} interrupts, {} unimplemented\r",
         secs,
         st.instructions,
         st.instructions as f64 / secs / 1e6,
+        st.interpreted,
         st.blocks_decoded,
         st.block_invalidations,
         st.exceptions,

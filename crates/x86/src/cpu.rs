@@ -51,6 +51,8 @@ impl Default for CpuConfig {
 #[derive(Clone, Debug, Default)]
 pub struct Stats {
     pub instructions: u64,
+    /// Instructions run by the interpreter (the rest ran as translated code).
+    pub interpreted: u64,
     pub blocks_decoded: u64,
     pub block_invalidations: u64,
     pub exceptions: u64,
@@ -629,6 +631,7 @@ impl Cpu {
                     Ok(()) => {
                         self.s.rip = self.next_rip;
                         self.stats.instructions += 1;
+                        self.stats.interpreted += 1;
                     }
                     Err(f) => {
                         self.raise(f);
