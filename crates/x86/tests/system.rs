@@ -1840,6 +1840,106 @@ fn register_starved_blocks_match_the_interpreter() {
     }
 }
 
+/// A function's prologue and epilogue (pushes, `sub rsp`, `[rsp + disp]`
+/// loads and stores, `add rsp`, pops, RET) share one check of the whole
+/// frame (a stack group). The frame walks down across a page boundary
+/// whose two pages map non-adjacent frames (the check fails and the
+/// block's plain copy looks up each access); in the fault variant the
+/// last round's frame reaches a page that is not present, and the #PF
+/// (delivered on the IST stack) must show the interpreter's frame,
+/// registers and memory.
+#[test]
+fn stack_groups_match_the_interpreter() {
+    const N: u64 = 48;
+    let run = |engine: mat_x86::Engine, fault: bool| {
+        let mut cpu = paging_machine(|a| {
+            let mut top = a.create_label();
+            let mut f = a.create_label();
+            let mut no_fault = a.create_label();
+            a.mov(r12d, N as u32).unwrap();
+            a.mov(r13, rsp).unwrap();
+            a.mov(rbx, 0x1234u64).unwrap();
+            a.mov(rdi, 0x77u64).unwrap();
+            a.set_label(&mut top).unwrap();
+            // rsp = va(6) + 0x40 - 8 * r12: the frame (0x48 bytes below
+            // the return address) straddles va(5)/va(6) in some rounds.
+            a.mov(rax, r12).unwrap();
+            a.shl(rax, 3).unwrap();
+            a.mov(rsp, va(6) + 0x40).unwrap();
+            a.sub(rsp, rax).unwrap();
+            if fault {
+                a.cmp(r12d, 1).unwrap();
+                a.jne(no_fault).unwrap();
+                // va(7) is not present: the third push faults.
+                a.mov(rsp, va(8) + 0x10).unwrap();
+            }
+            a.set_label(&mut no_fault).unwrap();
+            a.call(f).unwrap();
+            a.add(r14, rax).unwrap();
+            a.mov(rsp, r13).unwrap();
+            a.dec(r12d).unwrap();
+            a.jnz(top).unwrap();
+            a.hlt().unwrap();
+            a.set_label(&mut f).unwrap();
+            a.push(rbx).unwrap();
+            a.push(rbp).unwrap();
+            a.push(r12).unwrap();
+            a.push(0x55).unwrap();
+            a.sub(rsp, 0x18).unwrap();
+            a.mov(qword_ptr(rsp + 8), rdi).unwrap();
+            a.mov(rax, qword_ptr(rsp + 0x18)).unwrap();
+            a.add(rax, qword_ptr(rsp + 8)).unwrap();
+            a.imul_3(rbp, rax, 3).unwrap();
+            a.mov(qword_ptr(rsp + 0x10), rbp).unwrap();
+            a.add(rbx, qword_ptr(rsp + 0x10)).unwrap();
+            a.lea(rdi, qword_ptr(rdi + rax + 1)).unwrap();
+            a.add(rsp, 0x18).unwrap();
+            a.pop(rcx).unwrap();
+            a.pop(r12).unwrap();
+            a.pop(rbp).unwrap();
+            a.add(rbx, rcx).unwrap();
+            a.pop(rdx).unwrap();
+            a.ret().unwrap();
+        });
+        set_pte(&cpu, 6, pa(14) | P | RW | US);
+        set_pte(&cpu, 7, 0);
+        set_gate(&cpu, 14, stub(14), 0, 1, true);
+        hot_engine(&mut cpu, engine);
+        cpu.set_jit_events(true);
+        let frame = if fault {
+            expect_vector(&mut cpu, 14)
+        } else {
+            expect_clean_halt(&mut cpu);
+            vec![]
+        };
+        if engine == mat_x86::Engine::Jit && !fault {
+            let ev = cpu.jit_events().expect("jit events");
+            let n = |what: &str| ev.iter().find(|e| e.0 == what).map_or(0, |e| e.1);
+            let lookups = n("TLB lookups that hit") + n("full TLB lookups");
+            // Per round: the call's push and one check of the callee's
+            // frame (14 lookups without the group), bar the 7 rounds whose
+            // frame straddles the boundary (the plain copy's 14 and the
+            // failed check): about 2 * 41 + 16 * 7 in all.
+            assert!(lookups > 0 && lookups < 5 * N, "{ev:?}");
+        }
+        let mut mem: Vec<u64> = (0..512).map(|k| r64(&cpu, pa(5) + 8 * k)).collect();
+        mem.extend((0..512).map(|k| r64(&cpu, pa(14) + 8 * k)));
+        mem.extend((0..512).map(|k| r64(&cpu, pa(8) + 8 * k)));
+        (frame, cpu.s.gpr, cpu.s.cr2, mem)
+    };
+    for fault in [false, true] {
+        let want = run(mat_x86::Engine::Interp, fault);
+        if fault {
+            assert_eq!(want.2, va(8) - 8, "CR2");
+        }
+        let got = run(mat_x86::Engine::Jit, fault);
+        assert_eq!(got.0, want.0, "exception frame (fault {fault})");
+        assert_eq!(got.1, want.1, "registers (fault {fault})");
+        assert_eq!(got.2, want.2, "CR2 (fault {fault})");
+        assert_eq!(got.3, want.3, "memory (fault {fault})");
+    }
+}
+
 /// Direct calls to another page chain through a guard that checks the
 /// TLB's mapping of the target page. The callee at va(2) is rewritten in
 /// place (its new translation takes over the guard: no trip through the

@@ -679,8 +679,9 @@ struct Tx<'a> {
     /// emitted.
     groups: Vec<Group>,
     /// The group register of the instruction being translated when it is
-    /// a group member (fast copy only).
-    member: Option<Register>,
+    /// a group member (fast copy only), and for a stack group's member its
+    /// access's offset from that register (see [`Group::rel`]).
+    member: Option<(Register, Option<i64>)>,
 }
 
 /// Translate `block` for placement at address `at`. Returns None when the
@@ -825,10 +826,10 @@ pub fn translate(
         if add_at == Some(k) {
             tx.a.add(qword_ptr(r15 + o_ctx!(left)), n as i32)?;
         }
-        tx.member = groups
-            .iter()
-            .find(|g| g.members.contains(&k))
-            .map(|g| g.reg);
+        tx.member = groups.iter().find_map(|g| {
+            let j = g.members.iter().position(|&m| m == k)?;
+            Some((g.reg, g.rel.get(j).copied()))
+        });
         let (helpers, slow) = (tx.helpers, tx.slow.len());
         ended = tx.insn(dn)?;
         tx.member = None;
@@ -1021,6 +1022,11 @@ struct Group {
     /// (legacy SSE m128): every other such member's is congruent mod 16.
     align16: Option<i64>,
     reg: Register,
+    /// A stack group (`base` is rsp, see [`stack_access`]): each member's
+    /// offset from rsp as it was before the head, which the member uses
+    /// as its displacement. Empty for other groups, whose members keep
+    /// their own displacements.
+    rel: Vec<i64>,
 }
 
 impl Group {
@@ -1058,6 +1064,7 @@ fn group_access(
     info: &mut InstructionInfoFactory,
     sse: bool,
     fp: bool,
+    rsp_base: bool,
 ) -> Option<GroupAccess> {
     if i.mnemonic() == Mnemonic::Lea || !native_ok(i, sse, fp) {
         return None;
@@ -1087,7 +1094,9 @@ fn group_access(
         || !matches!(size, 1 | 2 | 4 | 8 | 16)
         || !is64addr(i)
         || !base.is_gpr64()
-        || matches!(base, Register::RSP | Register::R15)
+        || base == Register::R15
+        || (base == Register::RSP) != rsp_base
+        || rsp_base && index != Register::None
         || !(index == Register::None || index.is_gpr64() && index != Register::R15)
         || matches!(i.memory_segment(), Register::FS | Register::GS)
         || matches!(
@@ -1130,9 +1139,107 @@ fn is_immediate(k: OpKind) -> bool {
     )
 }
 
+/// A stack access that a stack group may cover (see [`stack_access`]).
+struct StackAccess {
+    /// Offset from rsp before the instruction, size (0: no access) and
+    /// whether it writes.
+    off: i64,
+    size: i64,
+    write: bool,
+    align16: bool,
+    /// What the instruction adds to rsp; None when it writes rsp in a way
+    /// the planner does not follow.
+    delta: Option<i64>,
+}
+
+/// The stack access of `i` and its change to rsp, for stack groups:
+/// PUSH/POP of a 64-bit register or immediate, CALL (direct or through a
+/// register), RET, and `[rsp + disp]` operands of instructions the fast
+/// memory path runs natively; `add`/`sub rsp, imm` and `lea rsp,
+/// [rsp + disp]` move rsp by a known amount without an access. These are
+/// exactly the forms whose translations honour [`Tx::member`]'s offset
+/// (`stack_op` and `native_mem_fast`); any other form is None.
+fn stack_access(
+    i: &Instruction,
+    info: &mut InstructionInfoFactory,
+    sse: bool,
+    fp: bool,
+    writes_rsp: bool,
+) -> Option<StackAccess> {
+    let acc = |off, size, write, delta| {
+        Some(StackAccess {
+            off,
+            size,
+            write,
+            align16: false,
+            delta: Some(delta),
+        })
+    };
+    let rsp_op0 = i.op0_kind() == OpKind::Register && i.op0_register() == Register::RSP;
+    match i.code() {
+        Code::Push_r64 | Code::Pushq_imm32 | Code::Pushq_imm8 | Code::Call_rel32_64 => {
+            acc(-8, 8, true, -8)
+        }
+        Code::Call_rm64 if i.op0_kind() == OpKind::Register => acc(-8, 8, true, -8),
+        Code::Pop_r64 if !rsp_op0 => acc(0, 8, false, 8),
+        Code::Retnq => acc(0, 8, false, 8),
+        Code::Retnq_imm16 => acc(0, 8, false, 8 + i.immediate16() as i64),
+        Code::Add_rm64_imm8 | Code::Add_rm64_imm32 if rsp_op0 => {
+            acc(0, 0, false, i.immediate(1) as i64)
+        }
+        Code::Sub_rm64_imm8 | Code::Sub_rm64_imm32 if rsp_op0 => {
+            acc(0, 0, false, (i.immediate(1) as i64).wrapping_neg())
+        }
+        Code::Lea_r64_m
+            if rsp_op0
+                && is64addr(i)
+                && i.memory_base() == Register::RSP
+                && i.memory_index() == Register::None =>
+        {
+            acc(0, 0, false, i.memory_displacement64() as i64)
+        }
+        _ => {
+            let x = group_access(i, info, sse, fp, true)?;
+            Some(StackAccess {
+                off: x.disp,
+                size: x.size,
+                write: x.write,
+                align16: x.align16,
+                delta: (!writes_rsp).then_some(0),
+            })
+        }
+    }
+}
+
+impl Group {
+    /// Can an access of `size` bytes at `disp` (16-byte aligned when
+    /// `align16`) join?
+    fn fits(&self, disp: i64, size: i64, align16: bool) -> bool {
+        self.end.max(disp + size) - self.lo.min(disp) <= GROUP_SPAN
+            && match (align16, self.align16) {
+                (true, Some(d0)) => (disp - d0).rem_euclid(16) == 0,
+                _ => true,
+            }
+    }
+
+    fn join(&mut self, k: usize, disp: i64, size: i64, write: bool, align16: bool) {
+        self.members.push(k);
+        self.lo = self.lo.min(disp);
+        self.end = self.end.max(disp + size);
+        self.write |= write;
+        if align16 && self.align16.is_none() {
+            self.align16 = Some(disp);
+        }
+    }
+}
+
 /// Find the groups of `block` (two members or more) and give each a host
 /// register from `free` (registers the block never names), reusing one
 /// once its group has ended. Groups left without a register are dropped.
+/// Besides the groups of one base (and index), one stack group at a time
+/// covers the stack accesses of a run of instructions that move rsp by
+/// known amounts (a prologue's pushes, an epilogue's pops and RET):
+/// offsets from rsp as it was at the group's head.
 fn plan_groups(
     block: &Block,
     info: &mut InstructionInfoFactory,
@@ -1142,59 +1249,11 @@ fn plan_groups(
 ) -> Vec<Group> {
     let mut done: Vec<Group> = Vec::new();
     let mut open: Vec<Group> = Vec::new();
+    let mut stack: Option<Group> = None;
+    // rsp before this instruction minus rsp before the stack group's head.
+    let mut delta = 0i64;
     for (k, dn) in block.insns.iter().enumerate() {
         let i = &dn.insn;
-        if let Some(x) = group_access(i, info, sse, fp) {
-            let (disp, size) = (x.disp, x.size);
-            let pos = open
-                .iter()
-                .position(|g| g.base == x.base && g.index == x.index && g.scale == x.scale);
-            let fits = pos.is_some_and(|p| {
-                let g = &open[p];
-                g.end.max(disp + size) - g.lo.min(disp) <= GROUP_SPAN
-                    && match (x.align16, g.align16) {
-                        (true, Some(d0)) => (disp - d0).rem_euclid(16) == 0,
-                        _ => true,
-                    }
-            });
-            if let (Some(p), true) = (pos, fits) {
-                let g = &mut open[p];
-                g.members.push(k);
-                g.lo = g.lo.min(disp);
-                g.end = g.end.max(disp + size);
-                g.write |= x.write;
-                if x.align16 && g.align16.is_none() {
-                    g.align16 = Some(disp);
-                }
-            } else {
-                if let Some(p) = pos {
-                    done.push(open.swap_remove(p));
-                }
-                open.push(Group {
-                    members: vec![k],
-                    base: x.base,
-                    index: x.index,
-                    scale: x.scale,
-                    lo: disp,
-                    end: disp + size,
-                    write: x.write,
-                    align16: x.align16.then_some(disp),
-                    reg: Register::None,
-                });
-            }
-        }
-        // Instructions that leave for a helper end every group (the plain
-        // copy takes over after them anyway); a write to a base or an
-        // index ends its.
-        let inline = native_ok(i, sse, fp)
-            || matches!(
-                i.mnemonic(),
-                Mnemonic::Lea | Mnemonic::Nop | Mnemonic::Endbr64 | Mnemonic::Push | Mnemonic::Pop
-            );
-        if !inline {
-            done.append(&mut open);
-            continue;
-        }
         let written: Vec<Register> = info
             .info(i)
             .used_registers()
@@ -1210,6 +1269,78 @@ fn plan_groups(
             })
             .map(|u| u.register().full_register())
             .collect();
+        let st = stack_access(i, info, sse, fp, written.contains(&Register::RSP));
+        if let Some(x) = st.as_ref().filter(|x| x.size > 0) {
+            let off = delta + x.off;
+            match stack.as_mut() {
+                Some(g) if g.fits(off, x.size, x.align16) => {
+                    g.join(k, off, x.size, x.write, x.align16);
+                    g.rel.push(off);
+                }
+                _ => {
+                    done.extend(stack.take());
+                    delta = 0;
+                    stack = Some(Group {
+                        members: vec![k],
+                        base: Register::RSP,
+                        index: Register::None,
+                        scale: 1,
+                        lo: x.off,
+                        end: x.off + x.size,
+                        write: x.write,
+                        align16: x.align16.then_some(x.off),
+                        reg: Register::None,
+                        rel: vec![x.off],
+                    });
+                }
+            }
+        }
+        if let Some(x) = group_access(i, info, sse, fp, false) {
+            let (disp, size) = (x.disp, x.size);
+            let pos = open
+                .iter()
+                .position(|g| g.base == x.base && g.index == x.index && g.scale == x.scale);
+            let fits = pos.is_some_and(|p| open[p].fits(disp, size, x.align16));
+            if let (Some(p), true) = (pos, fits) {
+                open[p].join(k, disp, size, x.write, x.align16);
+            } else {
+                if let Some(p) = pos {
+                    done.push(open.swap_remove(p));
+                }
+                open.push(Group {
+                    members: vec![k],
+                    base: x.base,
+                    index: x.index,
+                    scale: x.scale,
+                    lo: disp,
+                    end: disp + size,
+                    write: x.write,
+                    align16: x.align16.then_some(disp),
+                    reg: Register::None,
+                    rel: Vec::new(),
+                });
+            }
+        }
+        // Instructions that leave for a helper end every group (the plain
+        // copy takes over after them anyway); a write to a base or an
+        // index ends its; a write to rsp by an unknown amount ends the
+        // stack group.
+        let inline = native_ok(i, sse, fp)
+            || matches!(
+                i.mnemonic(),
+                Mnemonic::Lea | Mnemonic::Nop | Mnemonic::Endbr64 | Mnemonic::Push | Mnemonic::Pop
+            );
+        if !inline {
+            done.append(&mut open);
+            done.extend(stack.take());
+            continue;
+        }
+        match st.as_ref().map(|x| x.delta) {
+            Some(Some(d)) => delta += d,
+            Some(None) => done.extend(stack.take()),
+            None if written.contains(&Register::RSP) => done.extend(stack.take()),
+            None => {}
+        }
         let mut n = 0;
         while n < open.len() {
             if written.contains(&open[n].base) || written.contains(&open[n].index) {
@@ -1220,6 +1351,7 @@ fn plan_groups(
         }
     }
     done.append(&mut open);
+    done.extend(stack);
     done.retain(|g| g.members.len() >= 2);
     done.sort_by_key(|g| g.head());
     // Interval colouring, first free register.
@@ -2106,7 +2238,11 @@ impl Tx<'_> {
             return self.a.jmp(fail);
         };
         // Before rcx is saved: the base or the index may be guest rcx.
-        let x = if g.index == Register::None {
+        // A stack group's base, rsp, lives in CpuState.
+        let x = if g.base == Register::RSP {
+            self.a.mov(r64(sa), m(o_gpr(4)))?;
+            qword_ptr(r64(sa) + g.lo as i32)
+        } else if g.index == Register::None {
             qword_ptr(r64(g.base) + g.lo as i32)
         } else {
             qword_ptr(r64(g.base) + r64(g.index) * g.scale + g.lo as i32)
@@ -2255,13 +2391,17 @@ impl Tx<'_> {
         let remap = Remap::new(&reg_ops, &free);
         // A group member: its group's register holds the host address of
         // its base plus scaled index, checked when the group began.
-        if let Some(g) = self.member {
+        if let Some((g, rel)) = self.member {
             let mut ni = *i;
             remap.rewrite_registers(&mut ni);
             ni.set_memory_base(g);
             ni.set_memory_index(Register::None);
             ni.set_memory_index_scale(1);
             ni.set_segment_prefix(Register::None);
+            if let Some(d) = rel {
+                ni.set_memory_displacement64(d as u64);
+                ni.set_memory_displ_size(if d == 0 { 0 } else { 1 });
+            }
             let still = self.used_full_regs(&ni);
             if encodable(&ni) && !still.contains(&Register::RSP) && !still.contains(&Register::R15)
             {
@@ -2344,6 +2484,12 @@ impl Tx<'_> {
                 StackSlot::Rbp => x.mov(r64(sa), rbp),
             }
         };
+        if let (Some((g, Some(rel))), Some((sa, sb, _))) = (self.member, self.free3()) {
+            // A stack group's member: its group checked the slot.
+            lin(&mut self.a, sa)?;
+            f(&mut self.a, qword_ptr(r64(g) + rel as i32), sa, sb)?;
+            return Ok(Some(back));
+        }
         if let Some((sa, sb, sc)) = self.free3() {
             self.save_rcx(SP_RCX)?;
             lin(&mut self.a, sa)?;
