@@ -61,6 +61,7 @@ pub struct Stats {
 }
 
 /// A decoded instruction and the handler chosen for it at decode time.
+#[derive(Clone, Copy)]
 pub struct DInsn {
     pub insn: Instruction,
     pub handler: Handler,
@@ -95,6 +96,10 @@ pub struct Cpu {
     pub(crate) tlb: Box<Tlb>,
     blocks: FastMap<(u64, u64, u32), Rc<Block>>,
     fast: Vec<Option<Rc<Block>>>,
+    /// Scratch for `decode_block`: the code bytes read so far and the
+    /// instructions decoded (kept to spare an allocation per block).
+    code_bytes: Vec<u8>,
+    code_insns: Vec<DInsn>,
     /// RIP of the instruction after the current one; branches overwrite it.
     pub(crate) next_rip: u64,
     /// A handler changed state that the rest of the block was decoded under.
@@ -126,6 +131,8 @@ impl Cpu {
             tlb: Box::default(),
             blocks: FastMap::default(),
             fast: vec![None; FAST_CACHE],
+            code_bytes: Vec::new(),
+            code_insns: Vec::new(),
             next_rip: 0,
             end_block: false,
             shutdown: None,
@@ -469,6 +476,38 @@ impl Cpu {
     }
 
     fn decode_block(&mut self, lin_pc: u64, phys_pc: u64, bitness: u32) -> XResult<Block> {
+        let mut bytes = std::mem::take(&mut self.code_bytes);
+        let mut insns = std::mem::take(&mut self.code_insns);
+        let r = self.decode_into(lin_pc, phys_pc, bitness, &mut bytes, &mut insns);
+        self.code_bytes = bytes;
+        let r = r.map(|pages| Block {
+            lin_pc,
+            phys_pc,
+            bitness,
+            pages,
+            insns: Box::from(&insns[..]),
+            jit_entry: Default::default(),
+            heat: Default::default(),
+        });
+        insns.clear();
+        self.code_insns = insns;
+        r
+    }
+
+    /// Decode the block at `phys_pc` into `insns`; the pages it came from.
+    /// Code bytes are read into `bytes` as decoding needs them (a block is
+    /// tens of bytes; reading the rest of its page each time was a
+    /// kilobyte-sized copy per block).
+    fn decode_into(
+        &mut self,
+        lin_pc: u64,
+        phys_pc: u64,
+        bitness: u32,
+        bytes: &mut Vec<u8>,
+        insns: &mut Vec<DInsn>,
+    ) -> XResult<[(u64, u32); 2]> {
+        /// Bytes read at a time.
+        const CHUNK: usize = 128;
         self.stats.blocks_decoded += 1;
         let ppn = phys_pc >> 12;
         // Mark before reading so a concurrent write is never missed.
@@ -477,8 +516,9 @@ impl Cpu {
         }
         let gen0 = self.ram.mark_code(ppn);
         let page_left = 4096 - (phys_pc & 0xfff) as usize;
-        let mut bytes = vec![0u8; page_left + 15];
-        self.phys_read(phys_pc, &mut bytes[..page_left]);
+        bytes.resize(4096 + 15, 0);
+        // bytes[..have] hold the code from phys_pc on.
+        let mut have = 0usize;
         let mut pages = [(ppn, gen0), (u64::MAX, 0)];
         let ip_mask = match bitness {
             16 => 0xffff,
@@ -486,9 +526,15 @@ impl Cpu {
             _ => u64::MAX,
         };
         let ip0 = self.s.rip;
-        let mut insns = Vec::new();
         let mut offset = 0usize;
         loop {
+            // Up to 15 bytes from offset on (within the page), ahead.
+            let need = page_left.min(offset + 15);
+            if have < need {
+                let upto = page_left.min(need.max(have + CHUNK));
+                self.phys_read(phys_pc + have as u64, &mut bytes[have..upto]);
+                have = upto;
+            }
             let at_page_tail = offset + 15 > page_left;
             if at_page_tail && pages[1].0 == u64::MAX && offset < page_left {
                 // An instruction may straddle into the next page: fetch it
@@ -560,15 +606,7 @@ impl Cpu {
             // Cannot happen for a valid page, but never spin on an empty block.
             return Err(Fault::ud());
         }
-        Ok(Block {
-            lin_pc,
-            phys_pc,
-            bitness,
-            pages,
-            insns: insns.into_boxed_slice(),
-            jit_entry: Default::default(),
-            heat: Default::default(),
-        })
+        Ok(pages)
     }
 
     // ---------------------------------------------------------------
