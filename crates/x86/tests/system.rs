@@ -1940,6 +1940,120 @@ fn stack_groups_match_the_interpreter() {
     }
 }
 
+/// PUSH m64 (a plain, a GS-relative and an rsp-relative operand) and
+/// SWAPGS run inline in translated code: the same registers, stack and
+/// memory as the interpreter, also in a block that names every register
+/// (its lookups spill scratch registers); in the fault variant the last
+/// round's plain operand is on a page that is not present (the #PF shows
+/// the interpreter's frame, CR2 and registers); SWAPGS at CPL 3 raises
+/// #GP.
+#[test]
+fn pushes_from_memory_and_swapgs_match_the_interpreter() {
+    const N: u32 = 40;
+    const GS0: u64 = 0x3_0000;
+    const KGS: u64 = 0x3_1000;
+    let run = |engine: mat_x86::Engine, fault: bool, starved: bool| {
+        let mut cpu = paging_machine(|a| {
+            let mut top = a.create_label();
+            let mut no_fault = a.create_label();
+            a.mov(r12d, N).unwrap();
+            a.set_label(&mut top).unwrap();
+            if starved {
+                // Name every register in the loop's blocks.
+                for (x, y) in [(r8, r9), (r10, r11), (rdi, rbp), (rax, r13), (r14, r15)] {
+                    a.xor(x, y).unwrap();
+                }
+            }
+            a.mov(rsi, va(5)).unwrap();
+            if fault {
+                a.cmp(r12d, 1).unwrap();
+                a.jne(no_fault).unwrap();
+                a.mov(rsi, va(7) + 0x40).unwrap();
+            }
+            a.set_label(&mut no_fault).unwrap();
+            a.push(qword_ptr(rsi + r12 * 8)).unwrap();
+            a.push(qword_ptr(0x10).gs()).unwrap();
+            a.push(qword_ptr(rsp + 8)).unwrap();
+            if starved {
+                a.xor(r8, r9).unwrap();
+                a.xor(r10, r11).unwrap();
+                a.xor(rdi, rbp).unwrap();
+                a.xor(rax, r13).unwrap();
+            }
+            a.swapgs().unwrap();
+            a.mov(rdx, qword_ptr(0x18).gs()).unwrap();
+            a.swapgs().unwrap();
+            a.add(rbx, rdx).unwrap();
+            a.pop(rcx).unwrap();
+            a.imul_2(rbx, rcx).unwrap();
+            a.pop(rcx).unwrap();
+            a.add(rbx, rcx).unwrap();
+            a.pop(rcx).unwrap();
+            a.xor(rbx, rcx).unwrap();
+            a.add(qword_ptr(0x10).gs(), rbx).unwrap();
+            a.dec(r12d).unwrap();
+            a.jnz(top).unwrap();
+            a.hlt().unwrap();
+        });
+        set_pte(&cpu, 7, 0);
+        for k in 0..512 {
+            w64(&cpu, pa(5) + 8 * k, 0x5151_0000 + k * 0x0102_0304);
+        }
+        w64(&cpu, GS0 + 0x10, 7);
+        w64(&cpu, KGS + 0x18, 0x1234_5678);
+        cpu.s.seg[mat_x86::state::GS].base = GS0;
+        cpu.s.kernel_gs_base = KGS;
+        hot_engine(&mut cpu, engine);
+        let frame = if fault {
+            expect_vector(&mut cpu, 14)
+        } else {
+            expect_clean_halt(&mut cpu);
+            vec![]
+        };
+        let stats = cpu.jit_stats().cloned();
+        let state = (
+            frame,
+            cpu.s.gpr,
+            cpu.s.cr2,
+            r64(&cpu, GS0 + 0x10),
+            read_bytes(&cpu, STACK - 64, 64),
+            cpu.s.seg[mat_x86::state::GS].base,
+            cpu.s.kernel_gs_base,
+        );
+        (state, stats)
+    };
+    for (fault, starved) in [(false, false), (true, false), (false, true), (true, true)] {
+        let (want, _) = run(mat_x86::Engine::Interp, fault, starved);
+        if fault {
+            assert_eq!(want.2, va(7) + 0x48, "CR2");
+        }
+        let (got, stats) = run(mat_x86::Engine::Jit, fault, starved);
+        assert_eq!(
+            got, want,
+            "jit vs interpreter (fault {fault}, starved {starved})"
+        );
+        if !fault {
+            // The loop's pushes and SWAPGS ran inline: a handful of
+            // helper calls (the first rounds), not six per round.
+            let stats = stats.expect("jit stats");
+            assert!(stats.helper_calls < N as u64, "{stats:?}");
+        }
+    }
+    // SWAPGS at CPL 3: #GP(0), under either engine.
+    for engine in [mat_x86::Engine::Interp, mat_x86::Engine::Jit] {
+        let mut cpu = machine(|a| {
+            a.swapgs().unwrap();
+            a.hlt().unwrap();
+        });
+        cpu.s.kernel_gs_base = KGS;
+        hot_engine(&mut cpu, engine);
+        to_user(&mut cpu, 0x8000);
+        let f = expect_vector(&mut cpu, 13);
+        assert_eq!((f[0], f[1]), (0, CODE), "error code and rip ({engine:?})");
+        assert_eq!(cpu.s.kernel_gs_base, KGS, "no swap at CPL 3 ({engine:?})");
+    }
+}
+
 /// Direct calls to another page chain through a guard that checks the
 /// TLB's mapping of the target page. The callee at va(2) is rewritten in
 /// place (its new translation takes over the guard: no trip through the

@@ -1905,6 +1905,10 @@ impl Tx<'_> {
                 self.pop(dn, i.op0_register())?;
                 return Ok(false);
             }
+            Code::Push_rm64 if i.op0_kind() == OpKind::Memory && self.push_mem(dn)? => {
+                self.native += 1;
+                return Ok(false);
+            }
             _ => {}
         }
         if i.mnemonic() == Mnemonic::Lea && self.lea(i)? {
@@ -2683,12 +2687,16 @@ impl Tx<'_> {
                     a.mov(mo, r64(sb))?;
                 }
                 PushSrc::Reg(r) => a.mov(mo, r64(r))?,
+                PushSrc::Spill(k) => {
+                    a.mov(r64(sb), m(o_spill(k)))?;
+                    a.mov(mo, r64(sb))?;
+                }
             }
             a.mov(m(o_gpr(4)), r64(sa))
         };
         let avoid: &[Register] = match src {
             PushSrc::Reg(r) => &[r],
-            PushSrc::Imm(_) => &[],
+            PushSrc::Imm(_) | PushSrc::Spill(_) => &[],
         };
         // For call: the helper performed the whole call and exits (rip
         // changed), so the resume point is only reached by plain pushes.
@@ -2733,6 +2741,119 @@ impl Tx<'_> {
         Ok(())
     }
 
+    /// PUSH m64 (the kernel's entry code pushes per-CPU values): the
+    /// operand through a lookup into a spill slot, then a plain push of
+    /// it. Either lookup's slow path runs the whole instruction (the load
+    /// alone changes nothing). With three parked registers the lookup is
+    /// the flag-free fast one; otherwise (entry code names every
+    /// register) scratch registers are spilled around it, which needs an
+    /// address without rsp or r15 (the per-CPU operands are absolute).
+    /// False (nothing emitted) for other forms.
+    fn push_mem(&mut self, dn: &DInsn) -> R<bool> {
+        let i = &dn.insn;
+        if !is64addr(i) {
+            return Ok(false);
+        }
+        let mut back = self.a.create_label();
+        if let Some((sa, sb, sc)) = self.free3() {
+            let Some(slow) = self.operand_lookup(i, sa, sb, sc, 8, false, false)? else {
+                return Ok(false);
+            };
+            self.a.mov(r64(sb), qword_ptr(r64(sa) + r64(sc)))?;
+            self.a.mov(m(o_spill(SP_R1)), r64(sb))?;
+            self.defer_fast(slow, back, dn);
+        } else {
+            let (base, index) = (i.memory_base(), i.memory_index());
+            if matches!(index, Register::RSP | Register::R15) {
+                return Ok(false);
+            }
+            let used = self.used_full_regs(i);
+            let Some(s) = self.pick(&self.prologue_avoid(&used), 3) else {
+                return Ok(false);
+            };
+            let (sa, sb, sc) = (s[0], s[1], s[2]);
+            let abs = i.memory_displacement64();
+            // Guest rsp/r15 as the base: loaded into sa first.
+            let in_ctx = matches!(base, Register::RSP | Register::R15);
+            let ea = if base == Register::RIP || base == Register::None && index == Register::None {
+                None
+            } else {
+                let disp = abs as i64;
+                let mo = MemoryOperand::new(
+                    if in_ctx { sa } else { base },
+                    index,
+                    i.memory_index_scale(),
+                    disp,
+                    if disp == 0 { 0 } else { 8 },
+                    false,
+                    Register::None,
+                );
+                Some(Instruction::with2(Code::Lea_r64_m, sa, mo)?)
+            };
+            let ctx_base = in_ctx.then(|| o_gpr(gidx(base)));
+            let slow = self.mem_prologue(
+                sa,
+                sb,
+                sc,
+                &|x: &mut CodeAssembler| {
+                    if let Some(off) = ctx_base {
+                        x.mov(r64(sa), m(off))?;
+                    }
+                    match ea {
+                        Some(li) => x.add_instruction(no_ip(&li)),
+                        None => x.mov(r64(sa), abs),
+                    }
+                },
+                i.memory_segment(),
+                8,
+                false,
+            )?;
+            self.a.mov(r64(sa), qword_ptr(r64(sa)))?;
+            self.a.mov(m(o_spill(SP_R1)), r64(sa))?;
+            self.a.mov(r64(sa), m(o_spill(SP_A)))?;
+            let restore = vec![(sa, SP_A), (sb, SP_B), (sc, SP_C)];
+            self.defer_slow(slow, back, dn, restore)?;
+        }
+        self.push(dn, PushSrc::Spill(SP_R1))?;
+        self.a.set_label(&mut back)?;
+        self.a.zero_bytes()?;
+        Ok(true)
+    }
+
+    /// SWAPGS at CPL 0: exchange the GS base and IA32_KERNEL_GS_BASE in
+    /// CpuState (translated code is 64-bit code, where only CPL > 0 makes
+    /// it fault: the helper raises the #GP). Guest flags are saved on the
+    /// host stack around the privilege test, as for CLI/STI.
+    fn swapgs(&mut self, dn: &DInsn) -> R<bool> {
+        let slow = self.a.create_label();
+        let mut back = self.a.create_label();
+        let (t, spill) = match self.free3() {
+            Some((sa, _, _)) => (r64(sa), false),
+            None => (rax, true),
+        };
+        let a = &mut self.a;
+        a.pushfq()?;
+        a.test(byte_ptr(r15 + o_seg!(CS, attr)), 0x60)?;
+        a.jnz(slow)?;
+        if spill {
+            a.mov(m(o_spill(SP_R1)), rax)?;
+        }
+        a.mov(t, m(o_seg!(GS, base)))?;
+        a.xchg(
+            m(o_s() as i32 + offset_of!(CpuState, kernel_gs_base) as i32),
+            t,
+        )?;
+        a.mov(m(o_seg!(GS, base)), t)?;
+        if spill {
+            a.mov(rax, m(o_spill(SP_R1)))?;
+        }
+        a.popfq()?;
+        a.set_label(&mut back)?;
+        a.zero_bytes()?;
+        self.defer_plain(slow, back, dn, true);
+        Ok(true)
+    }
+
     fn ret(&mut self, dn: &DInsn, extra: i32) -> R<()> {
         let f = move |a: &mut CodeAssembler, mo: AsmMemoryOperand, sa: Register, sb: Register| {
             a.mov(r64(sb), mo)?;
@@ -2761,6 +2882,7 @@ impl Tx<'_> {
             Code::Sti => self.if_flag(dn, true),
             Code::Pushfq => self.pushf(dn),
             Code::Leaveq => self.leave(dn),
+            Code::Swapgs => self.swapgs(dn),
             Code::Mov_r32m16_Sreg | Code::Mov_r64m16_Sreg | Code::Mov_rm16_Sreg => {
                 self.read_sreg(i)
             }
@@ -3321,6 +3443,8 @@ fn no_ip(i: &Instruction) -> Instruction {
 enum PushSrc {
     Imm(u64),
     Reg(Register),
+    /// A value already loaded into this spill slot (PUSH m64).
+    Spill(usize),
 }
 
 fn is64addr(i: &Instruction) -> bool {
