@@ -63,6 +63,11 @@ impl Clock for ManualClock {
 
 /// Converts nanoseconds to ticks of a `hz` clock (floor).
 pub fn ns_to_ticks(ns: u64, hz: u64) -> u64 {
+    if hz.is_multiple_of(1_000_000_000) {
+        // The guest TSC (2 GHz), read on every RDTSC: the same value
+        // without a 128-bit division.
+        return ns.wrapping_mul(hz / 1_000_000_000);
+    }
     (ns as u128 * hz as u128 / 1_000_000_000) as u64
 }
 
@@ -101,6 +106,15 @@ mod tests {
             let back = tsc_to_ns(t, hz);
             assert!(back <= ns, "{ns} {t} {back}");
             assert!(ns_to_tsc(back, hz) == t);
+        }
+        // Whole-GHz rates take the multiplication: the same ticks as the
+        // 128-bit formula, wrapping included.
+        for (ns, hz) in [
+            (123_456_789_012u64, 2_000_000_000u64),
+            (u64::MAX / 3, 3_000_000_000),
+        ] {
+            let want = (ns as u128 * hz as u128 / 1_000_000_000) as u64;
+            assert_eq!(ns_to_tsc(ns, hz), want, "{ns} at {hz}");
         }
         let c = ManualClock::new(5);
         c.advance_ns(10);
