@@ -146,6 +146,17 @@ fn expect_clean_halt(cpu: &mut Cpu) {
     );
 }
 
+/// With `fault`, run until the #PF stub halts and return its frame;
+/// otherwise until a clean HLT (no frame).
+fn fault_or_halt(cpu: &mut Cpu, fault: bool) -> Vec<u64> {
+    if fault {
+        expect_vector(cpu, 14)
+    } else {
+        expect_clean_halt(cpu);
+        vec![]
+    }
+}
+
 // ---------------------------------------------------------------------------
 // 1. Page walks with 4 KiB pages.
 // ---------------------------------------------------------------------------
@@ -1801,12 +1812,7 @@ fn register_starved_blocks_match_the_interpreter() {
         hot_engine(&mut cpu, engine);
         cpu.set_jit_fast_lookup(fast_lookup);
         cpu.set_jit_events(true);
-        let frame = if fault {
-            expect_vector(&mut cpu, 14)
-        } else {
-            expect_clean_halt(&mut cpu);
-            vec![]
-        };
+        let frame = fault_or_halt(&mut cpu, fault);
         if engine == mat_x86::Engine::Jit {
             let ev = cpu.jit_events().expect("jit events");
             let spilled = ev
@@ -1906,12 +1912,7 @@ fn stack_groups_match_the_interpreter() {
         set_gate(&cpu, 14, stub(14), 0, 1, true);
         hot_engine(&mut cpu, engine);
         cpu.set_jit_events(true);
-        let frame = if fault {
-            expect_vector(&mut cpu, 14)
-        } else {
-            expect_clean_halt(&mut cpu);
-            vec![]
-        };
+        let frame = fault_or_halt(&mut cpu, fault);
         if engine == mat_x86::Engine::Jit && !fault {
             let ev = cpu.jit_events().expect("jit events");
             let n = |what: &str| ev.iter().find(|e| e.0 == what).map_or(0, |e| e.1);
@@ -1932,11 +1933,9 @@ fn stack_groups_match_the_interpreter() {
         if fault {
             assert_eq!(want.2, va(8) - 8, "CR2");
         }
+        // (frame, registers, CR2, memory)
         let got = run(mat_x86::Engine::Jit, fault);
-        assert_eq!(got.0, want.0, "exception frame (fault {fault})");
-        assert_eq!(got.1, want.1, "registers (fault {fault})");
-        assert_eq!(got.2, want.2, "CR2 (fault {fault})");
-        assert_eq!(got.3, want.3, "memory (fault {fault})");
+        assert_eq!(got, want, "jit vs interpreter (fault {fault})");
     }
 }
 
@@ -2004,12 +2003,7 @@ fn pushes_from_memory_and_swapgs_match_the_interpreter() {
         cpu.s.seg[mat_x86::state::GS].base = GS0;
         cpu.s.kernel_gs_base = KGS;
         hot_engine(&mut cpu, engine);
-        let frame = if fault {
-            expect_vector(&mut cpu, 14)
-        } else {
-            expect_clean_halt(&mut cpu);
-            vec![]
-        };
+        let frame = fault_or_halt(&mut cpu, fault);
         let stats = cpu.jit_stats().cloned();
         let state = (
             frame,
