@@ -77,8 +77,9 @@ pub const FEATURES_EDX81: u32 = (1 << 11) | (1 << 20) | (1 << 26) | (1 << 27) | 
 /// TSC_ADJUST plus the invariant TSC lets Linux trust the TSC without a
 /// clocksource watchdog, as on current hardware.
 pub const FEATURES_EBX7: u32 = (1 << 1) | (1 << 9);
-/// CPUID.7.0:EDX — the IA32_ARCH_CAPABILITIES MSR exists.
-pub const FEATURES_EDX7: u32 = 1 << 29;
+/// CPUID.7.0:EDX — SERIALIZE (Linux's sync_core() then uses it instead
+/// of an IRET to itself) and the IA32_ARCH_CAPABILITIES MSR exists.
+pub const FEATURES_EDX7: u32 = (1 << 14) | (1 << 29);
 
 /// IA32_ARCH_CAPABILITIES (MSR 0x10a): the "not affected" bits for the
 /// speculative-execution side channels. This CPU does not speculate (the

@@ -2048,6 +2048,49 @@ fn pushes_from_memory_and_swapgs_match_the_interpreter() {
     }
 }
 
+/// SERIALIZE (advertised in CPUID.7.0:EDX[14]; Linux's sync_core() uses
+/// it) runs as a no-op that ends the block, and translated code goes on
+/// through the next block's full entry, whose page check would see code
+/// another agent wrote (a same-page chain skips it): one entry past a page
+/// check per round, no helper, and the interpreter's registers.
+#[test]
+fn serialize_refetches_through_a_page_check() {
+    const N: u32 = 200;
+    let run = |engine: mat_x86::Engine| {
+        let mut cpu = machine(|a| {
+            let mut top = a.create_label();
+            a.mov(eax, 7).unwrap();
+            a.xor(ecx, ecx).unwrap();
+            a.cpuid().unwrap();
+            a.mov(r8, rdx).unwrap();
+            a.xor(ebx, ebx).unwrap();
+            a.mov(r12d, N).unwrap();
+            a.set_label(&mut top).unwrap();
+            a.add(rbx, r12).unwrap();
+            a.serialize().unwrap();
+            a.add(rbx, 3).unwrap();
+            a.dec(r12d).unwrap();
+            a.jnz(top).unwrap();
+            a.hlt().unwrap();
+        });
+        hot_engine(&mut cpu, engine);
+        cpu.set_jit_events(true);
+        expect_clean_halt(&mut cpu);
+        assert_ne!(cpu.s.gpr[8] & (1 << 14), 0, "CPUID.7.0:EDX.SERIALIZE");
+        if engine == mat_x86::Engine::Jit {
+            let ev = cpu.jit_events().expect("jit events");
+            let n = |what: &str| ev.iter().find(|e| e.0 == what).map_or(0, |e| e.1);
+            assert!(n("entries past a page check") >= N as u64, "{ev:?}");
+            let stats = cpu.jit_stats().expect("jit stats");
+            assert!(stats.helper_calls < 5, "{stats:?}");
+        }
+        cpu.s.gpr
+    };
+    let want = run(mat_x86::Engine::Interp);
+    assert_eq!(want[3], (1..=N as u64).sum::<u64>() + 3 * N as u64);
+    assert_eq!(run(mat_x86::Engine::Jit), want);
+}
+
 /// Direct calls to another page chain through a guard that checks the
 /// TLB's mapping of the target page. The callee at va(2) is rewritten in
 /// place (its new translation takes over the guard: no trip through the

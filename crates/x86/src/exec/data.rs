@@ -54,6 +54,9 @@ pub fn lookup(i: &Instruction) -> Option<Handler> {
         Movbe => movbe,
         Nop | Pause | Prefetchnta | Prefetcht0 | Prefetcht1 | Prefetcht2 | Prefetchw | Lfence
         | Sfence | Mfence | Endbr64 | Endbr32 => nop,
+        // Serializing: the block ends here (`ends_block`), so the next
+        // instruction is fetched and validated anew.
+        Serialize => nop,
         Lahf => lahf,
         Sahf => sahf,
         Clc => |c, _| {

@@ -59,6 +59,7 @@ pub fn ends_block(i: &Instruction) -> bool {
             | Xrstor
             | Xrstor64
             | Swapgs
+            | Serialize
             | Wbinvd
             | Invd
             | Rsm

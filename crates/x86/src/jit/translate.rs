@@ -1884,6 +1884,17 @@ impl Tx<'_> {
             self.native += 1;
             return Ok(false);
         }
+        if i.mnemonic() == Mnemonic::Serialize {
+            // Nothing to wait for here, but the next instruction is fetched
+            // anew: through the full entry of the next block, whose page
+            // check sees code another agent wrote (the same-page chain
+            // would skip it). Linux's sync_core() after every early text
+            // patch (100 K in a boot) used IRET-to-self, a helper and a
+            // trip through the dispatcher each.
+            self.native += 1;
+            self.exit_far(i.next_ip())?;
+            return Ok(true);
+        }
         if crate::exec::ends_block(i) {
             self.helper_insn(dn)?;
             self.exit_direct(i.next_ip())?;
@@ -2056,18 +2067,23 @@ impl Tx<'_> {
         Ok(())
     }
 
+    /// Exit to `target` through its full entry, which checks that its
+    /// page is unchanged: through the jump cache until the site is patched
+    /// to the target's guard (see `GuardTemplate`).
+    fn exit_far(&mut self, target: u64) -> R<()> {
+        self.park_reload()?;
+        if !self.no_jc {
+            let idx = self.a.instructions().len();
+            self.a.db(&[0xe9, 0, 0, 0, 0])?;
+            self.far_sites.push((idx, target));
+        }
+        self.exit_tail(ExitTarget::Imm(target), None)
+    }
+
     /// Exit to a known target; chainable when it is in the same guest page.
     fn exit_direct(&mut self, target: u64) -> R<()> {
         if target >> 12 != self.block.lin_pc >> 12 {
-            // To another page: through the jump cache until the site is
-            // patched to the target's guard (see `GuardTemplate`).
-            self.park_reload()?;
-            if !self.no_jc {
-                let idx = self.a.instructions().len();
-                self.a.db(&[0xe9, 0, 0, 0, 0])?;
-                self.far_sites.push((idx, target));
-            }
-            return self.exit_tail(ExitTarget::Imm(target), None);
+            return self.exit_far(target);
         }
         let a = &mut self.a;
         let mut go = a.create_label();
