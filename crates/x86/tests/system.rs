@@ -2091,6 +2091,65 @@ fn serialize_refetches_through_a_page_check() {
     assert_eq!(run(mat_x86::Engine::Jit), want);
 }
 
+/// INVLPG does not leave translated code: the helper drops the entry and
+/// the code goes on through the next block's TLB and page checks. A loop
+/// that remaps a data page and invalidates it each round reads the new
+/// frame every time, with no exit to the dispatcher; code that remaps its
+/// own page and invalidates it runs the new page's code next.
+#[test]
+fn invlpg_stays_in_translated_code_and_refetches() {
+    const N: u32 = 100;
+    let run = |engine: mat_x86::Engine| {
+        let mut cpu = paging_machine(|a| {
+            let mut top = a.create_label();
+            a.mov(r12d, N).unwrap();
+            a.set_label(&mut top).unwrap();
+            a.add(rbx, qword_ptr(va(3))).unwrap();
+            // PTE 3 alternates between pa(3) and pa(4).
+            a.mov(rax, r12).unwrap();
+            a.and(eax, 1).unwrap();
+            a.shl(eax, 12).unwrap();
+            a.add(rax, (pa(3) | P | RW | US) as i32).unwrap();
+            a.mov(qword_ptr(PT + 3 * 8), rax).unwrap();
+            a.invlpg(qword_ptr(va(3))).unwrap();
+            a.dec(r12d).unwrap();
+            a.jnz(top).unwrap();
+            // Then the code at va(2), which remaps its own page.
+            a.mov(rax, va(2)).unwrap();
+            a.jmp(rax).unwrap();
+        });
+        // The same code in pa(2) and pa(9) up to the INVLPG; after it,
+        // pa(9) adds 100 where pa(2) adds 1.
+        let own = |imm: i32| {
+            asm64(va(2), |a| {
+                a.mov(rax, pa(9) | P | RW | US).unwrap();
+                a.mov(qword_ptr(PT + 2 * 8), rax).unwrap();
+                a.invlpg(qword_ptr(va(2))).unwrap();
+                a.add(r13, imm).unwrap();
+                a.hlt().unwrap();
+            })
+        };
+        cpu.ram.write(pa(2), &own(1));
+        cpu.ram.write(pa(9), &own(100));
+        hot_engine(&mut cpu, engine);
+        expect_clean_halt(&mut cpu);
+        (cpu.s.gpr, cpu.jit_stats().cloned())
+    };
+    let (want, _) = run(mat_x86::Engine::Interp);
+    // Markers (paging_machine): round r12 reads the frame the round
+    // before chose, pa(4) after an odd r12; the first reads pa(3).
+    assert_eq!(
+        want[3],
+        0x1004 * (N as u64 / 2 - 1) + 0x1003 * (N as u64 / 2 + 1)
+    );
+    assert_eq!(want[13], 100, "the remapped page's code ran");
+    let (got, stats) = run(mat_x86::Engine::Jit);
+    assert_eq!(got, want);
+    let stats = stats.expect("jit stats");
+    assert!(stats.helper_calls >= N as u64, "{stats:?}");
+    assert!(stats.helper_exits < 10, "{stats:?}");
+}
+
 /// Direct calls to another page chain through a guard that checks the
 /// TLB's mapping of the target page. The callee at va(2) is rewritten in
 /// place (its new translation takes over the guard: no trip through the

@@ -1895,6 +1895,16 @@ impl Tx<'_> {
             self.exit_far(i.next_ip())?;
             return Ok(true);
         }
+        if i.mnemonic() == Mnemonic::Invlpg {
+            // The helper drops the TLB entry and does not leave (see
+            // `jit_helper`); the next instruction is fetched anew, as for
+            // SERIALIZE: a guard or the jump cache checks its mapping, and
+            // its full entry its page. (70 K exits to the dispatcher in a
+            // boot: the kernel's text patching maps and unmaps a page.)
+            self.helper_insn(dn)?;
+            self.exit_far(i.next_ip())?;
+            return Ok(true);
+        }
         if crate::exec::ends_block(i) {
             self.helper_insn(dn)?;
             self.exit_direct(i.next_ip())?;
