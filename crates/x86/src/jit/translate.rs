@@ -1064,7 +1064,6 @@ fn group_access(
     info: &mut InstructionInfoFactory,
     sse: bool,
     fp: bool,
-    rsp_base: bool,
 ) -> Option<GroupAccess> {
     if i.mnemonic() == Mnemonic::Lea || !native_ok(i, sse, fp) {
         return None;
@@ -1095,8 +1094,8 @@ fn group_access(
         || !is64addr(i)
         || !base.is_gpr64()
         || base == Register::R15
-        || (base == Register::RSP) != rsp_base
-        || rsp_base && index != Register::None
+        // rsp-based ones go to stack groups, which take no index.
+        || base == Register::RSP && index != Register::None
         || !(index == Register::None || index.is_gpr64() && index != Register::R15)
         || matches!(i.memory_segment(), Register::FS | Register::GS)
         || matches!(
@@ -1158,12 +1157,11 @@ struct StackAccess {
 /// memory path runs natively; `add`/`sub rsp, imm` and `lea rsp,
 /// [rsp + disp]` move rsp by a known amount without an access. These are
 /// exactly the forms whose translations honour [`Tx::member`]'s offset
-/// (`stack_op` and `native_mem_fast`); any other form is None.
+/// (`stack_op` and `native_mem_fast`); any other form is None. `ga` is
+/// `i`'s [`group_access`].
 fn stack_access(
     i: &Instruction,
-    info: &mut InstructionInfoFactory,
-    sse: bool,
-    fp: bool,
+    ga: Option<&GroupAccess>,
     writes_rsp: bool,
 ) -> Option<StackAccess> {
     let acc = |off, size, write, delta| {
@@ -1199,7 +1197,7 @@ fn stack_access(
             acc(0, 0, false, i.memory_displacement64() as i64)
         }
         _ => {
-            let x = group_access(i, info, sse, fp, true)?;
+            let x = ga.filter(|x| x.base == Register::RSP)?;
             Some(StackAccess {
                 off: x.disp,
                 size: x.size,
@@ -1269,7 +1267,8 @@ fn plan_groups(
             })
             .map(|u| u.register().full_register())
             .collect();
-        let st = stack_access(i, info, sse, fp, written.contains(&Register::RSP));
+        let ga = group_access(i, info, sse, fp);
+        let st = stack_access(i, ga.as_ref(), written.contains(&Register::RSP));
         if let Some(x) = st.as_ref().filter(|x| x.size > 0) {
             let off = delta + x.off;
             match stack.as_mut() {
@@ -1295,7 +1294,7 @@ fn plan_groups(
                 }
             }
         }
-        if let Some(x) = group_access(i, info, sse, fp, false) {
+        if let Some(x) = ga.filter(|x| x.base != Register::RSP) {
             let (disp, size) = (x.disp, x.size);
             let pos = open
                 .iter()
