@@ -2303,45 +2303,14 @@ impl Tx<'_> {
     }
 
     /// Linear address of a memory operand into `sa` (guest rsp/r15 read
-    /// from CpuState through `sa`/`sb`), flag-free. None for forms this
-    /// path does not handle.
+    /// from CpuState through `sa`/`sb`, FS/GS base added), flag-free.
+    /// False (nothing emitted) for other address sizes.
     fn ea_fast(&mut self, i: &Instruction, sa: Register, sb: Register) -> R<bool> {
         if !is64addr(i) {
             return Ok(false);
         }
-        let base = i.memory_base();
-        let index = i.memory_index();
-        let disp = i.memory_displacement64() as i64;
+        ea_no_seg(&mut self.a, i, sa, sb)?;
         let x = &mut self.a;
-        if base == Register::RIP || base == Register::None && index == Register::None {
-            x.mov(r64(sa), i.memory_displacement64())?;
-        } else {
-            let mut b = base;
-            let mut ix = index;
-            if b == Register::RSP || b == Register::R15 {
-                x.mov(r64(sa), m(o_gpr(gidx(b))))?;
-                b = sa;
-            }
-            if ix == Register::R15 {
-                x.mov(r64(sb), m(o_gpr(gidx(ix))))?;
-                ix = sb;
-            }
-            // A plain [reg] operand passed in place (see `plain_base`)
-            // already holds the address.
-            if !(b == sa && ix == Register::None && disp == 0) {
-                let mo = MemoryOperand::new(
-                    b,
-                    ix,
-                    i.memory_index_scale(),
-                    disp,
-                    if disp == 0 { 0 } else { 8 },
-                    false,
-                    Register::None,
-                );
-                let li = Instruction::with2(Code::Lea_r64_m, sa, mo)?;
-                x.add_instruction(no_ip(&li))?;
-            }
-        }
         let seg = i.memory_segment();
         if seg == Register::FS || seg == Register::GS {
             let s = if seg == Register::FS { FS } else { GS };
@@ -2771,9 +2740,8 @@ impl Tx<'_> {
     /// it. Either lookup's slow path runs the whole instruction (the load
     /// alone changes nothing). With three parked registers the lookup is
     /// the flag-free fast one; otherwise (entry code names every
-    /// register) scratch registers are spilled around it, which needs an
-    /// address without rsp or r15 (the per-CPU operands are absolute).
-    /// False (nothing emitted) for other forms.
+    /// register) scratch registers are spilled around it. False (nothing
+    /// emitted) for other address sizes or when no scratch is free.
     fn push_mem(&mut self, dn: &DInsn) -> R<bool> {
         let i = &dn.insn;
         if !is64addr(i) {
@@ -2788,47 +2756,16 @@ impl Tx<'_> {
             self.a.mov(m(o_spill(SP_R1)), r64(sb))?;
             self.defer_fast(slow, back, dn);
         } else {
-            let (base, index) = (i.memory_base(), i.memory_index());
-            if matches!(index, Register::RSP | Register::R15) {
-                return Ok(false);
-            }
             let used = self.used_full_regs(i);
             let Some(s) = self.pick(&self.prologue_avoid(&used), 3) else {
                 return Ok(false);
             };
             let (sa, sb, sc) = (s[0], s[1], s[2]);
-            let abs = i.memory_displacement64();
-            // Guest rsp/r15 as the base: loaded into sa first.
-            let in_ctx = matches!(base, Register::RSP | Register::R15);
-            let ea = if base == Register::RIP || base == Register::None && index == Register::None {
-                None
-            } else {
-                let disp = abs as i64;
-                let mo = MemoryOperand::new(
-                    if in_ctx { sa } else { base },
-                    index,
-                    i.memory_index_scale(),
-                    disp,
-                    if disp == 0 { 0 } else { 8 },
-                    false,
-                    Register::None,
-                );
-                Some(Instruction::with2(Code::Lea_r64_m, sa, mo)?)
-            };
-            let ctx_base = in_ctx.then(|| o_gpr(gidx(base)));
             let slow = self.mem_prologue(
                 sa,
                 sb,
                 sc,
-                &|x: &mut CodeAssembler| {
-                    if let Some(off) = ctx_base {
-                        x.mov(r64(sa), m(off))?;
-                    }
-                    match ea {
-                        Some(li) => x.add_instruction(no_ip(&li)),
-                        None => x.mov(r64(sa), abs),
-                    }
-                },
+                &|x: &mut CodeAssembler| ea_no_seg(x, i, sa, sb),
                 i.memory_segment(),
                 8,
                 false,
@@ -3470,6 +3407,44 @@ enum PushSrc {
     Reg(Register),
     /// A value already loaded into this spill slot (PUSH m64).
     Spill(usize),
+}
+
+/// The address of `i`'s memory operand (64-bit addressing), segment base
+/// not included, into `sa`; guest rsp/r15 are read from CpuState through
+/// `sa` (base) and `sb` (index). Flag-free.
+fn ea_no_seg(x: &mut CodeAssembler, i: &Instruction, sa: Register, sb: Register) -> R<()> {
+    let base = i.memory_base();
+    let index = i.memory_index();
+    let disp = i.memory_displacement64() as i64;
+    if base == Register::RIP || base == Register::None && index == Register::None {
+        return x.mov(r64(sa), i.memory_displacement64());
+    }
+    let mut b = base;
+    let mut ix = index;
+    if b == Register::RSP || b == Register::R15 {
+        x.mov(r64(sa), m(o_gpr(gidx(b))))?;
+        b = sa;
+    }
+    if ix == Register::R15 {
+        x.mov(r64(sb), m(o_gpr(gidx(ix))))?;
+        ix = sb;
+    }
+    // A plain [reg] operand passed in place (see `plain_base`) already
+    // holds the address.
+    if !(b == sa && ix == Register::None && disp == 0) {
+        let mo = MemoryOperand::new(
+            b,
+            ix,
+            i.memory_index_scale(),
+            disp,
+            if disp == 0 { 0 } else { 8 },
+            false,
+            Register::None,
+        );
+        let li = Instruction::with2(Code::Lea_r64_m, sa, mo)?;
+        x.add_instruction(no_ip(&li))?;
+    }
+    Ok(())
 }
 
 fn is64addr(i: &Instruction) -> bool {
