@@ -32,6 +32,15 @@ pub fn handler_for(i: &Instruction) -> Handler {
         .unwrap_or(op_unimplemented)
 }
 
+/// Block enders after which only the next instruction's fetch must be
+/// redone (its mapping and bytes checked again): nothing else the rest of
+/// the block was decoded under has changed. Translated code goes on
+/// through the next block's guard or jump cache and its page check
+/// instead of leaving for the dispatcher.
+pub fn refetch_only(i: &Instruction) -> bool {
+    matches!(i.mnemonic(), Mnemonic::Invlpg | Mnemonic::Serialize)
+}
+
 /// Instructions after which the rest of a block must not run with the
 /// state it was decoded under (mode, paging, interrupt flag changes).
 pub fn ends_block(i: &Instruction) -> bool {

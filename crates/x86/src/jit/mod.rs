@@ -801,10 +801,9 @@ extern "C" fn jit_helper(cpu: *mut Cpu, di: *const DInsn) -> u64 {
                 || cpu.s.irq_shadow && !shadow0
                 || cpu.s.halted
                 || cpu.shutdown.is_some()
-                // INVLPG's translation leaves through the next block's
-                // TLB and page checks (`exit_far`): no need to stop here.
-                || crate::exec::ends_block(&di.insn)
-                    && di.insn.mnemonic() != iced_x86::Mnemonic::Invlpg
+                // Translations of the refetch-only enders leave through
+                // the next block's checks (`exit_far`): no need to stop.
+                || crate::exec::ends_block(&di.insn) && !crate::exec::refetch_only(&di.insn)
                 // MXCSR may now unmask exceptions: the dispatcher decides
                 // whether SSE floating point may still run natively.
                 || di.insn.mnemonic() == iced_x86::Mnemonic::Ldmxcsr

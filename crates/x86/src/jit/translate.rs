@@ -1883,24 +1883,19 @@ impl Tx<'_> {
             self.native += 1;
             return Ok(false);
         }
-        if i.mnemonic() == Mnemonic::Serialize {
-            // Nothing to wait for here, but the next instruction is fetched
-            // anew: through the full entry of the next block, whose page
-            // check sees code another agent wrote (the same-page chain
-            // would skip it). Linux's sync_core() after every early text
-            // patch (100 K in a boot) used IRET-to-self, a helper and a
-            // trip through the dispatcher each.
-            self.native += 1;
-            self.exit_far(i.next_ip())?;
-            return Ok(true);
-        }
-        if i.mnemonic() == Mnemonic::Invlpg {
-            // The helper drops the TLB entry and does not leave (see
-            // `jit_helper`); the next instruction is fetched anew, as for
-            // SERIALIZE: a guard or the jump cache checks its mapping, and
-            // its full entry its page. (70 K exits to the dispatcher in a
-            // boot: the kernel's text patching maps and unmaps a page.)
-            self.helper_insn(dn)?;
+        if crate::exec::refetch_only(i) {
+            // INVLPG's helper drops the TLB entry and does not leave (see
+            // `jit_helper`); SERIALIZE has nothing to wait for. The next
+            // instruction is fetched anew: a guard or the jump cache
+            // checks its mapping, its full entry its page (the same-page
+            // chain would skip that). In a boot: 70 K INVLPG (the kernel's
+            // text patching maps and unmaps a page), 100 K SERIALIZE
+            // (Linux's sync_core(), an IRET to itself without it).
+            if i.mnemonic() == Mnemonic::Serialize {
+                self.native += 1;
+            } else {
+                self.helper_insn(dn)?;
+            }
             self.exit_far(i.next_ip())?;
             return Ok(true);
         }
