@@ -433,7 +433,7 @@ fn print_stats(cpu: &Cpu, elapsed: Duration) {
         secs,
         st.instructions,
         st.instructions as f64 / secs / 1e6,
-        st.interpreted,
+        st.instructions - st.translated,
         st.blocks_decoded,
         st.block_invalidations,
         st.exceptions,

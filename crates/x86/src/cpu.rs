@@ -51,8 +51,9 @@ impl Default for CpuConfig {
 #[derive(Clone, Debug, Default)]
 pub struct Stats {
     pub instructions: u64,
-    /// Instructions run by the interpreter (the rest ran as translated code).
-    pub interpreted: u64,
+    /// Instructions run as translated code (with the helpers it called);
+    /// the rest were interpreted. Added up once per run of translated code.
+    pub translated: u64,
     pub blocks_decoded: u64,
     pub block_invalidations: u64,
     pub exceptions: u64,
@@ -657,6 +658,7 @@ impl Cpu {
                 if let Some(entry) = self.jit_lookup(&block, pending_chain) {
                     let before = self.stats.instructions;
                     chain = self.jit_run(entry, stop_at - self.stats.instructions);
+                    self.stats.translated += self.stats.instructions - before;
                     if shadow && self.stats.instructions == before {
                         self.s.irq_shadow = true;
                     }
@@ -669,7 +671,6 @@ impl Cpu {
                     Ok(()) => {
                         self.s.rip = self.next_rip;
                         self.stats.instructions += 1;
-                        self.stats.interpreted += 1;
                     }
                     Err(f) => {
                         self.raise(f);
