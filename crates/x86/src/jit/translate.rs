@@ -2784,25 +2784,28 @@ impl Tx<'_> {
     fn swapgs(&mut self, dn: &DInsn) -> R<bool> {
         let slow = self.a.create_label();
         let mut back = self.a.create_label();
-        let (t, spill) = match self.free3() {
-            Some((sa, _, _)) => (r64(sa), false),
-            None => (rax, true),
+        // Two scratch registers: parked ones, or rax and rdx spilled (an
+        // XCHG with memory would be an implicitly locked one).
+        let (t, u, spill) = match self.free3() {
+            Some((sa, sb, _)) => (r64(sa), r64(sb), false),
+            None => (rax, rdx, true),
         };
+        let kgs = m(o_s() as i32 + offset_of!(CpuState, kernel_gs_base) as i32);
         let a = &mut self.a;
         a.pushfq()?;
         a.test(byte_ptr(r15 + o_seg!(CS, attr)), 0x60)?;
         a.jnz(slow)?;
         if spill {
             a.mov(m(o_spill(SP_R1)), rax)?;
+            a.mov(m(o_spill(SP_R2)), rdx)?;
         }
         a.mov(t, m(o_seg!(GS, base)))?;
-        a.xchg(
-            m(o_s() as i32 + offset_of!(CpuState, kernel_gs_base) as i32),
-            t,
-        )?;
-        a.mov(m(o_seg!(GS, base)), t)?;
+        a.mov(u, kgs)?;
+        a.mov(m(o_seg!(GS, base)), u)?;
+        a.mov(kgs, t)?;
         if spill {
             a.mov(rax, m(o_spill(SP_R1)))?;
+            a.mov(rdx, m(o_spill(SP_R2)))?;
         }
         a.popfq()?;
         a.set_label(&mut back)?;
