@@ -1583,6 +1583,90 @@ fn a_misaligned_group_member_faults_precisely() {
     assert_eq!(g_j, g_i, "registers (jit vs interpreter)");
 }
 
+/// A loop that jumps back to its own start checks the kick flag and the
+/// budget in its body, where its instruction count is (an ADD, before the
+/// first instruction that overwrites all the flags), not at the back edge.
+/// Leaving there, it first runs that instruction: the guest sees its
+/// flags, not the count's. Every exit (budget, and kicks from another
+/// thread) is compared with an interpreter stepped to the same point.
+#[test]
+fn body_checks_leave_with_the_guest_flags() {
+    const DATA: u64 = 0x30000;
+    const ARITH: u64 = 0x8d5; // OF SF ZF AF PF CF
+    let prog = |a: &mut CodeAssembler| {
+        let mut top = a.create_label();
+        a.mov(rsi, DATA).unwrap();
+        a.mov(r12d, 60_000).unwrap();
+        a.mov(rbx, 1u64).unwrap();
+        a.set_label(&mut top).unwrap();
+        a.mov(rax, qword_ptr(rsi)).unwrap();
+        // The count and the check go before this ADD (index 1); it sets CF
+        // and ZF where the count's ADD of a negative count would not.
+        a.add(rbx, rax).unwrap();
+        a.lea(rdx, qword_ptr(rbx + 1)).unwrap();
+        a.mov(qword_ptr(rsi + 8), rdx).unwrap();
+        a.dec(r12d).unwrap();
+        a.jnz(top).unwrap();
+        a.hlt().unwrap();
+    };
+    let after_add = CODE + 10 + 6 + 10 + 3 + 3;
+    let setup = |engine| {
+        let mut cpu = machine(prog);
+        cpu.ram.write(DATA, &u64::MAX.to_le_bytes());
+        hot_engine(&mut cpu, engine);
+        cpu
+    };
+    for kicks in [false, true] {
+        let mut jit = setup(mat_x86::Engine::Jit);
+        let mut int = setup(mat_x86::Engine::Interp);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let kicker = kicks.then(|| {
+            let (kick, stop) = (jit.kick.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    kick.store(true, std::sync::atomic::Ordering::Relaxed);
+                    std::thread::sleep(std::time::Duration::from_micros(50));
+                }
+            })
+        });
+        let (mut exits, mut in_body) = (0, 0);
+        loop {
+            let exit = jit.run(if kicks { 1 << 30 } else { 7_777 });
+            if exit == Exit::Halted {
+                break;
+            }
+            assert!(matches!(exit, Exit::Budget | Exit::Kicked), "{exit:?}");
+            exits += 1;
+            in_body += (jit.s.rip == after_add) as u32;
+            let mut steps = 0;
+            while (int.s.rip, int.s.gpr[12]) != (jit.s.rip, jit.s.gpr[12]) {
+                assert!(int.step().is_none());
+                steps += 1;
+                assert!(
+                    steps < 1_000_000,
+                    "interpreter never reached {:#x}",
+                    jit.s.rip
+                );
+            }
+            assert_eq!(jit.s.gpr, int.s.gpr, "registers at {:#x}", jit.s.rip);
+            assert_eq!(
+                jit.s.rflags & ARITH,
+                int.s.rflags & ARITH,
+                "flags at {:#x}",
+                jit.s.rip
+            );
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(k) = kicker {
+            k.join().unwrap();
+        }
+        assert_eq!(jit.s.gpr[15], SENTINEL, "no exception");
+        assert!(in_body > 0, "no exit from the body check ({exits} exits)");
+        let stats = jit.jit_stats().cloned().expect("jit stats");
+        assert!(stats.translations > 0, "{stats:?}");
+    }
+}
+
 /// Chained blocks of one page that park different registers (each parks
 /// registers it never names) go through a chain stub that moves only the
 /// registers the two park differently; the stubs sit at the top of the
@@ -1635,20 +1719,24 @@ fn chain_stubs_between_blocks_that_park_differently() {
             // Each round runs two blocks: the first, then the second or
             // (odd rounds) the loop's tail. Lookups: one in the first,
             // one group of two in the second; one backward jump each in
-            // the second and the tail; the second names rcx (the keeper
-            // saves it around its lookup and its back-edge check).
+            // the second and the tail, both checked in the block's body
+            // where its count is (the flags are dead before an ADD), so
+            // without rcx; the second names rcx (the keeper saves it
+            // around its lookup). Each budget exit (every 5 000
+            // instructions) leaves from a body check and runs the start
+            // of that block again.
             let n = |what: &str| ev.iter().find(|e| e.0 == what).map_or(0, |e| e.1);
             let within = |what: &str, lo: u64, hi: u64| {
                 assert!((lo..=hi).contains(&n(what)), "{what}: {ev:?}");
             };
             // Only the flag-free lookups (a host with a fast PEXT) count.
-            within("block executions", 6000, 6002);
-            within("back-edge checks", 2990, 3000);
+            within("block executions", 6000, 6020);
+            within("back-edge checks", 2990, 3020);
             within("entries past a page check", 1, 100);
             let lookups = n("TLB lookups that hit") + n("full TLB lookups");
             if lookups > 0 {
-                assert!((4490..=4505).contains(&lookups), "{ev:?}");
-                within("saves of guest rcx", 2990, 3010);
+                assert!((4490..=4520).contains(&lookups), "{ev:?}");
+                within("saves of guest rcx", 1490, 1510);
                 within("chains through a stub", 5900, 6000);
             } else {
                 // Only rcx is parked: the first block and the tail park

@@ -671,6 +671,12 @@ struct Tx<'a> {
     keeper: Option<Register>,
     /// The block's entry after parking (target of jumps to its own start).
     l_count: Option<CodeLabel>,
+    /// Where a block that jumps back into its own page checks the kick
+    /// flag and the budget, when it has a point where the guest flags are
+    /// dead (see [`Tx::count_add`]): the index of the instruction there,
+    /// a parked scratch register and the out-of-line exit. Its back edges
+    /// then check nothing.
+    body_check: Option<(usize, Register, CodeLabel)>,
     /// Guest address of the instruction being translated, and how many
     /// fast lookups it has emitted (they key the entry slots).
     cur_rip: u64,
@@ -701,6 +707,7 @@ pub fn translate(
         parked: Vec::new(),
         keeper: None,
         l_count: None,
+        body_check: None,
         a: CodeAssembler::new(64)?,
         stubs,
         block,
@@ -781,6 +788,12 @@ pub fn translate(
     // Where the guest flags are dead, one flag-clobbering ADD counts;
     // otherwise a flag-free load, LEA and store at the block's start.
     let add_at = flags_dead_before(block);
+    if let Some(k) = add_at.filter(|_| has_back_edge(block)) {
+        let scratch = tx.parked.iter().copied().find(|&r| r != Register::RCX);
+        if let Some(r) = scratch.or(tx.parked.first().copied()) {
+            tx.body_check = Some((k, r, a.create_label()));
+        }
+    }
     if add_at.is_none() {
         // The flag-free count needs a scratch register: a parked one
         // other than rcx when there is one, so that guest rcx stays put.
@@ -824,7 +837,7 @@ pub fn translate(
             tx.group_check(g, plain[k])?;
         }
         if add_at == Some(k) {
-            tx.a.add(qword_ptr(r15 + o_ctx!(left)), n as i32)?;
+            tx.count_add(n)?;
         }
         tx.member = groups.iter().find_map(|g| {
             let j = g.members.iter().position(|&m| m == k)?;
@@ -860,7 +873,7 @@ pub fn translate(
             tx.a.set_label(label)?;
             tx.a.zero_bytes()?;
             if add_at == Some(k) {
-                tx.a.add(qword_ptr(r15 + o_ctx!(left)), n as i32)?;
+                tx.count_add(n)?;
             }
             ended = tx.insn(dn)?;
             if ended {
@@ -871,6 +884,29 @@ pub fn translate(
             tx.a.set_label(&mut plain[n])?;
             tx.a.zero_bytes()?;
             tx.exit_direct(next)?;
+        }
+        tx.native = native;
+        tx.helpers = helpers;
+        tx.helper_codes.truncate(codes);
+    }
+    // Kicked or out of budget at the body check: run the instruction the
+    // flags were dead before (so that the guest sees its flags, not the
+    // count's), take back the count of the rest of the block, and leave.
+    if let Some((k, r, mut cold)) = tx.body_check.take() {
+        tx.a.set_label(&mut cold)?;
+        let (native, helpers, codes) = (tx.native, tx.helpers, tx.helper_codes.len());
+        let dn = &block.insns[k];
+        if !tx.insn(dn)? {
+            let rest = (n - k - 1) as i32;
+            if rest > 0 {
+                let r = r64(r);
+                tx.a.mov(r, m(o_ctx!(left)))?;
+                tx.a.lea(r, qword_ptr(r - rest))?;
+                tx.a.mov(m(o_ctx!(left)), r)?;
+            }
+            tx.no_jc = true;
+            tx.exit_to(ExitTarget::Imm(dn.insn.next_ip()), None)?;
+            tx.no_jc = false;
         }
         tx.native = native;
         tx.helpers = helpers;
@@ -967,14 +1003,7 @@ fn choose_parked(
     let used = named_gprs(block, info);
     // A jump back into the block checks the kick flag and the budget
     // through rcx.
-    let back_edge = block.insns.iter().any(|dn| {
-        let i = &dn.insn;
-        matches!(
-            i.flow_control(),
-            FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch
-        ) && i.op0_kind() == OpKind::NearBranch64
-            && i.near_branch_target() <= i.ip()
-    });
+    let back_edge = has_back_edge(block);
     let mut v = Vec::new();
     if !used[1] {
         v.push(Register::RCX);
@@ -1392,6 +1421,20 @@ fn unnamed(block: &Block, info: &mut InstructionInfoFactory, taken: &[Register])
         .chain([Register::RAX])
         .filter(|&r| !used[gidx(r)] && !taken.contains(&r))
         .collect()
+}
+
+/// The block ends in a direct jump back to its own code or before it:
+/// every cycle of chained code has such a jump, so it checks the kick flag
+/// and the budget (at the jump, or once per pass at [`Tx::body_check`]).
+fn has_back_edge(block: &Block) -> bool {
+    block.insns.iter().any(|dn| {
+        let i = &dn.insn;
+        matches!(
+            i.flow_control(),
+            FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch
+        ) && i.op0_kind() == OpKind::NearBranch64
+            && i.near_branch_target() <= i.ip()
+    })
 }
 
 /// The index of the first instruction of `block` before which the guest
@@ -1821,6 +1864,15 @@ impl Tx<'_> {
                     ) =>
             {
                 self.native += 1;
+                let start = self.block.insns[0].insn.ip();
+                if let (Some(l), Some(_)) = (self.l_count, self.body_check) {
+                    if i.near_branch_target() == start {
+                        // A loop on itself that checks in its body.
+                        jcc(&mut self.a, i.condition_code(), l)?;
+                        self.exit_direct(i.next_ip())?;
+                        return Ok(true);
+                    }
+                }
                 let mut taken = self.a.create_label();
                 jcc(&mut self.a, i.condition_code(), taken)?;
                 self.exit_direct(i.next_ip())?;
@@ -2084,6 +2136,25 @@ impl Tx<'_> {
         self.exit_tail(ExitTarget::Imm(target), None)
     }
 
+    /// Count the block's `n` instructions where the guest flags are dead.
+    /// In a block with a body check, also leave (out of line) when the
+    /// budget ran out (`left` counts up from -budget: the sign) or the vCPU
+    /// was kicked: two loads and two untaken branches a pass instead of
+    /// the back edge's flag-free check through rcx (two taken branches).
+    fn count_add(&mut self, n: usize) -> R<()> {
+        let a = &mut self.a;
+        a.add(qword_ptr(r15 + o_ctx!(left)), n as i32)?;
+        if let Some((_, r, cold)) = self.body_check {
+            count_event(a, self.events, EV_BACK_EDGE)?;
+            let r = r64(r);
+            a.jns(cold)?;
+            a.mov(r, m(o_ctx!(kick)))?;
+            a.cmp(byte_ptr(r), 0)?;
+            a.jne(cold)?;
+        }
+        Ok(())
+    }
+
     /// Exit to a known target; chainable when it is in the same guest page.
     fn exit_direct(&mut self, target: u64) -> R<()> {
         if target >> 12 != self.block.lin_pc >> 12 {
@@ -2102,7 +2173,7 @@ impl Tx<'_> {
         // cycle has such a jump (jumps to other pages check in the
         // indirect stub).
         let last_ip = self.block.insns.last().map_or(0, |d| d.insn.ip());
-        if target <= last_ip {
+        if target <= last_ip && self.body_check.is_none() {
             count_event(&mut self.a, self.events, EV_BACK_EDGE)?;
             self.save_rcx(SP_ENTRY)?;
             let a = &mut self.a;
