@@ -85,6 +85,12 @@ pub struct Block {
 
 const FAST_CACHE: usize = 4096;
 const MAX_BLOCK_INSNS: usize = 64;
+/// A block goes on past a side exit while it names at most this many
+/// general registers: the translator needs a few it does not name as
+/// scratch, or its memory accesses spill (10 of 16 kept the spilling
+/// lookups of `int` and `fp` at their count with blocks that end at
+/// every branch; 11 multiplied them by 2.5 to 9).
+const SIDE_EXIT_REGS: u32 = 10;
 
 pub struct Cpu {
     pub s: CpuState,
@@ -528,6 +534,8 @@ impl Cpu {
         };
         let ip0 = self.s.rip;
         let mut offset = 0usize;
+        let mut named = 0u16;
+        let mut last_side_exit: Option<(usize, u16)> = None;
         loop {
             // Up to 15 bytes from offset on (within the page), ahead.
             let need = page_left.min(offset + 15);
@@ -591,8 +599,21 @@ impl Cpu {
             }
             insn.set_next_ip(insn.next_ip() & ip_mask);
             offset += insn.len().max(1);
+            named |= exec::named_gprs(&insn);
+            if let Some((j, before)) = last_side_exit {
+                // Past a side exit, stop at it rather than let the block
+                // name many registers, or rcx (the translator's lookups
+                // and checks then need rcx kept aside).
+                if named.count_ones() > SIDE_EXIT_REGS || named & !before & 2 != 0 {
+                    insns.truncate(j + 1);
+                    break;
+                }
+            }
+            // 64-bit blocks go on past a conditional branch (a side exit):
+            // longer blocks, fewer dispatches, counts and chains.
+            let side_exit = bitness == 64 && exec::side_exit(&insn);
             let stop = insn.is_invalid()
-                || insn.flow_control() != FlowControl::Next
+                || insn.flow_control() != FlowControl::Next && !side_exit
                 || exec::ends_block(&insn)
                 || insns.len() + 1 >= MAX_BLOCK_INSNS;
             insns.push(DInsn {
@@ -601,6 +622,9 @@ impl Cpu {
             });
             if stop {
                 break;
+            }
+            if side_exit {
+                last_side_exit = Some((insns.len() - 1, named));
             }
         }
         if insns.is_empty() {
@@ -677,7 +701,8 @@ impl Cpu {
                         break;
                     }
                 }
-                if self.end_block || shadow {
+                // A taken side exit leaves the block.
+                if self.end_block || shadow || self.s.rip != di.insn.next_ip() {
                     self.end_block = false;
                     break;
                 }

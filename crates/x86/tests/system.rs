@@ -1583,6 +1583,107 @@ fn a_misaligned_group_member_faults_precisely() {
     assert_eq!(g_j, g_i, "registers (jit vs interpreter)");
 }
 
+/// 64-bit blocks go on past conditional branches: a taken one is a side
+/// exit. The loop's block has two, before and after its count's ADD, with
+/// memory accesses on both sides; the tails they lead to loop back too.
+/// At every budget exit the translator's state, and its instruction
+/// count, match an interpreter stepped to the same point; with `fault`, a
+/// load past both side exits walks into a page that is not present, and
+/// the #PF frame and registers match the interpreter's.
+#[test]
+fn side_exits_match_the_interpreter() {
+    let prog = |a: &mut CodeAssembler| {
+        let mut top = a.create_label();
+        let mut every4 = a.create_label();
+        let mut odd = a.create_label();
+        a.mov(rsi, va(0)).unwrap();
+        a.mov(r14, va(4)).unwrap();
+        a.mov(r12d, 3000).unwrap();
+        a.set_label(&mut top).unwrap();
+        a.test(r12d, 3).unwrap();
+        a.jz(every4).unwrap();
+        a.mov(rax, qword_ptr(rsi)).unwrap();
+        a.add(rbx, rax).unwrap();
+        a.mov(rdx, qword_ptr(rsi + 8)).unwrap();
+        a.add(rdi, rdx).unwrap();
+        a.test(r12d, 1).unwrap();
+        a.jnz(odd).unwrap();
+        a.mov(qword_ptr(rsi + 16), rdi).unwrap();
+        a.mov(r8, qword_ptr(r14)).unwrap();
+        a.add(r14, 64).unwrap();
+        a.add(rbp, r8).unwrap();
+        a.dec(r12d).unwrap();
+        a.jnz(top).unwrap();
+        a.hlt().unwrap();
+        a.set_label(&mut every4).unwrap();
+        a.add(rbx, 7).unwrap();
+        a.dec(r12d).unwrap();
+        a.jnz(top).unwrap();
+        a.hlt().unwrap();
+        a.set_label(&mut odd).unwrap();
+        a.mov(qword_ptr(rsi + 24), rbx).unwrap();
+        a.dec(r12d).unwrap();
+        a.jnz(top).unwrap();
+        a.hlt().unwrap();
+    };
+    for fault in [false, true] {
+        let setup = |engine| {
+            let mut cpu = paging_machine(prog);
+            // 32 pages of 64-byte strides: va(4).. are read every other
+            // round, past the end of the window without `fault`.
+            if fault {
+                set_pte(&cpu, 6, 0);
+            } else {
+                for i in 4..16 {
+                    set_pte(&cpu, i, pa(4) | P | RW | US);
+                }
+                w64(&cpu, PD1 + 8, PT | P | RW | US);
+            }
+            hot_engine(&mut cpu, engine);
+            cpu
+        };
+        let mut jit = setup(mat_x86::Engine::Jit);
+        let mut int = setup(mat_x86::Engine::Interp);
+        if fault {
+            let f_j = expect_vector(&mut jit, 14);
+            let f_i = expect_vector(&mut int, 14);
+            assert_eq!(f_j, f_i, "#PF frame (jit vs interpreter)");
+            assert_eq!(jit.s.gpr, int.s.gpr, "registers at the #PF");
+            assert_eq!(jit.s.cr2, va(6));
+            continue;
+        }
+        let mut exits = 0;
+        loop {
+            let exit = jit.run(777);
+            if exit == Exit::Halted {
+                break;
+            }
+            assert_eq!(exit, Exit::Budget);
+            exits += 1;
+            while (int.s.rip, int.s.gpr[12]) != (jit.s.rip, jit.s.gpr[12]) {
+                assert!(int.step().is_none());
+                assert!(int.stats.instructions < 100_000, "interpreter ran away");
+            }
+            assert_eq!(jit.s.gpr, int.s.gpr, "registers at {:#x}", jit.s.rip);
+            assert_eq!(jit.s.rflags & 0x8d5, int.s.rflags & 0x8d5, "flags");
+            assert_eq!(
+                jit.stats.instructions, int.stats.instructions,
+                "instructions counted at {:#x}",
+                jit.s.rip
+            );
+        }
+        assert_eq!(int.run(100_000), Exit::Halted);
+        assert_eq!(jit.s.gpr, int.s.gpr, "registers at the end");
+        assert_eq!(jit.s.gpr[15], SENTINEL, "no exception");
+        assert_eq!(jit.stats.instructions, int.stats.instructions);
+        assert_eq!(r64(&jit, pa(0) + 16), r64(&int, pa(0) + 16));
+        assert_eq!(r64(&jit, pa(0) + 24), r64(&int, pa(0) + 24));
+        assert!(exits > 10, "{exits} budget exits");
+        let stats = jit.jit_stats().cloned().expect("jit stats");
+        assert!(stats.translations > 0 && stats.entries > 0, "{stats:?}");
+    }
+}
+
 /// A loop that jumps back to its own start checks the kick flag and the
 /// budget in its body, where its instruction count is (an ADD, before the
 /// first instruction that overwrites all the flags), not at the back edge.
@@ -1697,6 +1798,10 @@ fn chain_stubs_between_blocks_that_park_differently() {
             a.add(r11, rbx).unwrap();
             a.test(r12d, 1).unwrap();
             a.jnz(skip).unwrap();
+            // Ends the block (a taken JNZ is only a side exit).
+            let mut second = a.create_label();
+            a.jmp(second).unwrap();
+            a.set_label(&mut second).unwrap();
             a.mov(rdx, qword_ptr(rsi + 8)).unwrap();
             a.mov(rcx, rdx).unwrap();
             a.add(r8, rcx).unwrap();

@@ -1,7 +1,7 @@
 //! Instruction semantics, one module per family. A handler is chosen once
 //! per instruction at decode time (`handler_for`) and cached in the block.
 
-use iced_x86::{ConditionCode, Instruction, Mnemonic, OpKind, Register};
+use iced_x86::{ConditionCode, FlowControl, Instruction, Mnemonic, OpKind, Register};
 
 use crate::cpu::Cpu;
 use crate::exception::{Fault, XResult};
@@ -88,6 +88,38 @@ pub fn ends_block(i: &Instruction) -> bool {
     ) && (i.mnemonic() != Mov || is_sys_mov(i))
         && (i.mnemonic() != Pop
             || i.op0_kind() == OpKind::Register && i.op0_register().is_segment_register())
+}
+
+/// A conditional near branch a decoded block may go on past (a side exit
+/// when taken): Jcc, not the rcx-testing forms (JRCXZ, LOOP...), which the
+/// translator hands to the interpreter.
+pub fn side_exit(i: &Instruction) -> bool {
+    i.flow_control() == FlowControl::ConditionalBranch
+        && matches!(i.op0_kind(), OpKind::NearBranch64)
+        && i.condition_code() != ConditionCode::None
+        && !matches!(
+            i.mnemonic(),
+            Mnemonic::Jrcxz | Mnemonic::Jecxz | Mnemonic::Loop | Mnemonic::Loope | Mnemonic::Loopne
+        )
+}
+
+/// The general registers an instruction names explicitly (operands and
+/// address registers), as a mask of their numbers.
+pub fn named_gprs(i: &Instruction) -> u16 {
+    let bit = |r: Register| {
+        if r.is_gpr() {
+            1u16 << (r.full_register().number() & 15)
+        } else {
+            0
+        }
+    };
+    let mut m = bit(i.memory_base()) | bit(i.memory_index());
+    for n in 0..i.op_count() {
+        if i.op_kind(n) == OpKind::Register {
+            m |= bit(i.op_register(n));
+        }
+    }
+    m
 }
 
 /// MOV to or from a control or debug register, or to a segment register

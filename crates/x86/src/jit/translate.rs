@@ -677,6 +677,14 @@ struct Tx<'a> {
     /// a parked scratch register and the out-of-line exit. Its back edges
     /// then check nothing.
     body_check: Option<(usize, Register, CodeLabel)>,
+    /// Index of the instruction being translated.
+    cur_k: usize,
+    /// Where the count's ADD is (see [`flags_dead_before`]); None: at the
+    /// block's start.
+    add_at: Option<usize>,
+    /// Taken side exits, emitted after the body: (their label, the index
+    /// of the branch, its target).
+    side_exits: Vec<(CodeLabel, usize, u64)>,
     /// Guest address of the instruction being translated, and how many
     /// fast lookups it has emitted (they key the entry slots).
     cur_rip: u64,
@@ -708,6 +716,9 @@ pub fn translate(
         keeper: None,
         l_count: None,
         body_check: None,
+        cur_k: 0,
+        add_at: None,
+        side_exits: Vec::new(),
         a: CodeAssembler::new(64)?,
         stubs,
         block,
@@ -788,7 +799,8 @@ pub fn translate(
     // Where the guest flags are dead, one flag-clobbering ADD counts;
     // otherwise a flag-free load, LEA and store at the block's start.
     let add_at = flags_dead_before(block);
-    if let Some(k) = add_at.filter(|_| has_back_edge(block)) {
+    tx.add_at = add_at;
+    if let Some(k) = add_at.filter(|&k| has_back_edge(block, k)) {
         let scratch = tx.parked.iter().copied().find(|&r| r != Register::RCX);
         if let Some(r) = scratch.or(tx.parked.first().copied()) {
             tx.body_check = Some((k, r, a.create_label()));
@@ -844,6 +856,7 @@ pub fn translate(
             Some((g.reg, g.rel.get(j).copied()))
         });
         let (helpers, slow) = (tx.helpers, tx.slow.len());
+        tx.cur_k = k;
         ended = tx.insn(dn)?;
         tx.member = None;
         if ended {
@@ -875,6 +888,7 @@ pub fn translate(
             if add_at == Some(k) {
                 tx.count_add(n)?;
             }
+            tx.cur_k = k;
             ended = tx.insn(dn)?;
             if ended {
                 break;
@@ -889,6 +903,17 @@ pub fn translate(
         tx.helpers = helpers;
         tx.helper_codes.truncate(codes);
     }
+    // Taken side exits: the count covers the instructions run so far.
+    for (mut l, k, target) in std::mem::take(&mut tx.side_exits) {
+        tx.a.set_label(&mut l)?;
+        let delta = match add_at {
+            Some(a) if k < a => k as i32 + 1,
+            _ => k as i32 + 1 - n as i32,
+        };
+        tx.count_fix(delta)?;
+        tx.cur_k = k;
+        tx.exit_direct(target)?;
+    }
     // Kicked or out of budget at the body check: run the instruction the
     // flags were dead before (so that the guest sees its flags, not the
     // count's), take back the count of the rest of the block, and leave.
@@ -896,6 +921,7 @@ pub fn translate(
         tx.a.set_label(&mut cold)?;
         let (native, helpers, codes) = (tx.native, tx.helpers, tx.helper_codes.len());
         let dn = &block.insns[k];
+        tx.cur_k = k;
         if !tx.insn(dn)? {
             let rest = (n - k - 1) as i32;
             if rest > 0 {
@@ -1003,7 +1029,7 @@ fn choose_parked(
     let used = named_gprs(block, info);
     // A jump back into the block checks the kick flag and the budget
     // through rcx.
-    let back_edge = has_back_edge(block);
+    let back_edge = has_back_edge(block, 0);
     let mut v = Vec::new();
     if !used[1] {
         v.push(Register::RCX);
@@ -1426,8 +1452,8 @@ fn unnamed(block: &Block, info: &mut InstructionInfoFactory, taken: &[Register])
 /// The block ends in a direct jump back to its own code or before it:
 /// every cycle of chained code has such a jump, so it checks the kick flag
 /// and the budget (at the jump, or once per pass at [`Tx::body_check`]).
-fn has_back_edge(block: &Block) -> bool {
-    block.insns.iter().any(|dn| {
+fn has_back_edge(block: &Block, from: usize) -> bool {
+    block.insns[from..].iter().any(|dn| {
         let i = &dn.insn;
         matches!(
             i.flow_control(),
@@ -1864,8 +1890,16 @@ impl Tx<'_> {
                     ) =>
             {
                 self.native += 1;
+                if self.cur_k + 1 < self.block.insns.len() {
+                    // A side exit: the block goes on when not taken.
+                    let taken = self.a.create_label();
+                    jcc(&mut self.a, i.condition_code(), taken)?;
+                    self.side_exits
+                        .push((taken, self.cur_k, i.near_branch_target()));
+                    return Ok(false);
+                }
                 let start = self.block.insns[0].insn.ip();
-                if let (Some(l), Some(_)) = (self.l_count, self.body_check) {
+                if let (Some(l), Some(_)) = (self.l_count, self.checked()) {
                     if i.near_branch_target() == start {
                         // A loop on itself that checks in its body.
                         jcc(&mut self.a, i.condition_code(), l)?;
@@ -2155,6 +2189,37 @@ impl Tx<'_> {
         Ok(())
     }
 
+    /// The body check, when this pass through the block has passed it
+    /// (the instruction being translated comes at or after it).
+    fn checked(&self) -> Option<(usize, Register, CodeLabel)> {
+        self.body_check.filter(|&(k, _, _)| self.cur_k >= k)
+    }
+
+    /// Add `delta` to the instruction count without touching the flags.
+    fn count_fix(&mut self, delta: i32) -> R<()> {
+        if delta == 0 {
+            return Ok(());
+        }
+        let r = self
+            .parked
+            .iter()
+            .copied()
+            .find(|&r| r != Register::RCX)
+            .or(self.parked.first().copied());
+        let cnt = r.map_or(rcx, r64);
+        let a = &mut self.a;
+        if r.is_none() {
+            a.mov(m(o_spill(SP_ENTRY)), rcx)?;
+        }
+        a.mov(cnt, m(o_ctx!(left)))?;
+        a.lea(cnt, qword_ptr(cnt + delta))?;
+        a.mov(m(o_ctx!(left)), cnt)?;
+        if r.is_none() {
+            a.mov(rcx, m(o_spill(SP_ENTRY)))?;
+        }
+        Ok(())
+    }
+
     /// Exit to a known target; chainable when it is in the same guest page.
     fn exit_direct(&mut self, target: u64) -> R<()> {
         if target >> 12 != self.block.lin_pc >> 12 {
@@ -2173,7 +2238,7 @@ impl Tx<'_> {
         // cycle has such a jump (jumps to other pages check in the
         // indirect stub).
         let last_ip = self.block.insns.last().map_or(0, |d| d.insn.ip());
-        if target <= last_ip && self.body_check.is_none() {
+        if target <= last_ip && self.checked().is_none() {
             count_event(&mut self.a, self.events, EV_BACK_EDGE)?;
             self.save_rcx(SP_ENTRY)?;
             let a = &mut self.a;
