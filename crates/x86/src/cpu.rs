@@ -609,9 +609,12 @@ impl Cpu {
                     break;
                 }
             }
-            // 64-bit blocks go on past a conditional branch (a side exit):
-            // longer blocks, fewer dispatches, counts and chains.
-            let side_exit = bitness == 64 && exec::side_exit(&insn);
+            // 64-bit blocks go on past a conditional branch (a side exit
+            // when taken): longer blocks, fewer dispatches, counts and
+            // chains. One back to the block's start closes a loop, so is
+            // usually taken: it ends the block.
+            let side_exit =
+                bitness == 64 && exec::side_exit(&insn) && insn.near_branch_target() != ip0;
             let stop = insn.is_invalid()
                 || insn.flow_control() != FlowControl::Next && !side_exit
                 || exec::ends_block(&insn)

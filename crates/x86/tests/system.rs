@@ -1584,8 +1584,9 @@ fn a_misaligned_group_member_faults_precisely() {
 }
 
 /// 64-bit blocks go on past conditional branches: a taken one is a side
-/// exit. The loop's block has two, before and after its count's ADD, with
-/// memory accesses on both sides; the tails they lead to loop back too.
+/// exit. The loop's block has two, with memory accesses on both sides;
+/// the tails they lead to loop back through side exits, one of them
+/// before its block's count (an ADD after it).
 /// At every budget exit the translator's state, and its instruction
 /// count, match an interpreter stepped to the same point; with `fault`, a
 /// load past both side exits walks into a page that is not present, and
@@ -1620,10 +1621,12 @@ fn side_exits_match_the_interpreter() {
         a.dec(r12d).unwrap();
         a.jnz(top).unwrap();
         a.hlt().unwrap();
+        // A backward side exit before this block's count (its ADD).
         a.set_label(&mut odd).unwrap();
         a.mov(qword_ptr(rsi + 24), rbx).unwrap();
         a.dec(r12d).unwrap();
         a.jnz(top).unwrap();
+        a.add(rbx, 3).unwrap();
         a.hlt().unwrap();
     };
     for fault in [false, true] {

@@ -430,7 +430,7 @@ pub struct Opts {
 /// (MATRYOSHKA_JIT_EVENTS=1): exact counts of the glue that runs, for
 /// hosts without hardware counters. Each costs a PUSHFQ/INC/POPFQ, so
 /// times are meaningless in such a run.
-pub const EVENTS: [&str; 11] = [
+pub const EVENTS: [&str; 12] = [
     "entries past a page check",
     "chains through a stub",
     "block executions",
@@ -442,6 +442,7 @@ pub const EVENTS: [&str; 11] = [
     "jump-cache probes for direct jumps to another page",
     "jump-cache probes for indirect jumps and returns",
     "chains to another page through a guard",
+    "side exits taken",
 ];
 const EV_ENTRY: usize = 0;
 const EV_STUB: usize = 1;
@@ -454,6 +455,7 @@ const EV_SPILL_LOOKUP: usize = 7;
 const EV_JC_DIRECT: usize = 8;
 const EV_JC_INDIRECT: usize = 9;
 const EV_FAR_CHAIN: usize = 10;
+const EV_SIDE_EXIT: usize = 11;
 
 /// A chained jump between blocks of one page that park different
 /// registers (`from`, `to`: their [`Translation::park_key`] bitmasks):
@@ -906,6 +908,7 @@ pub fn translate(
     // Taken side exits: the count covers the instructions run so far.
     for (mut l, k, target) in std::mem::take(&mut tx.side_exits) {
         tx.a.set_label(&mut l)?;
+        count_event(&mut tx.a, tx.events, EV_SIDE_EXIT)?;
         let delta = match add_at {
             Some(a) if k < a => k as i32 + 1,
             _ => k as i32 + 1 - n as i32,
