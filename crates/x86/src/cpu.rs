@@ -5,7 +5,7 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction};
+use iced_x86::{Code, Decoder, DecoderOptions, FlowControl, Instruction};
 
 use crate::bus::Bus;
 use crate::exception::{Fault, XResult};
@@ -615,8 +615,15 @@ impl Cpu {
             // usually taken: it ends the block.
             let side_exit =
                 bitness == 64 && exec::side_exit(&insn) && insn.near_branch_target() != ip0;
+            // They also follow a direct JMP forward within the page: it
+            // costs nothing in translated code.
+            let target = insn.near_branch_target();
+            let follow = bitness == 64
+                && matches!(insn.code(), Code::Jmp_rel8_64 | Code::Jmp_rel32_64)
+                && target > insn.ip()
+                && target.wrapping_sub(ip0) < page_left as u64;
             let stop = insn.is_invalid()
-                || insn.flow_control() != FlowControl::Next && !side_exit
+                || insn.flow_control() != FlowControl::Next && !side_exit && !follow
                 || exec::ends_block(&insn)
                 || insns.len() + 1 >= MAX_BLOCK_INSNS;
             insns.push(DInsn {
@@ -626,7 +633,10 @@ impl Cpu {
             if stop {
                 break;
             }
-            if side_exit {
+            if follow {
+                offset = target.wrapping_sub(ip0) as usize;
+            }
+            if side_exit || follow {
                 last_side_exit = Some((insns.len() - 1, named));
             }
         }
@@ -692,7 +702,7 @@ impl Cpu {
                     continue;
                 }
             }
-            for di in block.insns.iter() {
+            for (k, di) in block.insns.iter().enumerate() {
                 self.next_rip = di.insn.next_ip();
                 match (di.handler)(self, &di.insn) {
                     Ok(()) => {
@@ -704,8 +714,10 @@ impl Cpu {
                         break;
                     }
                 }
-                // A taken side exit leaves the block.
-                if self.end_block || shadow || self.s.rip != di.insn.next_ip() {
+                // A taken side exit leaves the block (a followed JMP goes
+                // on to the next decoded instruction).
+                let next = block.insns.get(k + 1).map_or(0, |n| n.insn.ip());
+                if self.end_block || shadow || self.s.rip != next {
                     self.end_block = false;
                     break;
                 }

@@ -1583,8 +1583,9 @@ fn a_misaligned_group_member_faults_precisely() {
     assert_eq!(g_j, g_i, "registers (jit vs interpreter)");
 }
 
-/// 64-bit blocks go on past conditional branches: a taken one is a side
-/// exit. The loop's block has two, with memory accesses on both sides;
+/// 64-bit blocks go on past conditional branches (a taken one is a side
+/// exit) and follow direct jumps forward in their page. The loop's block
+/// has two side exits and a jump over a UD2, with memory accesses around;
 /// the tails they lead to loop back through side exits, one of them
 /// before its block's count (an ADD after it).
 /// At every budget exit the translator's state, and its instruction
@@ -1606,6 +1607,11 @@ fn side_exits_match_the_interpreter() {
         a.mov(rax, qword_ptr(rsi)).unwrap();
         a.add(rbx, rax).unwrap();
         a.mov(rdx, qword_ptr(rsi + 8)).unwrap();
+        // Followed by the decoder: the block goes on at its target.
+        let mut over = a.create_label();
+        a.jmp(over).unwrap();
+        a.ud2().unwrap();
+        a.set_label(&mut over).unwrap();
         a.add(rdi, rdx).unwrap();
         a.test(r12d, 1).unwrap();
         a.jnz(odd).unwrap();

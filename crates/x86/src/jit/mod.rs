@@ -947,7 +947,9 @@ mod tests {
             for k in 1..=24 {
                 let mut next = a.create_label();
                 a.add(rax, k).unwrap();
-                a.jmp(next).unwrap();
+                // Never taken (rcx counts down from 20 000), and ends the
+                // block (a direct JMP forward would be followed).
+                a.jrcxz(next).unwrap();
                 a.set_label(&mut next).unwrap();
             }
             a.dec(ecx).unwrap();

@@ -1877,6 +1877,11 @@ impl Tx<'_> {
                 if matches!(i.op0_kind(), OpKind::NearBranch64) && i.op_count() == 1 =>
             {
                 self.native += 1;
+                let next = self.block.insns.get(self.cur_k + 1);
+                if next.is_some_and(|n| n.insn.ip() == i.near_branch_target()) {
+                    // Followed by the decoder: the target comes next.
+                    return Ok(false);
+                }
                 self.exit_direct(i.near_branch_target())?;
                 return Ok(true);
             }
