@@ -759,7 +759,6 @@ pub fn translate(
             }
         }
     }
-    let rcx_parked = tx.rcx_parked();
     // The entry is the first instruction (index 0).
     let mut l_stale = tx.a.create_label();
     count_event(&mut tx.a, tx.events, EV_ENTRY)?;
@@ -809,24 +808,7 @@ pub fn translate(
         }
     }
     if add_at.is_none() {
-        // The flag-free count needs a scratch register: a parked one
-        // other than rcx when there is one, so that guest rcx stays put.
-        let cnt = tx
-            .parked
-            .iter()
-            .copied()
-            .find(|&r| r != Register::RCX)
-            .map_or(rcx, r64);
-        let save_rcx = !rcx_parked && cnt == rcx;
-        if save_rcx {
-            a.mov(m(o_spill(SP_ENTRY)), rcx)?;
-        }
-        a.mov(cnt, m(o_ctx!(left)))?;
-        a.lea(cnt, qword_ptr(cnt + n as i32))?;
-        a.mov(m(o_ctx!(left)), cnt)?;
-        if save_rcx {
-            a.mov(rcx, m(o_spill(SP_ENTRY)))?;
-        }
+        tx.count_fix(n as i32)?;
     }
 
     // With groups the block is emitted twice: first the copy whose group
@@ -2203,7 +2185,10 @@ impl Tx<'_> {
         self.body_check.filter(|&(k, _, _)| self.cur_k >= k)
     }
 
-    /// Add `delta` to the instruction count without touching the flags.
+    /// Add `delta` to the instruction count without touching the flags
+    /// (load, LEA, store), through a parked register: one other than rcx
+    /// when there is one, so that guest rcx stays put; else rcx, saved
+    /// around it unless parked.
     fn count_fix(&mut self, delta: i32) -> R<()> {
         if delta == 0 {
             return Ok(());
