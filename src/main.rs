@@ -9,6 +9,8 @@ use clap::{Args, Parser, Subcommand};
 
 // The translator allocates and frees many small objects per block (the
 // assembler's instruction lists); mimalloc halves that cost against glibc.
+// Built without transparent huge pages (Cargo.toml: `no_thp`): zeroing its
+// heap 2 MiB at a time cost the boot 0.15 s of system time.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
