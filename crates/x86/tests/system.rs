@@ -1698,7 +1698,8 @@ fn side_exits_match_the_interpreter() {
 /// first instruction that overwrites all the flags), not at the back edge.
 /// Leaving there, it first runs that instruction: the guest sees its
 /// flags, not the count's. Every exit (budget, and kicks from another
-/// thread) is compared with an interpreter stepped to the same point.
+/// thread) is compared with an interpreter stepped to the same point:
+/// registers, flags and the instruction count.
 #[test]
 fn body_checks_leave_with_the_guest_flags() {
     const DATA: u64 = 0x30000;
@@ -1769,6 +1770,11 @@ fn body_checks_leave_with_the_guest_flags() {
                 jit.s.rflags & ARITH,
                 int.s.rflags & ARITH,
                 "flags at {:#x}",
+                jit.s.rip
+            );
+            assert_eq!(
+                jit.stats.instructions, int.stats.instructions,
+                "instructions counted at {:#x}",
                 jit.s.rip
             );
         }

@@ -681,9 +681,6 @@ struct Tx<'a> {
     body_check: Option<(usize, Register, CodeLabel)>,
     /// Index of the instruction being translated.
     cur_k: usize,
-    /// Where the count's ADD is (see [`flags_dead_before`]); None: at the
-    /// block's start.
-    add_at: Option<usize>,
     /// Taken side exits, emitted after the body: (their label, the index
     /// of the branch, its target).
     side_exits: Vec<(CodeLabel, usize, u64)>,
@@ -719,7 +716,6 @@ pub fn translate(
         l_count: None,
         body_check: None,
         cur_k: 0,
-        add_at: None,
         side_exits: Vec::new(),
         a: CodeAssembler::new(64)?,
         stubs,
@@ -800,7 +796,6 @@ pub fn translate(
     // Where the guest flags are dead, one flag-clobbering ADD counts;
     // otherwise a flag-free load, LEA and store at the block's start.
     let add_at = flags_dead_before(block);
-    tx.add_at = add_at;
     if let Some(k) = add_at.filter(|&k| has_back_edge(block, k)) {
         let scratch = tx.parked.iter().copied().find(|&r| r != Register::RCX);
         if let Some(r) = scratch.or(tx.parked.first().copied()) {
@@ -902,19 +897,13 @@ pub fn translate(
     // Kicked or out of budget at the body check: run the instruction the
     // flags were dead before (so that the guest sees its flags, not the
     // count's), take back the count of the rest of the block, and leave.
-    if let Some((k, r, mut cold)) = tx.body_check.take() {
+    if let Some((k, _, mut cold)) = tx.body_check.take() {
         tx.a.set_label(&mut cold)?;
         let (native, helpers, codes) = (tx.native, tx.helpers, tx.helper_codes.len());
         let dn = &block.insns[k];
         tx.cur_k = k;
         if !tx.insn(dn)? {
-            let rest = (n - k - 1) as i32;
-            if rest > 0 {
-                let r = r64(r);
-                tx.a.mov(r, m(o_ctx!(left)))?;
-                tx.a.lea(r, qword_ptr(r - rest))?;
-                tx.a.mov(m(o_ctx!(left)), r)?;
-            }
+            tx.count_fix(k as i32 + 1 - n as i32)?;
             tx.no_jc = true;
             tx.exit_to(ExitTarget::Imm(dn.insn.next_ip()), None)?;
             tx.no_jc = false;
@@ -1434,9 +1423,10 @@ fn unnamed(block: &Block, info: &mut InstructionInfoFactory, taken: &[Register])
         .collect()
 }
 
-/// The block ends in a direct jump back to its own code or before it:
-/// every cycle of chained code has such a jump, so it checks the kick flag
-/// and the budget (at the jump, or once per pass at [`Tx::body_check`]).
+/// The block has a direct jump (from its instruction `from` on) back to
+/// its own code or before it: every cycle of chained code has such a jump,
+/// so it checks the kick flag and the budget (at the jump, or once per
+/// pass at [`Tx::body_check`]).
 fn has_back_edge(block: &Block, from: usize) -> bool {
     block.insns[from..].iter().any(|dn| {
         let i = &dn.insn;
