@@ -92,7 +92,8 @@ pub fn ends_block(i: &Instruction) -> bool {
 
 /// A conditional near branch a decoded block may go on past (a side exit
 /// when taken): Jcc, not the rcx-testing forms (JRCXZ, LOOP...), which the
-/// translator hands to the interpreter.
+/// translator hands to the interpreter. The translator runs exactly these
+/// as host Jcc.
 pub fn side_exit(i: &Instruction) -> bool {
     i.flow_control() == FlowControl::ConditionalBranch
         && matches!(i.op0_kind(), OpKind::NearBranch64)

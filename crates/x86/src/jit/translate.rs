@@ -1857,18 +1857,8 @@ impl Tx<'_> {
                 self.exit_direct(i.near_branch_target())?;
                 return Ok(true);
             }
-            FlowControl::ConditionalBranch
-                if matches!(i.op0_kind(), OpKind::NearBranch64)
-                    && i.condition_code() != ConditionCode::None
-                    && !matches!(
-                        i.mnemonic(),
-                        Mnemonic::Jrcxz
-                            | Mnemonic::Jecxz
-                            | Mnemonic::Loop
-                            | Mnemonic::Loope
-                            | Mnemonic::Loopne
-                    ) =>
-            {
+            // The forms a decoded block may go on past (its side exits).
+            FlowControl::ConditionalBranch if crate::exec::side_exit(i) => {
                 self.native += 1;
                 if self.cur_k + 1 < self.block.insns.len() {
                     // A side exit: the block goes on when not taken.
