@@ -715,9 +715,14 @@ impl Cpu {
                     }
                 }
                 // A taken side exit leaves the block (a followed JMP goes
-                // on to the next decoded instruction).
-                let next = block.insns.get(k + 1).map_or(0, |n| n.insn.ip());
-                if self.end_block || shadow || self.s.rip != next {
+                // on to the next decoded instruction); the common case, a
+                // fall-through, looks no further than this instruction.
+                let branched = self.s.rip != di.insn.next_ip()
+                    && block
+                        .insns
+                        .get(k + 1)
+                        .is_none_or(|n| n.insn.ip() != self.s.rip);
+                if self.end_block || shadow || branched {
                     self.end_block = false;
                     break;
                 }
