@@ -675,10 +675,9 @@ struct Tx<'a> {
     l_count: Option<CodeLabel>,
     /// Where a block that jumps back into its own page checks the kick
     /// flag and the budget, when it has a point where the guest flags are
-    /// dead (see [`Tx::count_add`]): the index of the instruction there,
-    /// a parked scratch register and the out-of-line exit. Its back edges
-    /// then check nothing.
-    body_check: Option<(usize, Register, CodeLabel)>,
+    /// dead (see [`Tx::count_add`]): the index of the instruction there
+    /// and the out-of-line exit. Its back edges then check nothing.
+    body_check: Option<(usize, CodeLabel)>,
     /// Index of the instruction being translated.
     cur_k: usize,
     /// Taken side exits, emitted after the body: (their label, the index
@@ -797,9 +796,8 @@ pub fn translate(
     // otherwise a flag-free load, LEA and store at the block's start.
     let add_at = flags_dead_before(block);
     if let Some(k) = add_at.filter(|&k| has_back_edge(block, k)) {
-        let scratch = tx.parked.iter().copied().find(|&r| r != Register::RCX);
-        if let Some(r) = scratch.or(tx.parked.first().copied()) {
-            tx.body_check = Some((k, r, a.create_label()));
+        if !tx.parked.is_empty() {
+            tx.body_check = Some((k, a.create_label()));
         }
     }
     if add_at.is_none() {
@@ -897,7 +895,7 @@ pub fn translate(
     // Kicked or out of budget at the body check: run the instruction the
     // flags were dead before (so that the guest sees its flags, not the
     // count's), take back the count of the rest of the block, and leave.
-    if let Some((k, _, mut cold)) = tx.body_check.take() {
+    if let Some((k, mut cold)) = tx.body_check.take() {
         tx.a.set_label(&mut cold)?;
         let (native, helpers, codes) = (tx.native, tx.helpers, tx.helper_codes.len());
         let dn = &block.insns[k];
@@ -2146,9 +2144,10 @@ impl Tx<'_> {
     /// was kicked: two loads and two untaken branches a pass instead of
     /// the back edge's flag-free check through rcx (two taken branches).
     fn count_add(&mut self, n: usize) -> R<()> {
+        let scratch = self.scratch();
         let a = &mut self.a;
         a.add(qword_ptr(r15 + o_ctx!(left)), n as i32)?;
-        if let Some((_, r, cold)) = self.body_check {
+        if let (Some((_, cold)), Some(r)) = (self.body_check, scratch) {
             count_event(a, self.events, EV_BACK_EDGE)?;
             let r = r64(r);
             a.jns(cold)?;
@@ -2161,24 +2160,26 @@ impl Tx<'_> {
 
     /// The body check, when this pass through the block has passed it
     /// (the instruction being translated comes at or after it).
-    fn checked(&self) -> Option<(usize, Register, CodeLabel)> {
-        self.body_check.filter(|&(k, _, _)| self.cur_k >= k)
+    fn checked(&self) -> Option<(usize, CodeLabel)> {
+        self.body_check.filter(|&(k, _)| self.cur_k >= k)
+    }
+
+    /// A parked register free between guest instructions for the count
+    /// and the body check: one other than rcx when there is one, so that
+    /// guest rcx stays put.
+    fn scratch(&self) -> Option<Register> {
+        let mut p = self.parked.iter().copied();
+        p.clone().find(|&r| r != Register::RCX).or_else(|| p.next())
     }
 
     /// Add `delta` to the instruction count without touching the flags
-    /// (load, LEA, store), through a parked register: one other than rcx
-    /// when there is one, so that guest rcx stays put; else rcx, saved
-    /// around it unless parked.
+    /// (load, LEA, store), through [`Self::scratch`], else through rcx
+    /// saved around it.
     fn count_fix(&mut self, delta: i32) -> R<()> {
         if delta == 0 {
             return Ok(());
         }
-        let r = self
-            .parked
-            .iter()
-            .copied()
-            .find(|&r| r != Register::RCX)
-            .or(self.parked.first().copied());
+        let r = self.scratch();
         let cnt = r.map_or(rcx, r64);
         let a = &mut self.a;
         if r.is_none() {
