@@ -126,17 +126,20 @@ impl ElfImage {
         (start, end)
     }
 
-    /// Copy segments into guest memory; returns the (start, end) ranges written.
+    /// Copy segments into guest memory; returns the (start, end) ranges
+    /// written. `file`, when given, holds `data` from its start: whole
+    /// pages are then mapped from it (see [`super::place_guest`]).
     pub fn load<M: GuestMemory>(
         &self,
         mem: &M,
         data: &[u8],
+        file: Option<&std::fs::File>,
     ) -> Result<Vec<(u64, u64)>, super::BootError> {
         let mut ranges = Vec::new();
         for s in &self.segments {
             // Offsets were bounds-checked in parse().
             let src = &data[s.offset as usize..(s.offset + s.filesz) as usize];
-            super::write_guest(mem, s.paddr, src)?;
+            super::place_guest(mem, s.paddr, src, file.map(|f| (f, s.offset)))?;
             // Zero the bss tail explicitly; guest RAM may be reused.
             let mut at = s.paddr + s.filesz;
             let end = s.paddr + s.memsz;

@@ -221,7 +221,21 @@ impl<'a> BzImage<'a> {
 /// host's page cache (no 66 MB of fresh memory to fault in and fill).
 pub enum Vmlinux {
     Owned(Vec<u8>),
-    Mapped { map: memmap2::Mmap, len: usize },
+    Mapped {
+        map: memmap2::Mmap,
+        len: usize,
+        file: std::fs::File,
+    },
+}
+
+impl Vmlinux {
+    /// The file whose start holds these bytes, when they are mapped.
+    pub fn file(&self) -> Option<&std::fs::File> {
+        match self {
+            Vmlinux::Owned(_) => None,
+            Vmlinux::Mapped { file, .. } => Some(file),
+        }
+    }
 }
 
 impl std::ops::Deref for Vmlinux {
@@ -229,7 +243,7 @@ impl std::ops::Deref for Vmlinux {
     fn deref(&self) -> &[u8] {
         match self {
             Vmlinux::Owned(v) => v,
-            Vmlinux::Mapped { map, len } => &map[..*len],
+            Vmlinux::Mapped { map, len, .. } => &map[..*len],
         }
     }
 }
@@ -353,14 +367,16 @@ mod cache {
 
     fn load_from(dir: &Path, payload: &[u8]) -> Option<super::Vmlinux> {
         let f = std::fs::File::open(path(dir, payload)).ok()?;
-        // SAFETY: a private read-only mapping of a cache file. `store`
-        // never writes a published file in place (it renames a finished
+        // SAFETY: a read-only mapping of a cache file. `store` never
+        // writes a published file in place (it renames a finished
         // temporary over it), so the bytes cannot change under the map;
-        // they are hashed before use.
-        let map = unsafe { memmap2::Mmap::map(&f) }.ok()?;
+        // they are hashed before use. The loader maps the same file into
+        // guest RAM (copy-on-write), which relies on that too. Populated
+        // at once: the hash reads every page.
+        let map = unsafe { memmap2::MmapOptions::new().populate().map(&f) }.ok()?;
         let len = map.len().checked_sub(8)?;
         let want = u64::from_le_bytes(map[len..].try_into().ok()?);
-        (hash(&map[..len]) == want).then_some(super::Vmlinux::Mapped { map, len })
+        (hash(&map[..len]) == want).then_some(super::Vmlinux::Mapped { map, len, file: f })
     }
 
     fn store_in(dir: &Path, payload: &[u8], vmlinux: &[u8]) {

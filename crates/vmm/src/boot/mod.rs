@@ -200,6 +200,145 @@ pub(crate) fn write_guest<M: GuestMemory>(
         })
 }
 
+/// Host page size assumed for file mappings into guest RAM.
+const HOST_PAGE: u64 = 4096;
+
+/// Put `data` at guest physical `addr`, like [`write_guest`]. Where `file`
+/// holds the same bytes at offset `file_off`, the whole pages among them are
+/// mapped from the file copy-on-write instead of copied (partial pages at
+/// either end are copied). A 60 MB kernel then costs neither a copy nor a
+/// fault on the pages the guest never touches, and VMs booted from one file
+/// share its unwritten pages through the host's page cache, as Firecracker
+/// does with snapshot memory files. The file must not be truncated while the
+/// VM runs (a read past its end would be a SIGBUS); the kernel cache never
+/// rewrites a published file.
+pub(crate) fn place_guest<M: GuestMemory>(
+    mem: &M,
+    addr: u64,
+    data: &[u8],
+    file: Option<(&File, u64)>,
+) -> Result<(), BootError> {
+    if let Some((f, off)) = file {
+        let start = addr.next_multiple_of(HOST_PAGE);
+        let head = (start - addr) as usize;
+        if off % HOST_PAGE == addr % HOST_PAGE && head < data.len() {
+            let pages = (data.len() - head) & !(HOST_PAGE as usize - 1);
+            if pages > 0 && map_private(mem, start, pages, Some((f, off + head as u64)))? {
+                // Long runs of zero pages (a bss stored in the file) become
+                // fresh anonymous memory again: the guest clears its bss, and
+                // a write there should not copy a page of zeros.
+                let body = &data[head..head + pages];
+                let mut at = 0;
+                while at < pages {
+                    let zeros = body[at..]
+                        .chunks_exact(HOST_PAGE as usize)
+                        .take_while(|p| is_zero(p))
+                        .count()
+                        * HOST_PAGE as usize;
+                    if zeros >= ZERO_RUN_MIN {
+                        map_private(mem, start + at as u64, zeros, None)?;
+                    }
+                    at += zeros.max(HOST_PAGE as usize);
+                }
+                write_guest(mem, addr, &data[..head])?;
+                return write_guest(mem, start + pages as u64, &data[head + pages..]);
+            }
+        }
+    }
+    write_guest(mem, addr, data)
+}
+
+/// Whether `b` is all zeros (no early exit, so it vectorises).
+fn is_zero(b: &[u8]) -> bool {
+    b.iter().fold(0u8, |a, &x| a | x) == 0
+}
+
+/// Shortest run of zero pages that [`place_guest`] maps anonymously (fewer
+/// mappings than one per stray zero page).
+const ZERO_RUN_MIN: usize = 64 * HOST_PAGE as usize;
+
+/// Map `len` bytes of the file from the offset (or fresh zeros, for `None`)
+/// over guest RAM at `gpa` (all page aligned), private and writable. False,
+/// with RAM as it was, where the range is not inside one anonymous region
+/// or the map fails.
+fn map_private<M: GuestMemory>(
+    mem: &M,
+    gpa: u64,
+    len: usize,
+    file: Option<(&File, u64)>,
+) -> Result<bool, BootError> {
+    use std::os::fd::AsRawFd;
+    use vm_memory::{GuestMemoryRegion, MemoryRegionAddress};
+    let Some(r) = mem.find_region(GuestAddress(gpa)) else {
+        return Ok(false);
+    };
+    // A file-backed region may be shared with another process (or be a
+    // snapshot's file): only anonymous RAM is ours to remap.
+    if r.file_offset().is_some() {
+        return Ok(false);
+    }
+    let rel = gpa - r.start_addr().0;
+    if rel.checked_add(len as u64).is_none_or(|e| e > r.len()) {
+        return Ok(false);
+    }
+    let (fd, off, anon) = match file {
+        Some((f, off)) => (f.as_raw_fd(), off, 0),
+        None => (-1, 0, libc::MAP_ANONYMOUS | libc::MAP_NORESERVE),
+    };
+    let (Ok(host), Ok(off)) = (
+        r.get_host_address(MemoryRegionAddress(rel)),
+        libc::off_t::try_from(off),
+    ) else {
+        return Ok(false);
+    };
+    if !(host as u64).is_multiple_of(HOST_PAGE) {
+        return Ok(false);
+    }
+    let prot = libc::PROT_READ | libc::PROT_WRITE;
+    // SAFETY: [host, host + len) lies inside one mapped region of `mem`,
+    // whose mapping lives as long as `mem`; MAP_FIXED replaces those pages
+    // in place with the same protection, so every pointer into guest RAM
+    // stays valid. Nothing reads guest RAM concurrently while a VM is set
+    // up.
+    let p = unsafe {
+        libc::mmap(
+            host.cast(),
+            len,
+            prot,
+            libc::MAP_PRIVATE | libc::MAP_FIXED | anon,
+            fd,
+            off,
+        )
+    };
+    if p == host.cast() {
+        return Ok(true);
+    }
+    // A failed MAP_FIXED may have unmapped the range: put fresh anonymous
+    // memory back (the copy that follows fills it).
+    // SAFETY: as above, with the region's own kind of mapping.
+    let q = unsafe {
+        libc::mmap(
+            host.cast(),
+            len,
+            prot,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+            -1,
+            0,
+        )
+    };
+    if q != host.cast() {
+        return Err(BootError::GuestMemory {
+            addr: gpa,
+            len,
+            reason: format!(
+                "restoring guest RAM after a failed file mapping: {}",
+                std::io::Error::last_os_error()
+            ),
+        });
+    }
+    Ok(false)
+}
+
 /// Load the kernel described by `cfg` into `mem` laid out as `layout`.
 pub fn load_linux<M: GuestMemory>(
     mem: &M,
@@ -250,7 +389,7 @@ pub fn load_linux<M: GuestMemory>(
         params = synthetic_params();
         let (start, end) = elf.phys_range();
         check_kernel_range(layout, start, end)?;
-        kernel_ranges = elf.load(mem, &file)?;
+        kernel_ranges = elf.load(mem, &file, None)?;
         entry = elf.entry;
         format = KernelFormat::Elf;
         kernel_end = end;
@@ -267,7 +406,7 @@ pub fn load_linux<M: GuestMemory>(
             let elf = ElfImage::parse(&vmlinux).map_err(invalid)?;
             let (start, end) = elf.phys_range();
             check_kernel_range(layout, start, end.max(run_end))?;
-            kernel_ranges = elf.load(mem, &vmlinux)?;
+            kernel_ranges = elf.load(mem, &vmlinux, vmlinux.file())?;
             entry = elf.entry;
             format = KernelFormat::DecompressedBzImage;
             kernel_end = end.max(run_end);
