@@ -79,8 +79,10 @@ pub struct Block {
     pub insns: Box<[DInsn]>,
     /// Translated code entry (0: none yet, 1: not translatable).
     pub(crate) jit_entry: std::cell::Cell<u64>,
-    /// Interpreted executions so far (tiering).
-    pub(crate) heat: std::cell::Cell<u32>,
+    /// Interpreted executions so far (tiering), also while queued for the
+    /// translator, which reads it to translate the hottest queued block
+    /// first (atomic for that reader; relaxed loads and stores only).
+    pub(crate) heat: std::sync::atomic::AtomicU32,
 }
 
 const FAST_CACHE: usize = 4096;

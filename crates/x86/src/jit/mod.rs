@@ -18,6 +18,7 @@ mod worker;
 
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::cpu::{Block, Cpu, DInsn};
@@ -291,7 +292,7 @@ impl Jit {
             .chain(self.pending.values().map(|(b, _)| b))
         {
             b.jit_entry.set(0);
-            b.heat.set(0);
+            b.heat.store(0, Ordering::Relaxed);
         }
         self.blocks.clear();
         self.chains.clear();
@@ -446,16 +447,21 @@ impl Cpu {
         let e = block.jit_entry.get();
         let entry = match e {
             0 => {
-                let h = block.heat.get() + 1;
-                block.heat.set(h);
+                let h = block.heat.load(Ordering::Relaxed) + 1;
+                block.heat.store(h, Ordering::Relaxed);
                 let jit = self.jit.as_ref()?;
                 if h < jit.threshold {
                     return None;
                 }
                 self.jit_translate(block)?
             }
-            // Untranslatable, or queued for the translator.
-            1 | PENDING => return None,
+            1 => return None,
+            // Queued: still heating, which moves it up the queue.
+            PENDING => {
+                let h = block.heat.load(Ordering::Relaxed);
+                block.heat.store(h.saturating_add(1), Ordering::Relaxed);
+                return None;
+            }
             e => e,
         };
         if let Some(jit) = self.jit.as_mut() {
@@ -593,7 +599,7 @@ impl Cpu {
             if matches!(f.outcome, Outcome::Full) {
                 // No longer pending, so the flush would not reset it.
                 block.jit_entry.set(0);
-                block.heat.set(0);
+                block.heat.store(0, Ordering::Relaxed);
                 jit.flush();
                 continue;
             }

@@ -46,8 +46,9 @@ pub(super) struct Job {
 // SAFETY: the vCPU thread keeps the block alive (an `Rc` in
 // `Jit::pending`) until the job's `Finished` comes back, so the pointer
 // stays valid while the translator uses it. The translator reads only the
-// fields that never change after decoding (pc, bitness, pages, insns), not
-// the `Cell`s the vCPU thread updates, and never touches the `Rc`'s count.
+// fields that never change after decoding (pc, bitness, pages, insns) and
+// the atomic heat, not the `Cell` the vCPU thread updates, and never
+// touches the `Rc`'s count.
 // The page-generation pointers are only embedded in the generated code.
 unsafe impl Send for Job {}
 
@@ -98,6 +99,28 @@ pub(super) fn produce(code: &Mutex<Code>, job: &Job) -> Finished {
     }
 }
 
+/// The next job to translate: of those queued, the block the interpreter
+/// has run most often (the newest among equals). In a boot, half of the
+/// interpreted instructions were blocks waiting in a first-come queue
+/// behind blocks requested earlier that had gone cold. None once the
+/// vCPU side hangs up.
+fn next_job(rx: &Receiver<Job>, queue: &mut Vec<Job>) -> Option<Job> {
+    if queue.is_empty() {
+        queue.push(rx.recv().ok()?);
+    }
+    loop {
+        match rx.try_recv() {
+            Ok(j) => queue.push(j),
+            Err(std::sync::mpsc::TryRecvError::Empty) => break,
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => return None,
+        }
+    }
+    // SAFETY: see `Job`: each queued block outlives its job.
+    let heat = |j: &Job| unsafe { &*j.block }.heat.load(Ordering::Relaxed);
+    let k = (0..queue.len()).max_by_key(|&k| (heat(&queue[k]), k))?;
+    Some(queue.remove(k))
+}
+
 /// The translator thread and its two queues.
 pub(super) struct Worker {
     jobs: Option<Sender<Job>>,
@@ -117,7 +140,8 @@ impl Worker {
         let thread = std::thread::Builder::new()
             .name("matryoshka-jit".into())
             .spawn(move || {
-                for job in rx {
+                let mut queue = Vec::new();
+                while let Some(job) = next_job(&rx, &mut queue) {
                     // A translator bug fails this block (the interpreter
                     // keeps running it), not the VM.
                     let f = catch_unwind(AssertUnwindSafe(|| produce(&code, &job))).unwrap_or_else(
@@ -175,5 +199,62 @@ impl Drop for Worker {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block(heat: u32) -> Block {
+        Block {
+            lin_pc: 0x1000,
+            phys_pc: 0x1000,
+            bitness: 64,
+            pages: [(1, 0), (u64::MAX, 0)],
+            insns: Box::new([]),
+            jit_entry: Default::default(),
+            heat: heat.into(),
+        }
+    }
+
+    fn job(id: u64, b: &Block) -> Job {
+        Job {
+            id,
+            block: b,
+            gens: Vec::new(),
+            stubs: Stubs::default(),
+            opts: Opts {
+                sse: true,
+                fp: true,
+                bmi2: false,
+                groups: true,
+                events: false,
+            },
+        }
+    }
+
+    /// The translator takes the hottest queued block first, the newest
+    /// among equally hot ones, sees heat that changed while queued, and
+    /// stops once the vCPU side hangs up, queued jobs or not.
+    #[test]
+    fn translator_takes_the_hottest_queued_block_first() {
+        let blocks: Vec<Block> = [32, 40, 32, 90, 40].into_iter().map(block).collect();
+        let (tx, rx) = channel();
+        let mut queue = Vec::new();
+        for (id, b) in blocks.iter().enumerate() {
+            tx.send(job(id as u64, b)).unwrap();
+        }
+        let mut order = Vec::new();
+        order.push(next_job(&rx, &mut queue).unwrap().id);
+        // Block 0 heats up while it waits.
+        blocks[0].heat.store(95, Ordering::Relaxed);
+        for _ in 0..4 {
+            order.push(next_job(&rx, &mut queue).unwrap().id);
+        }
+        assert_eq!(order, [3, 0, 4, 1, 2]);
+        tx.send(job(9, &blocks[1])).unwrap();
+        drop(tx);
+        assert!(next_job(&rx, &mut queue).is_none(), "ran after hang-up");
     }
 }
