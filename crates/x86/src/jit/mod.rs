@@ -447,7 +447,7 @@ impl Cpu {
         let e = block.jit_entry.get();
         let entry = match e {
             0 => {
-                let h = block.heat.load(Ordering::Relaxed) + 1;
+                let h = block.heat.load(Ordering::Relaxed).saturating_add(1);
                 block.heat.store(h, Ordering::Relaxed);
                 let jit = self.jit.as_ref()?;
                 if h < jit.threshold {
