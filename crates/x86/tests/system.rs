@@ -2434,3 +2434,150 @@ fn calls_to_another_page_follow_rewrites_and_remaps() {
         "registers (jit vs interpreter)"
     );
 }
+
+/// REP STOS in translated code: over rounds of fills of every size at
+/// varying offsets and counts (zero included), forward and backward, some
+/// crossing into a page whose frame is not the next one, the translated
+/// run matches the interpreter at every budget exit (registers, flags,
+/// instruction count) and in memory.
+#[test]
+fn rep_stos_in_translated_code_matches_the_interpreter() {
+    const ROUNDS: u32 = 300;
+    let prog = |a: &mut CodeAssembler| {
+        let mut top = a.create_label();
+        a.mov(r12d, ROUNDS).unwrap();
+        a.set_label(&mut top).unwrap();
+        // rdx = a pseudo-random word for this round.
+        a.mov(eax, r12d).unwrap();
+        a.imul_3(edx, eax, 0x9e37_79b1u32 as i32).unwrap();
+        // stosb: offset 0..4095 in page 1, count 0..1023 (some cross).
+        a.mov(edi, edx).unwrap();
+        a.and(edi, 0xfff).unwrap();
+        a.mov(rsi, va(1)).unwrap();
+        a.add(rdi, rsi).unwrap();
+        a.mov(ecx, edx).unwrap();
+        a.shr(ecx, 12).unwrap();
+        a.and(ecx, 0x3ff).unwrap();
+        a.mov(eax, r12d).unwrap();
+        a.cmp(r12d, 150).unwrap(); // flags the fill must keep
+        a.rep().stosb().unwrap();
+        a.adc(r13, 0).unwrap();
+        a.add(r14, rdi).unwrap();
+        a.add(r14, rcx).unwrap();
+        // stosq: count 0..127 from a qword offset in page 2.
+        a.mov(edi, edx).unwrap();
+        a.shr(edi, 22).unwrap();
+        a.and(edi, 0x1f8).unwrap();
+        a.mov(rsi, va(2)).unwrap();
+        a.add(rdi, rsi).unwrap();
+        a.mov(ecx, edx).unwrap();
+        a.and(ecx, 0x7f).unwrap();
+        a.mov(rax, r13).unwrap();
+        a.imul_2(rax, r12).unwrap();
+        a.rep().stosq().unwrap();
+        a.add(r14, rdi).unwrap();
+        // stosw and stosd near the end of page 3 (some cross into 4).
+        a.mov(edi, edx).unwrap();
+        a.and(edi, 0x3e).unwrap();
+        a.mov(rsi, va(4) - 64).unwrap();
+        a.add(rdi, rsi).unwrap();
+        a.mov(ecx, 20).unwrap();
+        a.rep().stosw().unwrap();
+        a.mov(ecx, edx).unwrap();
+        a.shr(ecx, 28).unwrap();
+        a.rep().stosd().unwrap();
+        a.add(r14, rdi).unwrap();
+        // Every 8th round, a backward fill (DF set).
+        let mut fwd = a.create_label();
+        a.test(r12d, 7).unwrap();
+        a.jnz(fwd).unwrap();
+        a.mov(rdi, va(3) + 0x800).unwrap();
+        a.mov(ecx, 33).unwrap();
+        a.std().unwrap();
+        a.rep().stosb().unwrap();
+        a.cld().unwrap();
+        a.add(r14, rdi).unwrap();
+        a.set_label(&mut fwd).unwrap();
+        a.dec(r12d).unwrap();
+        a.jnz(top).unwrap();
+        a.hlt().unwrap();
+    };
+    let setup = |engine| {
+        let mut cpu = paging_machine(prog);
+        // Pages that fills cross into are not the next frame: a fill
+        // that ran on past its page in host memory would be seen.
+        set_pte(&cpu, 2, pa(9) | P | RW | US);
+        set_pte(&cpu, 4, pa(11) | P | RW | US);
+        hot_engine(&mut cpu, engine);
+        cpu
+    };
+    let mut jit = setup(mat_x86::Engine::Jit);
+    let mut int = setup(mat_x86::Engine::Interp);
+    let mut exits = 0;
+    loop {
+        let exit = jit.run(333);
+        if exit == Exit::Halted {
+            break;
+        }
+        assert_eq!(exit, Exit::Budget);
+        exits += 1;
+        while (int.s.rip, int.s.gpr[12]) != (jit.s.rip, jit.s.gpr[12]) {
+            assert!(int.step().is_none());
+            assert!(int.stats.instructions < 1_000_000, "interpreter ran away");
+        }
+        assert_eq!(jit.s.gpr, int.s.gpr, "registers at {:#x}", jit.s.rip);
+        assert_eq!(jit.s.rflags & 0xcd5, int.s.rflags & 0xcd5, "flags");
+        assert_eq!(jit.stats.instructions, int.stats.instructions);
+    }
+    assert_eq!(int.run(1_000_000), Exit::Halted);
+    assert_eq!(jit.s.gpr, int.s.gpr, "registers at the end");
+    assert_eq!(jit.s.gpr[15], SENTINEL, "no exception");
+    assert_eq!(jit.stats.instructions, int.stats.instructions);
+    assert!(
+        read_bytes(&jit, pa(1), 12 * 4096) == read_bytes(&int, pa(1), 12 * 4096),
+        "filled memory differs"
+    );
+    assert!(exits > 20, "{exits} budget exits");
+    let stats = jit.jit_stats().cloned().expect("jit stats");
+    assert!(stats.translations > 0 && stats.entries > 0, "{stats:?}");
+}
+
+/// REP STOS over translated code (NOPs over a function's ADD)
+/// invalidates the translation: later calls run the new code, with the
+/// translator as with the interpreter.
+#[test]
+fn rep_stos_over_translated_code_invalidates_it() {
+    let run = |engine| {
+        let mut cpu = machine(|a| {
+            let mut f = a.create_label();
+            let mut first = a.create_label();
+            let mut second = a.create_label();
+            let mut done = a.create_label();
+            a.mov(r12d, 50).unwrap();
+            a.set_label(&mut first).unwrap();
+            a.call(f).unwrap();
+            a.dec(r12d).unwrap();
+            a.jnz(first).unwrap();
+            a.lea(rdi, qword_ptr(f)).unwrap();
+            a.mov(ecx, 4).unwrap();
+            a.mov(al, 0x90).unwrap();
+            a.rep().stosb().unwrap();
+            a.mov(r12d, 50).unwrap();
+            a.set_label(&mut second).unwrap();
+            a.call(f).unwrap();
+            a.dec(r12d).unwrap();
+            a.jnz(second).unwrap();
+            a.jmp(done).unwrap();
+            a.set_label(&mut f).unwrap();
+            a.add(r13, 1).unwrap(); // 49 83 c5 01
+            a.ret().unwrap();
+            a.set_label(&mut done).unwrap();
+            a.hlt().unwrap();
+        });
+        hot_engine(&mut cpu, engine);
+        expect_clean_halt(&mut cpu);
+        cpu.s.gpr[13]
+    };
+    assert_eq!(run(mat_x86::Engine::Interp), 50);
+    assert_eq!(run(mat_x86::Engine::Jit), 50);
+}
