@@ -283,7 +283,7 @@ fn map_private<M: GuestMemory>(
     }
     let (fd, off, anon) = match file {
         Some((f, off)) => (f.as_raw_fd(), off, 0),
-        None => (-1, 0, libc::MAP_ANONYMOUS | libc::MAP_NORESERVE),
+        None => (-1, 0, libc::MAP_ANONYMOUS),
     };
     let (Ok(host), Ok(off)) = (
         r.get_host_address(MemoryRegionAddress(rel)),
@@ -305,7 +305,8 @@ fn map_private<M: GuestMemory>(
             host.cast(),
             len,
             prot,
-            libc::MAP_PRIVATE | libc::MAP_FIXED | anon,
+            // Like the RAM it replaces, no swap reserved up front.
+            libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE | anon,
             fd,
             off,
         )
