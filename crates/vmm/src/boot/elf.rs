@@ -126,7 +126,7 @@ impl ElfImage {
         (start, end)
     }
 
-    /// Copy segments into guest memory; returns the (start, end) ranges
+    /// Put segments into guest memory; returns the (start, end) ranges
     /// written. `file`, when given, holds `data` from its start: whole
     /// pages are then mapped from it (see [`super::place_guest`]).
     pub fn load<M: GuestMemory>(

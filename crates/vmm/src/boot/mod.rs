@@ -204,9 +204,9 @@ pub(crate) fn write_guest<M: GuestMemory>(
 const HOST_PAGE: u64 = 4096;
 
 /// Put `data` at guest physical `addr`, like [`write_guest`]. Where `file`
-/// holds the same bytes at offset `file_off`, the whole pages among them are
-/// mapped from the file copy-on-write instead of copied (partial pages at
-/// either end are copied). A 60 MB kernel then costs neither a copy nor a
+/// is given, its file holds the same bytes at the given offset: the whole
+/// pages among them are mapped from the file copy-on-write instead of
+/// copied (partial pages at either end are copied). A 60 MB kernel then costs neither a copy nor a
 /// fault on the pages the guest never touches, and VMs booted from one file
 /// share its unwritten pages through the host's page cache, as Firecracker
 /// does with snapshot memory files. The file must not be truncated while the
@@ -258,9 +258,10 @@ fn is_zero(b: &[u8]) -> bool {
 const ZERO_RUN_MIN: usize = 64 * HOST_PAGE as usize;
 
 /// Map `len` bytes of the file from the offset (or fresh zeros, for `None`)
-/// over guest RAM at `gpa` (all page aligned), private and writable. False,
-/// with RAM as it was, where the range is not inside one anonymous region
-/// or the map fails.
+/// over guest RAM at `gpa` (all page aligned), private and writable. False
+/// where the range is not inside one anonymous region (RAM untouched) or
+/// the map fails (the range is then fresh zeroed memory, for the caller to
+/// copy into).
 fn map_private<M: GuestMemory>(
     mem: &M,
     gpa: u64,
