@@ -1583,6 +1583,36 @@ fn a_misaligned_group_member_faults_precisely() {
     assert_eq!(g_j, g_i, "registers (jit vs interpreter)");
 }
 
+/// Run `jit` to its HLT in slices of `budget` instructions; at every
+/// budget exit, step `int` to the same point (rip and r12, the loop
+/// counter) and compare registers, flags and the instruction count. Then
+/// run `int` to its HLT (at most `limit` instructions in all). Returns the
+/// number of budget exits.
+fn lockstep(jit: &mut Cpu, int: &mut Cpu, budget: u64, limit: u64) -> usize {
+    let mut exits = 0;
+    loop {
+        let exit = jit.run(budget);
+        if exit == Exit::Halted {
+            break;
+        }
+        assert_eq!(exit, Exit::Budget);
+        exits += 1;
+        while (int.s.rip, int.s.gpr[12]) != (jit.s.rip, jit.s.gpr[12]) {
+            assert!(int.step().is_none());
+            assert!(int.stats.instructions < limit, "interpreter ran away");
+        }
+        assert_eq!(jit.s.gpr, int.s.gpr, "registers at {:#x}", jit.s.rip);
+        assert_eq!(jit.s.rflags & 0xcd5, int.s.rflags & 0xcd5, "flags");
+        assert_eq!(
+            jit.stats.instructions, int.stats.instructions,
+            "instructions counted at {:#x}",
+            jit.s.rip
+        );
+    }
+    assert_eq!(int.run(limit), Exit::Halted);
+    exits
+}
+
 /// 64-bit blocks go on past conditional branches (a taken one is a side
 /// exit) and follow direct jumps forward in their page. The loop's block
 /// has two side exits and a jump over a UD2, with memory accesses around;
@@ -1661,27 +1691,7 @@ fn side_exits_match_the_interpreter() {
             assert_eq!(jit.s.cr2, va(6));
             continue;
         }
-        let mut exits = 0;
-        loop {
-            let exit = jit.run(777);
-            if exit == Exit::Halted {
-                break;
-            }
-            assert_eq!(exit, Exit::Budget);
-            exits += 1;
-            while (int.s.rip, int.s.gpr[12]) != (jit.s.rip, jit.s.gpr[12]) {
-                assert!(int.step().is_none());
-                assert!(int.stats.instructions < 100_000, "interpreter ran away");
-            }
-            assert_eq!(jit.s.gpr, int.s.gpr, "registers at {:#x}", jit.s.rip);
-            assert_eq!(jit.s.rflags & 0x8d5, int.s.rflags & 0x8d5, "flags");
-            assert_eq!(
-                jit.stats.instructions, int.stats.instructions,
-                "instructions counted at {:#x}",
-                jit.s.rip
-            );
-        }
-        assert_eq!(int.run(100_000), Exit::Halted);
+        let exits = lockstep(&mut jit, &mut int, 777, 100_000);
         assert_eq!(jit.s.gpr, int.s.gpr, "registers at the end");
         assert_eq!(jit.s.gpr[15], SENTINEL, "no exception");
         assert_eq!(jit.stats.instructions, int.stats.instructions);
@@ -2513,23 +2523,7 @@ fn rep_stos_in_translated_code_matches_the_interpreter() {
     };
     let mut jit = setup(mat_x86::Engine::Jit);
     let mut int = setup(mat_x86::Engine::Interp);
-    let mut exits = 0;
-    loop {
-        let exit = jit.run(333);
-        if exit == Exit::Halted {
-            break;
-        }
-        assert_eq!(exit, Exit::Budget);
-        exits += 1;
-        while (int.s.rip, int.s.gpr[12]) != (jit.s.rip, jit.s.gpr[12]) {
-            assert!(int.step().is_none());
-            assert!(int.stats.instructions < 1_000_000, "interpreter ran away");
-        }
-        assert_eq!(jit.s.gpr, int.s.gpr, "registers at {:#x}", jit.s.rip);
-        assert_eq!(jit.s.rflags & 0xcd5, int.s.rflags & 0xcd5, "flags");
-        assert_eq!(jit.stats.instructions, int.stats.instructions);
-    }
-    assert_eq!(int.run(1_000_000), Exit::Halted);
+    let exits = lockstep(&mut jit, &mut int, 333, 1_000_000);
     assert_eq!(jit.s.gpr, int.s.gpr, "registers at the end");
     assert_eq!(jit.s.gpr[15], SENTINEL, "no exception");
     assert_eq!(jit.stats.instructions, int.stats.instructions);
