@@ -1586,9 +1586,10 @@ fn a_misaligned_group_member_faults_precisely() {
 /// Run `jit` to its HLT in slices of `budget` instructions; at every
 /// budget exit, step `int` to the same point (rip and r12, the loop
 /// counter) and compare registers, flags and the instruction count. Then
-/// run `int` to its HLT (at most `limit` instructions in all). Returns the
-/// number of budget exits.
-fn lockstep(jit: &mut Cpu, int: &mut Cpu, budget: u64, limit: u64) -> usize {
+/// run `int` to its HLT (at most `limit` instructions in all) and compare
+/// the end: registers, no exception, instructions, more than `min_exits`
+/// budget exits, and translated code that ran.
+fn lockstep(jit: &mut Cpu, int: &mut Cpu, budget: u64, limit: u64, min_exits: usize) {
     let mut exits = 0;
     loop {
         let exit = jit.run(budget);
@@ -1610,7 +1611,12 @@ fn lockstep(jit: &mut Cpu, int: &mut Cpu, budget: u64, limit: u64) -> usize {
         );
     }
     assert_eq!(int.run(limit), Exit::Halted);
-    exits
+    assert_eq!(jit.s.gpr, int.s.gpr, "registers at the end");
+    assert_eq!(jit.s.gpr[15], SENTINEL, "no exception");
+    assert_eq!(jit.stats.instructions, int.stats.instructions);
+    assert!(exits > min_exits, "{exits} budget exits");
+    let stats = jit.jit_stats().cloned().expect("jit stats");
+    assert!(stats.translations > 0 && stats.entries > 0, "{stats:?}");
 }
 
 /// 64-bit blocks go on past conditional branches (a taken one is a side
@@ -1691,15 +1697,9 @@ fn side_exits_match_the_interpreter() {
             assert_eq!(jit.s.cr2, va(6));
             continue;
         }
-        let exits = lockstep(&mut jit, &mut int, 777, 100_000);
-        assert_eq!(jit.s.gpr, int.s.gpr, "registers at the end");
-        assert_eq!(jit.s.gpr[15], SENTINEL, "no exception");
-        assert_eq!(jit.stats.instructions, int.stats.instructions);
+        lockstep(&mut jit, &mut int, 777, 100_000, 10);
         assert_eq!(r64(&jit, pa(0) + 16), r64(&int, pa(0) + 16));
         assert_eq!(r64(&jit, pa(0) + 24), r64(&int, pa(0) + 24));
-        assert!(exits > 10, "{exits} budget exits");
-        let stats = jit.jit_stats().cloned().expect("jit stats");
-        assert!(stats.translations > 0 && stats.entries > 0, "{stats:?}");
     }
 }
 
@@ -2523,17 +2523,11 @@ fn rep_stos_in_translated_code_matches_the_interpreter() {
     };
     let mut jit = setup(mat_x86::Engine::Jit);
     let mut int = setup(mat_x86::Engine::Interp);
-    let exits = lockstep(&mut jit, &mut int, 333, 1_000_000);
-    assert_eq!(jit.s.gpr, int.s.gpr, "registers at the end");
-    assert_eq!(jit.s.gpr[15], SENTINEL, "no exception");
-    assert_eq!(jit.stats.instructions, int.stats.instructions);
+    lockstep(&mut jit, &mut int, 333, 1_000_000, 20);
     assert!(
         read_bytes(&jit, pa(1), 12 * 4096) == read_bytes(&int, pa(1), 12 * 4096),
         "filled memory differs"
     );
-    assert!(exits > 20, "{exits} budget exits");
-    let stats = jit.jit_stats().cloned().expect("jit stats");
-    assert!(stats.translations > 0 && stats.entries > 0, "{stats:?}");
 }
 
 /// REP STOS over translated code (NOPs over a function's ADD)
@@ -2617,10 +2611,5 @@ fn runs_of_pushes_and_pops_leave_rsp_exact() {
     };
     let mut jit = setup(mat_x86::Engine::Jit);
     let mut int = setup(mat_x86::Engine::Interp);
-    let exits = lockstep(&mut jit, &mut int, 97, 100_000);
-    assert_eq!(jit.s.gpr, int.s.gpr, "registers at the end");
-    assert_eq!(jit.s.gpr[15], SENTINEL, "no exception");
-    assert!(exits > 20, "{exits} budget exits");
-    let stats = jit.jit_stats().cloned().expect("jit stats");
-    assert!(stats.translations > 0 && stats.entries > 0, "{stats:?}");
+    lockstep(&mut jit, &mut int, 97, 100_000, 20);
 }
