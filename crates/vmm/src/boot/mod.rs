@@ -211,7 +211,9 @@ const HOST_PAGE: u64 = 4096;
 /// share its unwritten pages through the host's page cache, as Firecracker
 /// does with snapshot memory files. The file must not be truncated while the
 /// VM runs (a read past its end would be a SIGBUS); the kernel cache never
-/// rewrites a published file.
+/// rewrites a published file. Whatever later discards guest pages (a
+/// balloon, say) must not use `MADV_DONTNEED` on such ranges: on a private
+/// file mapping it brings back the file's bytes, not zeros.
 pub(crate) fn place_guest<M: GuestMemory>(
     mem: &M,
     addr: u64,
