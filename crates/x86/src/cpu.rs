@@ -85,6 +85,16 @@ pub struct Block {
     pub(crate) heat: std::sync::atomic::AtomicU32,
 }
 
+impl Block {
+    /// One more interpreted execution; the new heat (saturating). Only the
+    /// vCPU thread writes it: a load and a store, no atomic add.
+    pub(crate) fn heat_up(&self) -> u32 {
+        let h = self.heat.load(Ordering::Relaxed).saturating_add(1);
+        self.heat.store(h, Ordering::Relaxed);
+        h
+    }
+}
+
 const FAST_CACHE: usize = 4096;
 const MAX_BLOCK_INSNS: usize = 64;
 /// A block goes on past a side exit while it names at most this many

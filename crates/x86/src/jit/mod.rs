@@ -447,8 +447,7 @@ impl Cpu {
         let e = block.jit_entry.get();
         let entry = match e {
             0 => {
-                let h = block.heat.load(Ordering::Relaxed).saturating_add(1);
-                block.heat.store(h, Ordering::Relaxed);
+                let h = block.heat_up();
                 let jit = self.jit.as_ref()?;
                 if h < jit.threshold {
                     return None;
@@ -458,8 +457,7 @@ impl Cpu {
             1 => return None,
             // Queued: still heating, which moves it up the queue.
             PENDING => {
-                let h = block.heat.load(Ordering::Relaxed);
-                block.heat.store(h.saturating_add(1), Ordering::Relaxed);
+                block.heat_up();
                 return None;
             }
             e => e,
