@@ -625,11 +625,10 @@ impl Cpu {
             // when taken): longer blocks, fewer dispatches, counts and
             // chains. One back to the block's start closes a loop, so is
             // usually taken: it ends the block.
-            let side_exit =
-                bitness == 64 && exec::side_exit(&insn) && insn.near_branch_target() != ip0;
+            let target = insn.near_branch_target();
+            let side_exit = bitness == 64 && exec::side_exit(&insn) && target != ip0;
             // They also follow a direct JMP forward within the page: it
             // costs nothing in translated code.
-            let target = insn.near_branch_target();
             let follow = bitness == 64
                 && matches!(insn.code(), Code::Jmp_rel8_64 | Code::Jmp_rel32_64)
                 && target > insn.ip()
