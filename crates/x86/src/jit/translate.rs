@@ -854,31 +854,29 @@ pub fn translate(
         tx.exit_direct(next)?;
     }
     if let Some(first) = groups.first() {
-        // Statistics count the first copy only.
-        let (native, helpers, codes) = (tx.native, tx.helpers, tx.helper_codes.len());
         let mut plain = plain;
-        let mut ended = false;
-        let copy = block.insns.iter().zip(plain.iter_mut()).enumerate();
-        for (k, (dn, label)) in copy.skip(first.head()) {
-            tx.a.set_label(label)?;
-            tx.a.zero_bytes()?;
-            if add_at == Some(k) {
-                tx.count_add(n)?;
+        tx.uncounted(|tx| {
+            let mut ended = false;
+            let copy = block.insns.iter().zip(plain.iter_mut()).enumerate();
+            for (k, (dn, label)) in copy.skip(first.head()) {
+                tx.a.set_label(label)?;
+                tx.a.zero_bytes()?;
+                if add_at == Some(k) {
+                    tx.count_add(n)?;
+                }
+                tx.cur_k = k;
+                ended = tx.insn(dn)?;
+                if ended {
+                    break;
+                }
             }
-            tx.cur_k = k;
-            ended = tx.insn(dn)?;
-            if ended {
-                break;
+            if !ended {
+                tx.a.set_label(&mut plain[n])?;
+                tx.a.zero_bytes()?;
+                tx.exit_direct(next)?;
             }
-        }
-        if !ended {
-            tx.a.set_label(&mut plain[n])?;
-            tx.a.zero_bytes()?;
-            tx.exit_direct(next)?;
-        }
-        tx.native = native;
-        tx.helpers = helpers;
-        tx.helper_codes.truncate(codes);
+            Ok(())
+        })?;
     }
     // Taken side exits: the count covers the instructions run so far.
     for (mut l, k, target) in std::mem::take(&mut tx.side_exits) {
@@ -897,18 +895,17 @@ pub fn translate(
     // count's), take back the count of the rest of the block, and leave.
     if let Some((k, mut cold)) = tx.body_check.take() {
         tx.a.set_label(&mut cold)?;
-        let (native, helpers, codes) = (tx.native, tx.helpers, tx.helper_codes.len());
         let dn = &block.insns[k];
-        tx.cur_k = k;
-        if !tx.insn(dn)? {
-            tx.count_fix(k as i32 + 1 - n as i32)?;
-            tx.no_jc = true;
-            tx.exit_to(ExitTarget::Imm(dn.insn.next_ip()), None)?;
-            tx.no_jc = false;
-        }
-        tx.native = native;
-        tx.helpers = helpers;
-        tx.helper_codes.truncate(codes);
+        tx.uncounted(|tx| {
+            tx.cur_k = k;
+            if !tx.insn(dn)? {
+                tx.count_fix(k as i32 + 1 - n as i32)?;
+                tx.no_jc = true;
+                tx.exit_to(ExitTarget::Imm(dn.insn.next_ip()), None)?;
+                tx.no_jc = false;
+            }
+            Ok(())
+        })?;
     }
     // Stale code: leave with rip at the block start.
     tx.a.set_label(&mut l_stale)?;
@@ -2136,6 +2133,18 @@ impl Tx<'_> {
             self.far_sites.push((idx, target));
         }
         self.exit_tail(ExitTarget::Imm(target), None)
+    }
+
+    /// Emit, through `f`, a second copy of instructions the statistics
+    /// already counted (the plain copy after the group copy, the body
+    /// check's exit): they keep the first copy's counts.
+    fn uncounted(&mut self, f: impl FnOnce(&mut Self) -> R<()>) -> R<()> {
+        let (native, helpers, codes) = (self.native, self.helpers, self.helper_codes.len());
+        let r = f(self);
+        self.native = native;
+        self.helpers = helpers;
+        self.helper_codes.truncate(codes);
+        r
     }
 
     /// Count the block's `n` instructions where the guest flags are dead.
