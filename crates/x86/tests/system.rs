@@ -2073,6 +2073,14 @@ fn register_starved_blocks_match_the_interpreter() {
     }
 }
 
+/// A prologue's run of pushes: rbx, rbp, r12 and the immediate `imm`.
+fn push_frame(a: &mut CodeAssembler, imm: i32) {
+    a.push(rbx).unwrap();
+    a.push(rbp).unwrap();
+    a.push(r12).unwrap();
+    a.push(imm).unwrap();
+}
+
 /// A function's prologue and epilogue (pushes, `sub rsp`, `[rsp + disp]`
 /// loads and stores, `add rsp`, pops, RET) share one check of the whole
 /// frame (a stack group). The frame walks down across a page boundary
@@ -2114,10 +2122,7 @@ fn stack_groups_match_the_interpreter() {
             a.jnz(top).unwrap();
             a.hlt().unwrap();
             a.set_label(&mut f).unwrap();
-            a.push(rbx).unwrap();
-            a.push(rbp).unwrap();
-            a.push(r12).unwrap();
-            a.push(0x55).unwrap();
+            push_frame(a, 0x55);
             a.sub(rsp, 0x18).unwrap();
             a.mov(qword_ptr(rsp + 8), rdi).unwrap();
             a.mov(rax, qword_ptr(rsp + 0x18)).unwrap();
@@ -2587,10 +2592,7 @@ fn runs_of_pushes_and_pops_leave_rsp_exact() {
         a.jnz(top).unwrap();
         a.hlt().unwrap();
         a.set_label(&mut f).unwrap();
-        a.push(rbx).unwrap();
-        a.push(rbp).unwrap();
-        a.push(r12).unwrap();
-        a.push(7).unwrap();
+        push_frame(a, 7);
         a.mov(r8, rsp).unwrap();
         a.add(r14, r8).unwrap();
         a.mov(rbx, qword_ptr(rsp + 8)).unwrap();
