@@ -1348,11 +1348,14 @@ fn plan_groups(
         // copy takes over after them anyway); a write to a base or an
         // index ends its; a write to rsp by an unknown amount ends the
         // stack group.
+        // A side exit or a followed JMP leaves the group registers alone:
+        // a taken exit reloads the parked registers anyway.
         let inline = native_ok(i, sse, fp)
             || matches!(
                 i.mnemonic(),
                 Mnemonic::Lea | Mnemonic::Nop | Mnemonic::Endbr64 | Mnemonic::Push | Mnemonic::Pop
-            );
+            )
+            || passes_through(block, k);
         if !inline {
             done.append(&mut open);
             done.extend(stack.take());
@@ -1391,6 +1394,26 @@ fn plan_groups(
         true
     });
     done
+}
+
+/// Instruction `k` of `block` is a branch the block goes on past: a side
+/// exit (a Jcc, see [`crate::exec::side_exit`]) or a direct JMP the
+/// decoder followed. Its translation is a host Jcc to cold code, or
+/// nothing.
+fn passes_through(block: &Block, k: usize) -> bool {
+    let i = &block.insns[k].insn;
+    let Some(next) = block.insns.get(k + 1) else {
+        return false;
+    };
+    match i.flow_control() {
+        FlowControl::ConditionalBranch => crate::exec::side_exit(i),
+        FlowControl::UnconditionalBranch => {
+            i.op_count() == 1
+                && i.op0_kind() == OpKind::NearBranch64
+                && next.insn.ip() == i.near_branch_target()
+        }
+        _ => false,
+    }
 }
 
 /// The GPRs `block` names, explicitly or implicitly, by guest index.
