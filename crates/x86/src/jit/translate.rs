@@ -430,7 +430,7 @@ pub struct Opts {
 /// (MATRYOSHKA_JIT_EVENTS=1): exact counts of the glue that runs, for
 /// hosts without hardware counters. Each costs a PUSHFQ/INC/POPFQ, so
 /// times are meaningless in such a run.
-pub const EVENTS: [&str; 12] = [
+pub const EVENTS: [&str; 13] = [
     "entries past a page check",
     "chains through a stub",
     "block executions",
@@ -443,6 +443,7 @@ pub const EVENTS: [&str; 12] = [
     "jump-cache probes for indirect jumps and returns",
     "chains to another page through a guard",
     "side exits taken",
+    "instructions with guest rsp or r15 moved through a host register",
 ];
 const EV_ENTRY: usize = 0;
 const EV_STUB: usize = 1;
@@ -456,6 +457,7 @@ const EV_JC_DIRECT: usize = 8;
 const EV_JC_INDIRECT: usize = 9;
 const EV_FAR_CHAIN: usize = 10;
 const EV_SIDE_EXIT: usize = 11;
+const EV_REMAP: usize = 12;
 
 /// A chained jump between blocks of one page that park different
 /// registers (`from`, `to`: their [`Translation::park_key`] bitmasks):
@@ -3438,14 +3440,95 @@ impl Tx<'_> {
         if !encodable(&ni) {
             return Ok(false);
         }
+        if let Some(lean) = self.lean_remap(i, &remap) {
+            if self.with_lean_remap(&lean, i)? {
+                return Ok(true);
+            }
+        }
         self.remap_in(&remap)?;
         self.a.add_instruction(no_ip(&ni))?;
         self.remap_out(&remap)?;
         Ok(true)
     }
 
+    /// `remap` onto the lookup scratch registers instead (they hold
+    /// nothing between instructions, so need no spill), with what `i`
+    /// does to each guest register: (guest, host, load it, store it).
+    /// None when the block has no such scratch.
+    fn lean_remap(
+        &mut self,
+        i: &Instruction,
+        remap: &Remap,
+    ) -> Option<Vec<(Register, Register, bool, bool)>> {
+        let (s0, s1, _) = self.free3()?;
+        let info = self.info.info(i);
+        let mut v = Vec::new();
+        for (&(g, _, _), h) in remap.0.iter().zip([s0, s1]) {
+            let (mut load, mut store) = (false, false);
+            for u in info.used_registers() {
+                if u.register().full_register() != g {
+                    continue;
+                }
+                match u.access() {
+                    OpAccess::Read | OpAccess::CondRead => load = true,
+                    OpAccess::Write => {
+                        store = true;
+                        // 8- and 16-bit writes keep the rest.
+                        load |= u.register().size() < 4;
+                    }
+                    _ => (load, store) = (true, true),
+                }
+            }
+            v.push((g, h, load, store));
+        }
+        Some(v)
+    }
+
+    /// Run `i` with its guest rsp/r15 on the hosts of `lean`, around
+    /// their loads and stores; false (nothing emitted) if that form
+    /// cannot be encoded.
+    fn with_lean_remap(
+        &mut self,
+        lean: &[(Register, Register, bool, bool)],
+        i: &Instruction,
+    ) -> R<bool> {
+        let map = |r: Register| {
+            let h = lean
+                .iter()
+                .find(|x| r != Register::None && x.0 == r.full_register());
+            h.map_or(r, |&(_, h, _, _)| sized(h, r.size()))
+        };
+        let mut ni = *i;
+        for n in 0..ni.op_count() {
+            if ni.op_kind(n) == OpKind::Register {
+                ni.set_op_register(n, map(ni.op_register(n)));
+            }
+        }
+        ni.set_memory_base(map(ni.memory_base()));
+        ni.set_memory_index(map(ni.memory_index()));
+        if !encodable(&ni) {
+            return Ok(false);
+        }
+        count_event(&mut self.a, self.events, EV_REMAP)?;
+        for &(g, h, load, _) in lean {
+            if load {
+                self.a.mov(r64(h), m(o_gpr(gidx(g))))?;
+            }
+        }
+        self.a.add_instruction(no_ip(&ni))?;
+        for &(g, h, _, store) in lean {
+            if store {
+                self.a.mov(m(o_gpr(gidx(g))), r64(h))?;
+            }
+        }
+        Ok(true)
+    }
+
     /// Spill the remap registers and load guest rsp/r15 into them.
     fn remap_in(&mut self, remap: &Remap) -> R<()> {
+        if !remap.0.is_empty() {
+            count_event(&mut self.a, self.events, EV_REMAP)?;
+        }
         for &(g, h, k) in remap.0.iter() {
             self.a.mov(m(o_spill(k)), r64(h))?;
             self.a.mov(r64(h), m(o_gpr(gidx(g))))?;
