@@ -22,16 +22,28 @@ unsafe impl Send for CodeBuf {}
 
 impl CodeBuf {
     pub fn new(size: usize) -> io::Result<CodeBuf> {
+        Self::near(size, 0)
+    }
+
+    /// A buffer whose executable view the kernel places, if that range is
+    /// free, just below `near` (0: anywhere), so that translated code can
+    /// reach data there with RIP-relative operands. Only a hint: callers
+    /// check the distance.
+    pub fn near(size: usize, near: u64) -> io::Result<CodeBuf> {
         let size = size.next_multiple_of(4096);
+        let hint = (near & !0x1f_ffff)
+            .checked_sub(size as u64 + (64 << 20))
+            .filter(|_| near != 0)
+            .unwrap_or(0);
         // SAFETY: memfd_create with a valid C string; the fd is checked.
         let fd = unsafe { libc::memfd_create(c"matryoshka-jit".as_ptr(), libc::MFD_CLOEXEC) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
-        let map = |prot| {
-            // SAFETY: fresh shared mapping of our own memfd; result checked.
-            let p =
-                unsafe { libc::mmap(std::ptr::null_mut(), size, prot, libc::MAP_SHARED, fd, 0) };
+        let map = |prot, at: u64| {
+            // SAFETY: fresh shared mapping of our own memfd (at a hint
+            // address, never MAP_FIXED: nothing is replaced); result checked.
+            let p = unsafe { libc::mmap(at as *mut _, size, prot, libc::MAP_SHARED, fd, 0) };
             if p == libc::MAP_FAILED {
                 Err(io::Error::last_os_error())
             } else {
@@ -43,8 +55,8 @@ impl CodeBuf {
         let result = if r != 0 {
             Err(io::Error::last_os_error())
         } else {
-            map(libc::PROT_READ | libc::PROT_WRITE).and_then(|rw| {
-                match map(libc::PROT_READ | libc::PROT_EXEC) {
+            map(libc::PROT_READ | libc::PROT_WRITE, 0).and_then(|rw| {
+                match map(libc::PROT_READ | libc::PROT_EXEC, hint) {
                     Ok(rx) => Ok(CodeBuf {
                         rw,
                         rx,

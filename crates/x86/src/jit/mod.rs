@@ -229,13 +229,19 @@ fn fl_merge(rflags: u64, fl: u64) -> u64 {
 }
 
 impl Jit {
-    pub fn new() -> std::io::Result<Jit> {
-        Self::with_size(CODE_SIZE)
+    /// A translator whose code lands near `kick` (the vCPU's kick flag)
+    /// when the host allows, so that loops check it RIP-relative.
+    pub fn new(kick: u64) -> std::io::Result<Jit> {
+        Self::with_size_near(CODE_SIZE, kick)
     }
 
     pub fn with_size(size: usize) -> std::io::Result<Jit> {
+        Self::with_size_near(size, 0)
+    }
+
+    fn with_size_near(size: usize, near: u64) -> std::io::Result<Jit> {
         let events = std::env::var_os("MATRYOSHKA_JIT_EVENTS").is_some();
-        let mut buf = CodeBuf::new(size)?;
+        let mut buf = CodeBuf::near(size, near)?;
         let at = buf.next_addr();
         let (code, stubs) = translate::build_stubs(at)
             .map_err(|e| std::io::Error::other(format!("assembling JIT stubs: {e}")))?;
@@ -336,7 +342,7 @@ impl Cpu {
     pub fn set_engine(&mut self, e: Engine) -> std::io::Result<()> {
         self.jit = match e {
             Engine::Interp => None,
-            Engine::Jit => Some(Box::new(Jit::new()?)),
+            Engine::Jit => Some(Box::new(Jit::new(Arc::as_ptr(&self.kick) as u64)?)),
         };
         // Fixed for the life of the translator (the kick flag's Arc and the
         // jump cache never move).
@@ -531,6 +537,7 @@ impl Cpu {
                 }
             }
         }
+        let kick = self.jctx.kick;
         let jit = self.jit.as_mut()?;
         let id = jit.next_job;
         jit.next_job += 1;
@@ -545,6 +552,7 @@ impl Cpu {
                 bmi2: jit.bmi2,
                 groups: jit.groups,
                 events: jit.events,
+                kick,
             },
         };
         if let Some(w) = jit.worker.as_ref() {

@@ -424,6 +424,10 @@ pub struct Opts {
     pub groups: bool,
     /// Count events in `JitCtx::events` (see [`EVENTS`]).
     pub events: bool,
+    /// The kick flag's address (`JitCtx::kick`, fixed for the life of
+    /// the translator): checked RIP-relative when the code lands within
+    /// reach of it. 0: always through `JitCtx::kick`.
+    pub kick: u64,
 }
 
 /// What translated code counts when `Opts::events` is set
@@ -696,6 +700,17 @@ struct Tx<'a> {
     /// a group member (fast copy only), and for a stack group's member its
     /// access's offset from that register (see [`Group::rel`]).
     member: Option<(Register, Option<i64>)>,
+    /// The kick flag's address when a RIP-relative operand reaches it from
+    /// anywhere in this block's code (see [`Opts::kick`]).
+    kick_rel: Option<u64>,
+}
+
+/// Whether a RIP-relative operand in code placed at `at` (a block is far
+/// smaller than the margin) reaches `target`.
+fn rip_reaches(at: u64, target: u64) -> bool {
+    const MARGIN: i64 = 1 << 24;
+    let d = target.wrapping_sub(at) as i64;
+    target != 0 && d > i32::MIN as i64 + MARGIN && d < i32::MAX as i64 - MARGIN
 }
 
 /// Translate `block` for placement at address `at`. Returns None when the
@@ -736,6 +751,7 @@ pub fn translate(
         cur_lookups: 0,
         groups: Vec::new(),
         member: None,
+        kick_rel: rip_reaches(at, opts.kick).then_some(opts.kick),
     };
     (tx.parked, tx.keeper) = choose_parked(block, &mut tx.info, opts.bmi2);
     if opts.groups && tx.free3().is_some() {
@@ -2183,10 +2199,17 @@ impl Tx<'_> {
         a.add(qword_ptr(r15 + o_ctx!(left)), n as i32)?;
         if let (Some((_, cold)), Some(r)) = (self.body_check, scratch) {
             count_event(a, self.events, EV_BACK_EDGE)?;
-            let r = r64(r);
             a.jns(cold)?;
-            a.mov(r, m(o_ctx!(kick)))?;
-            a.cmp(byte_ptr(r), 0)?;
+            match self.kick_rel {
+                Some(k) => {
+                    let kick = MemoryOperand::with_base_displ(Register::RIP, k as i64);
+                    a.add_instruction(Instruction::with2(Code::Cmp_rm8_imm8, kick, 0)?)?;
+                }
+                None => {
+                    a.mov(r64(r), m(o_ctx!(kick)))?;
+                    a.cmp(byte_ptr(r64(r)), 0)?;
+                }
+            }
             a.jne(cold)?;
         }
         Ok(())
@@ -2250,8 +2273,20 @@ impl Tx<'_> {
             count_event(&mut self.a, self.events, EV_BACK_EDGE)?;
             self.save_rcx(SP_ENTRY)?;
             let a = &mut self.a;
-            a.mov(rcx, m(o_ctx!(kick)))?;
-            a.movzx(ecx, byte_ptr(rcx))?;
+            match self.kick_rel {
+                Some(k) => {
+                    let kick = MemoryOperand::with_base_displ(Register::RIP, k as i64);
+                    a.add_instruction(Instruction::with2(
+                        Code::Movzx_r32_rm8,
+                        Register::ECX,
+                        kick,
+                    )?)?;
+                }
+                None => {
+                    a.mov(rcx, m(o_ctx!(kick)))?;
+                    a.movzx(ecx, byte_ptr(rcx))?;
+                }
+            }
             a.jrcxz(go)?;
             a.set_label(&mut stop)?;
             self.restore_rcx(SP_ENTRY)?;
@@ -3793,6 +3828,7 @@ mod tests {
                 bmi2: true,
                 groups: true,
                 events: false,
+                kick: 0,
             },
         )
         .expect("translates");

@@ -230,6 +230,7 @@ mod tests {
                 bmi2: false,
                 groups: true,
                 events: false,
+                kick: 0,
             },
         }
     }
