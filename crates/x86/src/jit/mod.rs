@@ -243,7 +243,7 @@ impl Jit {
         let events = std::env::var_os("MATRYOSHKA_JIT_EVENTS").is_some();
         let mut buf = CodeBuf::near(size, near)?;
         let at = buf.next_addr();
-        let (code, stubs) = translate::build_stubs(at)
+        let (code, stubs) = translate::build_stubs(at, near)
             .map_err(|e| std::io::Error::other(format!("assembling JIT stubs: {e}")))?;
         buf.push(&code)
             .ok_or_else(|| std::io::Error::other("JIT code buffer too small"))?;

@@ -237,7 +237,9 @@ fn load_flags(a: &mut CodeAssembler) -> R<()> {
 }
 
 /// Assemble the shared stubs at address `at`.
-pub fn build_stubs(at: u64) -> R<(Vec<u8>, Stubs)> {
+/// `kick`: the kick flag's address, compared RIP-relative when the stubs
+/// land within reach of it (0: through `JitCtx::kick`).
+pub fn build_stubs(at: u64, kick: u64) -> R<(Vec<u8>, Stubs)> {
     let mut a = CodeAssembler::new(64)?;
     let mut l_enter = a.create_label();
     let mut l_leave = a.create_label();
@@ -315,8 +317,13 @@ pub fn build_stubs(at: u64) -> R<(Vec<u8>, Stubs)> {
     a.mov(m(o_spill(SP_C)), rdx)?;
     a.lahf()?;
     a.seto(al)?;
-    a.mov(rcx, m(o_ctx!(kick)))?;
-    a.cmp(byte_ptr(rcx), 0)?;
+    if rip_reaches(at, kick) {
+        let flag = MemoryOperand::with_base_displ(Register::RIP, kick as i64);
+        a.add_instruction(Instruction::with2(Code::Cmp_rm8_imm8, flag, 0)?)?;
+    } else {
+        a.mov(rcx, m(o_ctx!(kick)))?;
+        a.cmp(byte_ptr(rcx), 0)?;
+    }
     a.jne(l_miss)?;
     a.cmp(byte_ptr(r15 + (o_ctx!(left) + 7)), 0)?;
     a.je(l_miss)?;
@@ -789,8 +796,13 @@ pub fn translate(
     for &(ptr, gen) in page_gens {
         let a = &mut tx.a;
         let mut ok = a.create_label();
-        a.mov(rcx, ptr as u64)?;
-        a.mov(ecx, dword_ptr(rcx))?;
+        if rip_reaches(at, ptr as u64) {
+            let gen = MemoryOperand::with_base_displ(Register::RIP, ptr as i64);
+            a.add_instruction(Instruction::with2(Code::Mov_r32_rm32, Register::ECX, gen)?)?;
+        } else {
+            a.mov(rcx, ptr as u64)?;
+            a.mov(ecx, dword_ptr(rcx))?;
+        }
         a.lea(ecx, dword_ptr(rcx + (gen.wrapping_neg() as i32)))?;
         a.jrcxz(ok)?;
         tx.restore_rcx(SP_ENTRY)?;
