@@ -416,6 +416,9 @@ struct Slow {
     flags_in_ax: bool,
     /// Entered with the guest flags pushed on the host stack.
     popf: bool,
+    /// The fast path goes on with guest rcx in this keeper (`rcx_out`):
+    /// after the helper, put it there too.
+    keep_rcx: Option<Register>,
 }
 
 /// What translated code may assume about the guest and the host.
@@ -684,6 +687,11 @@ struct Tx<'a> {
     /// rcx's dependency chain, which in a loop that keeps a value in rcx
     /// is the loop's critical path.
     keeper: Option<Register>,
+    /// Guest rcx is in the keeper and host rcx is scratch, from a lookup
+    /// whose restore was left for later: runs of memory instructions that
+    /// do not name rcx share one save and one restore (see
+    /// [`Tx::lazy_rcx_ok`]). Only in the main copy's straight line.
+    rcx_out: bool,
     /// The block's entry after parking (target of jumps to its own start).
     l_count: Option<CodeLabel>,
     /// Where a block that jumps back into its own page checks the kick
@@ -736,6 +744,7 @@ pub fn translate(
         bmi2: opts.bmi2,
         parked: Vec::new(),
         keeper: None,
+        rcx_out: false,
         l_count: None,
         body_check: None,
         cur_k: 0,
@@ -850,6 +859,10 @@ pub fn translate(
     let next = block.insns[n - 1].insn.next_ip();
     let mut ended = false;
     for (k, dn) in block.insns.iter().enumerate() {
+        // The count and group checks expect guest rcx in rcx.
+        if add_at == Some(k) || groups.iter().any(|g| g.head() == k) {
+            tx.sync_rcx()?;
+        }
         // Before the count: a failed check enters the plain copy before
         // its count.
         for g in groups.iter().filter(|g| g.head() == k) {
@@ -883,12 +896,17 @@ pub fn translate(
     if !ended {
         tx.exit_direct(next)?;
     }
+    // Every path below starts with guest rcx in rcx.
+    tx.rcx_out = false;
     if let Some(first) = groups.first() {
         let mut plain = plain;
         tx.uncounted(|tx| {
             let mut ended = false;
             let copy = block.insns.iter().zip(plain.iter_mut()).enumerate();
             for (k, (dn, label)) in copy.skip(first.head()) {
+                // plain[k] is a join point: jumps from the first copy
+                // arrive with guest rcx in rcx.
+                tx.sync_rcx()?;
                 tx.a.set_label(label)?;
                 tx.a.zero_bytes()?;
                 if add_at == Some(k) {
@@ -901,6 +919,7 @@ pub fn translate(
                 }
             }
             if !ended {
+                tx.sync_rcx()?;
                 tx.a.set_label(&mut plain[n])?;
                 tx.a.zero_bytes()?;
                 tx.exit_direct(next)?;
@@ -966,6 +985,9 @@ pub fn translate(
             tx.a.mov(r64(r), m(o_spill(k)))?;
         }
         tx.call_helper(s.dn)?;
+        if let Some(k) = s.keep_rcx {
+            tx.a.mov(r64(k), rcx)?;
+        }
         tx.a.jmp(s.back)?;
     }
     // The block's own assembler; iced's BlockEncoder for what it refuses
@@ -1890,6 +1912,9 @@ impl Tx<'_> {
         let i = &dn.insn;
         self.cur_rip = i.ip();
         self.cur_lookups = 0;
+        if !self.lazy_rcx_ok(i) {
+            self.sync_rcx()?;
+        }
         // Control flow.
         match i.flow_control() {
             FlowControl::Next => {}
@@ -2054,8 +2079,30 @@ impl Tx<'_> {
             self.native += 1;
             return Ok(false);
         }
+        self.sync_rcx()?;
         self.helper_insn(dn)?;
         Ok(false)
+    }
+
+    /// Put guest rcx back in rcx if a lookup left it in the keeper.
+    fn sync_rcx(&mut self) -> R<()> {
+        if self.rcx_out {
+            self.restore_rcx(SP_RCX)?;
+        }
+        Ok(())
+    }
+
+    /// May `i` be translated with guest rcx still in the keeper? Only
+    /// instructions run as themselves that name no rcx (explicitly or
+    /// implicitly): register forms, and the fast memory path, whose lookup
+    /// then needs no save; any other path they fall back to restores rcx
+    /// first (`sync_rcx`).
+    fn lazy_rcx_ok(&mut self, i: &Instruction) -> bool {
+        self.rcx_out
+            && native_ok(i, self.sse, self.fp)
+            && i.mnemonic() != Mnemonic::Lea
+            && (is64addr(i) || (0..i.op_count()).all(|n| i.op_kind(n) != OpKind::Memory))
+            && !self.used_full_regs(i).contains(&Register::RCX)
     }
 
     fn call_helper(&mut self, dn: *const DInsn) -> R<()> {
@@ -2077,7 +2124,7 @@ impl Tx<'_> {
     /// or to spill slot `slot` in blocks without one. Nothing when rcx is
     /// parked.
     fn save_rcx(&mut self, slot: usize) -> R<()> {
-        if self.rcx_parked() {
+        if self.rcx_parked() || self.rcx_out {
             return Ok(());
         }
         count_event(&mut self.a, self.events, EV_RCX_SAVE)?;
@@ -2089,6 +2136,7 @@ impl Tx<'_> {
 
     /// Put guest rcx back after [`Self::save_rcx`].
     fn restore_rcx(&mut self, slot: usize) -> R<()> {
+        self.rcx_out = false;
         if self.rcx_parked() {
             return Ok(());
         }
@@ -2124,6 +2172,7 @@ impl Tx<'_> {
     }
 
     fn helper_insn(&mut self, dn: &DInsn) -> R<()> {
+        self.sync_rcx()?;
         self.helpers += 1;
         self.helper_codes.push(dn.insn.code());
         self.call_helper(dn as *const DInsn)
@@ -2131,6 +2180,7 @@ impl Tx<'_> {
 
     /// Leave translated code for the dispatcher, rip = target.
     fn exit_to(&mut self, t: ExitTarget, site: Option<CodeLabel>) -> R<()> {
+        self.sync_rcx()?;
         self.park_reload()?;
         self.exit_tail(t, site)
     }
@@ -2179,6 +2229,7 @@ impl Tx<'_> {
     /// page is unchanged: through the jump cache until the site is patched
     /// to the target's guard (see `GuardTemplate`).
     fn exit_far(&mut self, target: u64) -> R<()> {
+        self.sync_rcx()?;
         self.park_reload()?;
         if !self.no_jc {
             let idx = self.a.instructions().len();
@@ -2265,6 +2316,7 @@ impl Tx<'_> {
 
     /// Exit to a known target; chainable when it is in the same guest page.
     fn exit_direct(&mut self, target: u64) -> R<()> {
+        self.sync_rcx()?;
         if target >> 12 != self.block.lin_pc >> 12 {
             return self.exit_far(target);
         }
@@ -2521,13 +2573,33 @@ impl Tx<'_> {
         write: bool,
         align16: bool,
     ) -> R<Option<CodeLabel>> {
+        self.operand_lookup_keep(i, (sa, sb, sc), size, write, align16, false)
+    }
+
+    /// [`Self::operand_lookup`]; with `keep_out`, guest rcx stays in the
+    /// keeper afterwards (`rcx_out`) where the block has one.
+    fn operand_lookup_keep(
+        &mut self,
+        i: &Instruction,
+        (sa, sb, sc): (Register, Register, Register),
+        size: usize,
+        write: bool,
+        align16: bool,
+        keep_out: bool,
+    ) -> R<Option<CodeLabel>> {
         if !is64addr(i) {
             return Ok(None);
         }
+        let was_out = self.rcx_out;
         self.save_rcx(SP_RCX)?;
         self.ea_fast(i, sa, sb)?;
         let slow = self.lookup_fast(sa, sb, sc, size, write, align16)?;
-        self.restore_rcx(SP_RCX)?;
+        if keep_out && self.keeper.is_some() && !self.rcx_parked() {
+            self.rcx_out = true;
+        } else {
+            self.rcx_out = was_out;
+            self.restore_rcx(SP_RCX)?;
+        }
         Ok(Some(slow))
     }
 
@@ -2608,7 +2680,11 @@ impl Tx<'_> {
             return Ok(false);
         }
         let addr = direct.unwrap_or(sa);
-        let Some(slow) = self.operand_lookup(i, addr, sb, sc, size, write, align16)? else {
+        // Guest rcx may stay in the keeper past this instruction when it
+        // does not name rcx (the next one restores it if it needs to).
+        let keep = !self.used_full_regs(&ni).contains(&Register::RCX);
+        let lookup = self.operand_lookup_keep(i, (addr, sb, sc), size, write, align16, keep)?;
+        let Some(slow) = lookup else {
             return Ok(false);
         };
         self.remap_in(&remap)?;
@@ -2631,6 +2707,7 @@ impl Tx<'_> {
         } else {
             vec![(Register::RCX, SP_RCX)]
         };
+        let keep_rcx = if self.rcx_out { self.keeper } else { None };
         self.slow.push(Slow {
             label: slow,
             back,
@@ -2639,6 +2716,7 @@ impl Tx<'_> {
             restore,
             flags_in_ax: false,
             popf: false,
+            keep_rcx,
         });
     }
 
@@ -2849,6 +2927,7 @@ impl Tx<'_> {
             dn: dn as *const DInsn,
             restore: restore_all,
             rcx_from: None,
+            keep_rcx: None,
             flags_in_ax: !self.bmi2,
             popf: false,
         });
@@ -3052,6 +3131,7 @@ impl Tx<'_> {
             dn: dn as *const DInsn,
             restore: vec![],
             rcx_from: None,
+            keep_rcx: None,
             flags_in_ax: false,
             popf,
         });
@@ -3364,6 +3444,7 @@ impl Tx<'_> {
             self.align16 = false;
             return Ok(true);
         }
+        self.sync_rcx()?;
         let used = self.used_full_regs(i);
         let avoid = self.prologue_avoid(&used);
         let uses_rsp = used.contains(&Register::RSP);
