@@ -135,6 +135,25 @@ fn hot_engine(cpu: &mut Cpu, engine: mat_x86::Engine) {
     cpu.set_jit_threshold(1);
 }
 
+/// Two copies of a machine, translated (every block the first time it
+/// runs) and interpreted, for lockstep comparisons.
+fn hot_pair(make: impl Fn() -> Cpu) -> (Cpu, Cpu) {
+    let mut pair = [make(), make()];
+    hot_engine(&mut pair[0], mat_x86::Engine::Jit);
+    hot_engine(&mut pair[1], mat_x86::Engine::Interp);
+    let [jit, int] = pair;
+    (jit, int)
+}
+
+/// Both run into a #PF: the same frame, registers and CR2.
+fn same_page_fault(jit: &mut Cpu, int: &mut Cpu) {
+    let f_j = expect_vector(jit, 14);
+    let f_i = expect_vector(int, 14);
+    assert_eq!(f_j, f_i, "#PF frame (jit vs interpreter)");
+    assert_eq!(jit.s.gpr, int.s.gpr, "registers at the #PF");
+    assert_eq!(jit.s.cr2, int.s.cr2, "CR2");
+}
+
 /// Run until HLT with no exception delivered.
 fn expect_clean_halt(cpu: &mut Cpu) {
     let exit = cpu.run(100_000);
@@ -1672,8 +1691,8 @@ fn side_exits_match_the_interpreter() {
         a.hlt().unwrap();
     };
     for fault in [false, true] {
-        let setup = |engine| {
-            let mut cpu = paging_machine(prog);
+        let setup = || {
+            let cpu = paging_machine(prog);
             // 32 pages of 64-byte strides: va(4).. are read every other
             // round, past the end of the window without `fault`.
             if fault {
@@ -1684,16 +1703,11 @@ fn side_exits_match_the_interpreter() {
                 }
                 w64(&cpu, PD1 + 8, PT | P | RW | US);
             }
-            hot_engine(&mut cpu, engine);
             cpu
         };
-        let mut jit = setup(mat_x86::Engine::Jit);
-        let mut int = setup(mat_x86::Engine::Interp);
+        let (mut jit, mut int) = hot_pair(setup);
         if fault {
-            let f_j = expect_vector(&mut jit, 14);
-            let f_i = expect_vector(&mut int, 14);
-            assert_eq!(f_j, f_i, "#PF frame (jit vs interpreter)");
-            assert_eq!(jit.s.gpr, int.s.gpr, "registers at the #PF");
+            same_page_fault(&mut jit, &mut int);
             assert_eq!(jit.s.cr2, va(6));
             continue;
         }
@@ -1739,13 +1753,7 @@ fn rcx_kept_across_lookups_matches_the_interpreter() {
         a.jnz(top).unwrap();
         a.hlt().unwrap();
     };
-    let setup = |engine| {
-        let mut cpu = paging_machine(prog);
-        hot_engine(&mut cpu, engine);
-        cpu
-    };
-    let mut jit = setup(mat_x86::Engine::Jit);
-    let mut int = setup(mat_x86::Engine::Interp);
+    let (mut jit, mut int) = hot_pair(|| paging_machine(prog));
     lockstep(&mut jit, &mut int, 444, 100_000, 10);
     assert_eq!(
         read_bytes(&jit, pa(12), 4096),
@@ -1796,13 +1804,7 @@ fn rsp_and_r15_operands_match_the_interpreter() {
         a.mov(r15, SENTINEL).unwrap();
         a.hlt().unwrap();
     };
-    let setup = |engine| {
-        let mut cpu = machine(prog);
-        hot_engine(&mut cpu, engine);
-        cpu
-    };
-    let mut jit = setup(mat_x86::Engine::Jit);
-    let mut int = setup(mat_x86::Engine::Interp);
+    let (mut jit, mut int) = hot_pair(|| machine(prog));
     lockstep(&mut jit, &mut int, 555, 100_000, 10);
     assert_ne!(int.s.gpr[13], 0);
 }
@@ -1847,22 +1849,16 @@ fn groups_across_side_exits_match_the_interpreter() {
         a.jmp(back).unwrap();
     };
     for fault in [false, true] {
-        let setup = |engine| {
-            let mut cpu = paging_machine(prog);
+        let (mut jit, mut int) = hot_pair(|| {
+            let cpu = paging_machine(prog);
             if fault {
                 set_pte(&cpu, 5, 0);
             }
-            hot_engine(&mut cpu, engine);
             cpu
-        };
-        let mut jit = setup(mat_x86::Engine::Jit);
-        let mut int = setup(mat_x86::Engine::Interp);
+        });
         if fault {
-            let f_j = expect_vector(&mut jit, 14);
-            let f_i = expect_vector(&mut int, 14);
-            assert_eq!(f_j, f_i, "#PF frame (jit vs interpreter)");
-            assert_eq!(jit.s.gpr, int.s.gpr, "registers at the #PF");
-            assert_eq!(jit.s.cr2, int.s.cr2);
+            same_page_fault(&mut jit, &mut int);
+            assert_eq!(jit.s.cr2 >> 12, va(5) >> 12, "the page that is not present");
             continue;
         }
         lockstep(&mut jit, &mut int, 333, 100_000, 10);
@@ -2783,12 +2779,6 @@ fn runs_of_pushes_and_pops_leave_rsp_exact() {
         a.add(r13, r10).unwrap();
         a.ret().unwrap();
     };
-    let setup = |engine| {
-        let mut cpu = paging_machine(prog);
-        hot_engine(&mut cpu, engine);
-        cpu
-    };
-    let mut jit = setup(mat_x86::Engine::Jit);
-    let mut int = setup(mat_x86::Engine::Interp);
+    let (mut jit, mut int) = hot_pair(|| paging_machine(prog));
     lockstep(&mut jit, &mut int, 97, 100_000, 20);
 }
