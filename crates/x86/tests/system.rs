@@ -1720,10 +1720,11 @@ fn side_exits_match_the_interpreter() {
 /// A lookup frees rcx for its own use by moving guest rcx to a keeper
 /// register; when the next instructions do not name rcx it stays there
 /// (one save and one restore for the run). Here a loop counts in rcx
-/// around loads and a store through three bases (no group), one of them
-/// walking unaligned across pages so that its lookup takes the slow path
-/// in some rounds, which must leave guest rcx in the keeper too. State
-/// matches the interpreter at every budget exit, memory at the end.
+/// around loads, a store and a BT m,r through three bases (no group), one
+/// of them walking unaligned across pages so that its lookup takes the
+/// slow path in some rounds, which must leave guest rcx in the keeper
+/// too. State matches the interpreter at every budget exit, memory at the
+/// end.
 #[test]
 fn rcx_kept_across_lookups_matches_the_interpreter() {
     let prog = |a: &mut CodeAssembler| {
@@ -1740,6 +1741,10 @@ fn rcx_kept_across_lookups_matches_the_interpreter() {
         a.mov(rdx, qword_ptr(rdi)).unwrap();
         a.add(rbx, rdx).unwrap();
         a.mov(qword_ptr(rbp), rbx).unwrap();
+        // BT m,r (its own lookup, on a spilling path) with rcx still out.
+        a.and(eax, 63).unwrap();
+        a.bt(qword_ptr(rbp), rax).unwrap();
+        a.adc(rbx, 0).unwrap();
         a.imul_3(rbx, rbx, 3).unwrap();
         a.xor(rbx, rcx).unwrap();
         a.lea(rsi, qword_ptr(rsi + 8)).unwrap();

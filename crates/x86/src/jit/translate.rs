@@ -688,9 +688,10 @@ struct Tx<'a> {
     /// is the loop's critical path.
     keeper: Option<Register>,
     /// Guest rcx is in the keeper and host rcx is scratch, from a lookup
-    /// whose restore was left for later: runs of memory instructions that
-    /// do not name rcx share one save and one restore (see
-    /// [`Tx::lazy_rcx_ok`]). Only in the main copy's straight line.
+    /// whose restore was left for later: a run of instructions that do not
+    /// name rcx shares one save and one restore (see [`Tx::lazy_rcx_ok`]).
+    /// Join points (the plain copy's labels, a slow path's return) and
+    /// everything that is not such an instruction restore it first.
     rcx_out: bool,
     /// The block's entry after parking (target of jumps to its own start).
     l_count: Option<CodeLabel>,
@@ -2590,14 +2591,12 @@ impl Tx<'_> {
         if !is64addr(i) {
             return Ok(None);
         }
-        let was_out = self.rcx_out;
         self.save_rcx(SP_RCX)?;
         self.ea_fast(i, sa, sb)?;
         let slow = self.lookup_fast(sa, sb, sc, size, write, align16)?;
         if keep_out && self.keeper.is_some() && !self.rcx_parked() {
             self.rcx_out = true;
         } else {
-            self.rcx_out = was_out;
             self.restore_rcx(SP_RCX)?;
         }
         Ok(Some(slow))
@@ -2860,6 +2859,9 @@ impl Tx<'_> {
         write: bool,
     ) -> R<CodeLabel> {
         count_event(&mut self.a, self.events, EV_SPILL_LOOKUP)?;
+        // Saves guest rcx by hand below (only blocks without the lookup
+        // scratch come here, which never leave rcx out).
+        self.sync_rcx()?;
         if self.bmi2 {
             self.spill(&[(sa, SP_A), (sb, SP_B), (sc, SP_C)])?;
             let keep_rcx = !self.rcx_parked();
