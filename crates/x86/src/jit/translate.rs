@@ -3549,13 +3549,23 @@ impl Tx<'_> {
         if !info.used_memory().is_empty() {
             return Ok(false);
         }
-        let mut avoid = used.clone();
-        avoid.extend([Register::RSP, Register::R15]);
-        let need = uses_rsp as usize + uses_r15 as usize;
-        let Some(s) = self.pick(&avoid, need) else {
-            return Ok(false);
+        // On the lookup scratch registers where the block parks them (they
+        // hold nothing between instructions: no spill), else on free
+        // registers spilled around the instruction.
+        let scratch = self.free3().map(|(s0, s1, _)| vec![s0, s1]);
+        let hosts = match scratch.clone() {
+            Some(s) => s,
+            None => {
+                let mut avoid = used.clone();
+                avoid.extend([Register::RSP, Register::R15]);
+                let need = uses_rsp as usize + uses_r15 as usize;
+                let Some(s) = self.pick(&avoid, need) else {
+                    return Ok(false);
+                };
+                s
+            }
         };
-        let remap = Remap::new(&used, &s);
+        let remap = Remap::new(&used, &hosts);
         let mut ni = *i;
         remap.rewrite_registers(&mut ni);
         // LEA's address registers (None for other instructions).
@@ -3570,30 +3580,19 @@ impl Tx<'_> {
         if !encodable(&ni) {
             return Ok(false);
         }
-        if let Some(lean) = self.lean_remap(i, &remap) {
-            if self.with_lean_remap(&lean, i)? {
-                return Ok(true);
-            }
+        if scratch.is_none() {
+            self.remap_in(&remap)?;
+            self.a.add_instruction(no_ip(&ni))?;
+            self.remap_out(&remap)?;
+            return Ok(true);
         }
-        self.remap_in(&remap)?;
-        self.a.add_instruction(no_ip(&ni))?;
-        self.remap_out(&remap)?;
-        Ok(true)
-    }
-
-    /// `remap` onto the lookup scratch registers instead (they hold
-    /// nothing between instructions, so need no spill), with what `i`
-    /// does to each guest register: (guest, host, load it, store it).
-    /// None when the block has no such scratch.
-    fn lean_remap(
-        &mut self,
-        i: &Instruction,
-        remap: &Remap,
-    ) -> Option<Vec<(Register, Register, bool, bool)>> {
-        let (s0, s1, _) = self.free3()?;
+        // The scratch holds nothing: load the guest register only if `i`
+        // reads it (or writes 8 or 16 bits of it), store it only if `i`
+        // writes it.
+        count_event(&mut self.a, self.events, EV_REMAP)?;
         let info = self.info.info(i);
-        let mut v = Vec::new();
-        for (&(g, _, _), h) in remap.0.iter().zip([s0, s1]) {
+        let mut stores = Vec::new();
+        for &(g, h, _) in remap.0.iter() {
             let (mut load, mut store) = (false, false);
             for u in info.used_registers() {
                 if u.register().full_register() != g {
@@ -3603,53 +3602,21 @@ impl Tx<'_> {
                     OpAccess::Read | OpAccess::CondRead => load = true,
                     OpAccess::Write => {
                         store = true;
-                        // 8- and 16-bit writes keep the rest.
                         load |= u.register().size() < 4;
                     }
                     _ => (load, store) = (true, true),
                 }
             }
-            v.push((g, h, load, store));
-        }
-        Some(v)
-    }
-
-    /// Run `i` with its guest rsp/r15 on the hosts of `lean`, around
-    /// their loads and stores; false (nothing emitted) if that form
-    /// cannot be encoded.
-    fn with_lean_remap(
-        &mut self,
-        lean: &[(Register, Register, bool, bool)],
-        i: &Instruction,
-    ) -> R<bool> {
-        let map = |r: Register| {
-            let h = lean
-                .iter()
-                .find(|x| r != Register::None && x.0 == r.full_register());
-            h.map_or(r, |&(_, h, _, _)| sized(h, r.size()))
-        };
-        let mut ni = *i;
-        for n in 0..ni.op_count() {
-            if ni.op_kind(n) == OpKind::Register {
-                ni.set_op_register(n, map(ni.op_register(n)));
-            }
-        }
-        ni.set_memory_base(map(ni.memory_base()));
-        ni.set_memory_index(map(ni.memory_index()));
-        if !encodable(&ni) {
-            return Ok(false);
-        }
-        count_event(&mut self.a, self.events, EV_REMAP)?;
-        for &(g, h, load, _) in lean {
             if load {
                 self.a.mov(r64(h), m(o_gpr(gidx(g))))?;
             }
+            if store {
+                stores.push((g, h));
+            }
         }
         self.a.add_instruction(no_ip(&ni))?;
-        for &(g, h, _, store) in lean {
-            if store {
-                self.a.mov(m(o_gpr(gidx(g))), r64(h))?;
-            }
+        for (g, h) in stores {
+            self.a.mov(m(o_gpr(gidx(g))), r64(h))?;
         }
         Ok(true)
     }
