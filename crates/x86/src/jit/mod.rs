@@ -537,7 +537,6 @@ impl Cpu {
                 }
             }
         }
-        let kick = self.jctx.kick;
         let jit = self.jit.as_mut()?;
         let id = jit.next_job;
         jit.next_job += 1;
@@ -552,7 +551,6 @@ impl Cpu {
                 bmi2: jit.bmi2,
                 groups: jit.groups,
                 events: jit.events,
-                kick,
             },
         };
         if let Some(w) = jit.worker.as_ref() {

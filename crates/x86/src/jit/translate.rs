@@ -176,6 +176,10 @@ pub struct Stubs {
     /// Exit to the target in cpu.s.rip through the jump cache.
     pub indirect: u64,
     pub helper: u64,
+    /// The kick flag's address (`JitCtx::kick`, fixed for the life of the
+    /// translator): the stubs, and blocks whose code lands within reach,
+    /// compare it RIP-relative. 0: always through `JitCtx::kick`.
+    pub kick: u64,
 }
 
 fn m(off: i32) -> AsmMemoryOperand {
@@ -236,9 +240,8 @@ fn load_flags(a: &mut CodeAssembler) -> R<()> {
     Ok(())
 }
 
-/// Assemble the shared stubs at address `at`.
-/// `kick`: the kick flag's address, compared RIP-relative when the stubs
-/// land within reach of it (0: through `JitCtx::kick`).
+/// Assemble the shared stubs at address `at`, for the kick flag at `kick`
+/// (see [`Stubs::kick`]).
 pub fn build_stubs(at: u64, kick: u64) -> R<(Vec<u8>, Stubs)> {
     let mut a = CodeAssembler::new(64)?;
     let mut l_enter = a.create_label();
@@ -372,6 +375,7 @@ pub fn build_stubs(at: u64, kick: u64) -> R<(Vec<u8>, Stubs)> {
         enter: res.label_ip(&l_enter)?,
         exit: res.label_ip(&l_exit)?,
         helper: res.label_ip(&l_helper)?,
+        kick,
     };
     Ok((res.inner.code_buffer, stubs))
 }
@@ -434,10 +438,6 @@ pub struct Opts {
     pub groups: bool,
     /// Count events in `JitCtx::events` (see [`EVENTS`]).
     pub events: bool,
-    /// The kick flag's address (`JitCtx::kick`, fixed for the life of
-    /// the translator): checked RIP-relative when the code lands within
-    /// reach of it. 0: always through `JitCtx::kick`.
-    pub kick: u64,
 }
 
 /// What translated code counts when `Opts::events` is set
@@ -768,7 +768,7 @@ pub fn translate(
         cur_lookups: 0,
         groups: Vec::new(),
         member: None,
-        kick_rel: rip_reaches(at, opts.kick).then_some(opts.kick),
+        kick_rel: rip_reaches(at, stubs.kick).then_some(stubs.kick),
     };
     (tx.parked, tx.keeper) = choose_parked(block, &mut tx.info, opts.bmi2);
     if opts.groups && tx.free3().is_some() {
@@ -3878,6 +3878,7 @@ mod tests {
             exit: 0x1100,
             indirect: 0x1200,
             helper: 0x1300,
+            kick: 0,
         };
         let t = translate(
             &block,
@@ -3890,7 +3891,6 @@ mod tests {
                 bmi2: true,
                 groups: true,
                 events: false,
-                kick: 0,
             },
         )
         .expect("translates");

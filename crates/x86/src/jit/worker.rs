@@ -230,7 +230,6 @@ mod tests {
                 bmi2: false,
                 groups: true,
                 events: false,
-                kick: 0,
             },
         }
     }
