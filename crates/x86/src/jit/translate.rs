@@ -321,7 +321,7 @@ pub fn build_stubs(at: u64, kick: u64) -> R<(Vec<u8>, Stubs)> {
     a.lahf()?;
     a.seto(al)?;
     if rip_reaches(at, kick) {
-        let flag = MemoryOperand::with_base_displ(Register::RIP, kick as i64);
+        let flag = rip_rel(kick);
         a.add_instruction(Instruction::with2(Code::Cmp_rm8_imm8, flag, 0)?)?;
     } else {
         a.mov(rcx, m(o_ctx!(kick)))?;
@@ -721,6 +721,12 @@ struct Tx<'a> {
     kick_rel: Option<u64>,
 }
 
+/// A RIP-relative operand for absolute address `target` (the assembler
+/// turns it into the displacement; see [`rip_reaches`]).
+fn rip_rel(target: u64) -> MemoryOperand {
+    MemoryOperand::with_base_displ(Register::RIP, target as i64)
+}
+
 /// Whether a RIP-relative operand in code placed at `at` (a block is far
 /// smaller than the margin) reaches `target`.
 fn rip_reaches(at: u64, target: u64) -> bool {
@@ -807,7 +813,7 @@ pub fn translate(
         let a = &mut tx.a;
         let mut ok = a.create_label();
         if rip_reaches(at, ptr as u64) {
-            let gen = MemoryOperand::with_base_displ(Register::RIP, ptr as i64);
+            let gen = rip_rel(ptr as u64);
             a.add_instruction(Instruction::with2(Code::Mov_r32_rm32, Register::ECX, gen)?)?;
         } else {
             a.mov(rcx, ptr as u64)?;
@@ -2266,7 +2272,7 @@ impl Tx<'_> {
             a.jns(cold)?;
             match self.kick_rel {
                 Some(k) => {
-                    let kick = MemoryOperand::with_base_displ(Register::RIP, k as i64);
+                    let kick = rip_rel(k);
                     a.add_instruction(Instruction::with2(Code::Cmp_rm8_imm8, kick, 0)?)?;
                 }
                 None => {
@@ -2340,7 +2346,7 @@ impl Tx<'_> {
             let a = &mut self.a;
             match self.kick_rel {
                 Some(k) => {
-                    let kick = MemoryOperand::with_base_displ(Register::RIP, k as i64);
+                    let kick = rip_rel(k);
                     a.add_instruction(Instruction::with2(
                         Code::Movzx_r32_rm8,
                         Register::ECX,
