@@ -1767,6 +1767,62 @@ fn rcx_kept_across_lookups_matches_the_interpreter() {
     );
 }
 
+/// Guest rcx as the index (or base) of memory operands while it is out in
+/// the keeper: the address comes from the keeper, for a lone access, for
+/// a group's check and for an access that straddles two pages (its slow
+/// path). The registers and the instruction count match an interpreter
+/// at every budget exit, and memory at the end; with a page that is not
+/// present, the #PF frame and registers match too.
+#[test]
+fn rcx_addresses_from_the_keeper_match_the_interpreter() {
+    let prog = |a: &mut CodeAssembler| {
+        let mut top = a.create_label();
+        a.mov(rsi, va(8)).unwrap();
+        // Rounds 32.. straddle va(0) and va(1) (or fault in va(1)).
+        a.mov(rdi, va(0) + 0xefc).unwrap();
+        a.mov(rbp, va(12)).unwrap();
+        a.xor(ecx, ecx).unwrap();
+        a.mov(r12d, 1500).unwrap();
+        a.set_label(&mut top).unwrap();
+        a.mov(rax, qword_ptr(rsi + rcx * 8)).unwrap();
+        a.add(rbx, rax).unwrap();
+        a.mov(rdx, qword_ptr(rdi + rcx * 8)).unwrap();
+        a.add(rbx, rdx).unwrap();
+        // A group: base rbp, index rcx.
+        a.mov(qword_ptr(rbp + rcx * 8), rbx).unwrap();
+        a.add(qword_ptr(rbp + rcx * 8 + 8), rdx).unwrap();
+        a.mov(r8, qword_ptr(rcx + rsi)).unwrap();
+        a.add(rbx, r8).unwrap();
+        a.xor(rbx, rcx).unwrap();
+        a.lea(ecx, dword_ptr(rcx + 1)).unwrap();
+        a.and(ecx, 63).unwrap();
+        a.dec(r12d).unwrap();
+        a.jnz(top).unwrap();
+        a.hlt().unwrap();
+    };
+    for fault in [false, true] {
+        let (mut jit, mut int) = hot_pair(|| {
+            let cpu = paging_machine(prog);
+            if fault {
+                set_pte(&cpu, 1, 0);
+            }
+            cpu
+        });
+        if fault {
+            same_page_fault(&mut jit, &mut int);
+            assert_eq!(jit.s.cr2 >> 12, va(1) >> 12, "the page that is not present");
+            assert_eq!(jit.s.gpr[1], 32, "rcx at the fault");
+            continue;
+        }
+        lockstep(&mut jit, &mut int, 321, 100_000, 10);
+        assert_eq!(
+            read_bytes(&jit, pa(12), 4096),
+            read_bytes(&int, pa(12), 4096),
+            "memory"
+        );
+    }
+}
+
 /// Guest rsp and r15 have no host register: an instruction that names
 /// them runs on a scratch register loaded from CpuState (unless the
 /// instruction only writes all of it) and stored back (if it writes).

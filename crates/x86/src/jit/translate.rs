@@ -866,14 +866,15 @@ pub fn translate(
     let next = block.insns[n - 1].insn.next_ip();
     let mut ended = false;
     for (k, dn) in block.insns.iter().enumerate() {
-        // The count and group checks expect guest rcx in rcx.
-        if add_at == Some(k) || groups.iter().any(|g| g.head() == k) {
+        // The count expects guest rcx in rcx (its exit runs the rest of
+        // the instruction from there); a group check takes it from either.
+        if add_at == Some(k) {
             tx.sync_rcx()?;
         }
         // Before the count: a failed check enters the plain copy before
         // its count.
         for g in groups.iter().filter(|g| g.head() == k) {
-            tx.group_check(g, plain[k])?;
+            tx.group_check(g, plain[k], add_at != Some(k))?;
         }
         if add_at == Some(k) {
             tx.count_add(n)?;
@@ -2101,15 +2102,26 @@ impl Tx<'_> {
 
     /// May `i` be translated with guest rcx still in the keeper? Only
     /// instructions run as themselves that name no rcx (explicitly or
-    /// implicitly): register forms, and the fast memory path, whose lookup
-    /// then needs no save; any other path they fall back to restores rcx
-    /// first (`sync_rcx`).
+    /// implicitly) but perhaps in their address: register forms, and the
+    /// fast memory path, whose lookup then needs no save and computes the
+    /// address from the keeper (`ea_fast`); any other path they fall back
+    /// to restores rcx first (`sync_rcx`).
     fn lazy_rcx_ok(&mut self, i: &Instruction) -> bool {
-        self.rcx_out
+        if !(self.rcx_out
             && native_ok(i, self.sse, self.fp)
             && i.mnemonic() != Mnemonic::Lea
-            && (is64addr(i) || (0..i.op_count()).all(|n| i.op_kind(n) != OpKind::Memory))
-            && !self.used_full_regs(i).contains(&Register::RCX)
+            && (is64addr(i) || (0..i.op_count()).all(|n| i.op_kind(n) != OpKind::Memory)))
+        {
+            return false;
+        }
+        let mut ni = *i;
+        if ni.memory_base() == Register::RCX {
+            ni.set_memory_base(Register::RAX);
+        }
+        if ni.memory_index() == Register::RCX {
+            ni.set_memory_index(Register::RAX);
+        }
+        !self.used_full_regs(&ni).contains(&Register::RCX)
     }
 
     fn call_helper(&mut self, dn: *const DInsn) -> R<()> {
@@ -2507,19 +2519,29 @@ impl Tx<'_> {
     /// one page that holds the whole range `[x + lo, x + end)`, else jump
     /// to `fail`: a flag-free [`Self::lookup_fast`] of the range as one
     /// unaligned access, and the alignment of its aligned SSE members.
-    fn group_check(&mut self, g: &Group, fail: CodeLabel) -> R<()> {
+    /// The check at group `g`'s head (see [`Group`]), going to `fail`
+    /// (the plain copy, with guest rcx in rcx) when it fails. With
+    /// `keep_out`, guest rcx may stay in the keeper afterwards.
+    fn group_check(&mut self, g: &Group, fail: CodeLabel, keep_out: bool) -> R<()> {
         let Some((sa, sb, sc)) = self.free3() else {
+            self.sync_rcx()?;
             return self.a.jmp(fail);
         };
-        // Before rcx is saved: the base or the index may be guest rcx.
-        // A stack group's base, rsp, lives in CpuState.
+        // Before rcx is saved: the base or the index may be guest rcx
+        // (in the keeper while it is out). A stack group's base, rsp,
+        // lives in CpuState.
+        let in_keeper = |r: Register| match self.keeper {
+            Some(k) if self.rcx_out && r == Register::RCX => k,
+            _ => r,
+        };
+        let (base, index) = (in_keeper(g.base), in_keeper(g.index));
         let x = if g.base == Register::RSP {
             self.a.mov(r64(sa), m(o_gpr(4)))?;
             qword_ptr(r64(sa) + g.lo as i32)
         } else if g.index == Register::None {
-            qword_ptr(r64(g.base) + g.lo as i32)
+            qword_ptr(r64(base) + g.lo as i32)
         } else {
-            qword_ptr(r64(g.base) + r64(g.index) * g.scale + g.lo as i32)
+            qword_ptr(r64(base) + r64(index) * g.scale + g.lo as i32)
         };
         self.a.lea(r64(sa), x)?;
         self.save_rcx(SP_RCX)?;
@@ -2542,7 +2564,11 @@ impl Tx<'_> {
         }
         self.a
             .lea(r64(g.reg), qword_ptr(r64(sa) + r64(sc) - g.lo as i32))?;
-        self.restore_rcx(SP_RCX)?;
+        if keep_out && self.keeper.is_some() && !self.rcx_parked() {
+            self.rcx_out = true;
+        } else {
+            self.restore_rcx(SP_RCX)?;
+        }
         self.group_fails.push((miss, fail));
         self.a.zero_bytes()
     }
@@ -2554,7 +2580,8 @@ impl Tx<'_> {
         if !is64addr(i) {
             return Ok(false);
         }
-        ea_no_seg(&mut self.a, i, sa, sb)?;
+        let rcx_in = if self.rcx_out { self.keeper } else { None };
+        ea_no_seg(&mut self.a, i, sa, sb, rcx_in)?;
         let x = &mut self.a;
         let seg = i.memory_segment();
         if seg == Register::FS || seg == Register::GS {
@@ -3038,7 +3065,7 @@ impl Tx<'_> {
                 sa,
                 sb,
                 sc,
-                &|x: &mut CodeAssembler| ea_no_seg(x, i, sa, sb),
+                &|x: &mut CodeAssembler| ea_no_seg(x, i, sa, sb, None),
                 i.memory_segment(),
                 8,
                 false,
@@ -3738,9 +3765,22 @@ enum PushSrc {
 /// The address of `i`'s memory operand (64-bit addressing), segment base
 /// not included, into `sa`; guest rsp/r15 are read from CpuState through
 /// `sa` (base) and `sb` (index). Flag-free.
-fn ea_no_seg(x: &mut CodeAssembler, i: &Instruction, sa: Register, sb: Register) -> R<()> {
-    let base = i.memory_base();
-    let index = i.memory_index();
+/// The address of `i`'s memory operand, without its segment base, into
+/// `sa` (`sb` is scratch). With `rcx_in`, guest rcx is in that register
+/// (the keeper, see `Tx::rcx_out`), not in rcx.
+fn ea_no_seg(
+    x: &mut CodeAssembler,
+    i: &Instruction,
+    sa: Register,
+    sb: Register,
+    rcx_in: Option<Register>,
+) -> R<()> {
+    let in_keeper = |r: Register| match rcx_in {
+        Some(k) if r == Register::RCX => k,
+        _ => r,
+    };
+    let base = in_keeper(i.memory_base());
+    let index = in_keeper(i.memory_index());
     let disp = i.memory_displacement64() as i64;
     if base == Register::RIP || base == Register::None && index == Register::None {
         return x.mov(r64(sa), i.memory_displacement64());
