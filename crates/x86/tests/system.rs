@@ -1823,6 +1823,93 @@ fn rcx_addresses_from_the_keeper_match_the_interpreter() {
     }
 }
 
+/// A block that loops on itself keeps the TLB entries of its memory
+/// sites in parked registers across passes. The loop has aligned and
+/// misaligned accesses and, in one variant, a signed division (a helper,
+/// after which the parked registers hold guest values: every register
+/// the loop does not name holds minus va(3)'s page number, which would
+/// pass for a cached entry of that page, with a wild addend; the cache is
+/// empty after every helper, so that variant hits it never). Every 32 rounds a
+/// block outside the loop
+/// maps va(3) to the other of two frames (INVLPG) and comes back; at
+/// every budget exit, and at the end, registers, the instruction count
+/// and both frames match the interpreter. With `fault`, the remap at
+/// round 128 (counting down) makes the page read-only: the next store
+/// faults with the same frame and registers.
+#[test]
+fn cached_tlb_entries_match_the_interpreter() {
+    let prog = |fault: bool, div: bool| {
+        move |a: &mut CodeAssembler| {
+            let (mut top, mut remap, mut other) =
+                (a.create_label(), a.create_label(), a.create_label());
+            let poison = (va(3) >> 12).wrapping_neg();
+            for r in [rdi, rbp, r8, r9, r10, r11, r13, r14] {
+                a.mov(r, poison).unwrap();
+            }
+            a.mov(rsi, va(3) + 0x100).unwrap();
+            a.mov(r12d, 1000).unwrap();
+            a.mov(ecx, 7).unwrap();
+            a.set_label(&mut top).unwrap();
+            a.mov(rax, qword_ptr(rsi)).unwrap();
+            a.add(rax, r12).unwrap();
+            a.mov(qword_ptr(rsi + 8), rax).unwrap();
+            a.mov(dword_ptr(rsi + 0x13), eax).unwrap();
+            if div {
+                a.cqo().unwrap();
+                a.idiv(rcx).unwrap();
+            }
+            a.add(rbx, rax).unwrap();
+            a.add(qword_ptr(rsi + 16), rbx).unwrap();
+            a.movzx(eax, byte_ptr(rsi + 0x15)).unwrap();
+            a.add(rbx, rax).unwrap();
+            a.test(r12d, 31).unwrap();
+            a.jz(remap).unwrap();
+            a.dec(r12d).unwrap();
+            a.jnz(top).unwrap();
+            a.hlt().unwrap();
+            // Every 32 rounds: va(3) -> the other frame (read-only, with
+            // `fault`, at round 128).
+            a.set_label(&mut remap).unwrap();
+            a.mov(rdx, qword_ptr(PT + 3 * 8)).unwrap();
+            a.xor(rdx, (pa(3) ^ pa(9)) as i32).unwrap();
+            if fault {
+                a.cmp(r12d, 128).unwrap();
+                a.jne(other).unwrap();
+                a.and(rdx, !RW as i32).unwrap();
+            }
+            a.set_label(&mut other).unwrap();
+            a.mov(qword_ptr(PT + 3 * 8), rdx).unwrap();
+            a.invlpg(byte_ptr(rsi)).unwrap();
+            a.dec(r12d).unwrap();
+            a.jmp(top).unwrap();
+        }
+    };
+    for (fault, div) in [(false, false), (false, true), (true, false), (true, true)] {
+        let (mut jit, mut int) = hot_pair(|| paging_machine(prog(fault, div)));
+        jit.set_jit_events(true);
+        if fault {
+            same_page_fault(&mut jit, &mut int);
+            assert_eq!(jit.s.cr2 >> 12, va(3) >> 12, "the read-only page");
+            assert_eq!(jit.s.gpr[12], 127, "faulted in the round after the remap");
+            continue;
+        }
+        lockstep(&mut jit, &mut int, 333, 100_000, 10);
+        for f in [3, 9] {
+            assert_eq!(
+                read_bytes(&jit, pa(f), 4096),
+                read_bytes(&int, pa(f), 4096),
+                "frame {f}"
+            );
+        }
+        let ev = jit.jit_events().expect("events");
+        let cached = ev
+            .iter()
+            .find(|e| e.0.contains("cached"))
+            .map_or(0, |e| e.1);
+        assert!(div || cached > 500, "{cached} hits of cached entries");
+    }
+}
+
 /// Guest rsp and r15 have no host register: an instruction that names
 /// them runs on a scratch register loaded from CpuState (unless the
 /// instruction only writes all of it) and stored back (if it writes).

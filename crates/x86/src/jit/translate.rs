@@ -444,7 +444,7 @@ pub struct Opts {
 /// (MATRYOSHKA_JIT_EVENTS=1): exact counts of the glue that runs, for
 /// hosts without hardware counters. Each costs a PUSHFQ/INC/POPFQ, so
 /// times are meaningless in such a run.
-pub const EVENTS: [&str; 13] = [
+pub const EVENTS: [&str; 14] = [
     "entries past a page check",
     "chains through a stub",
     "block executions",
@@ -458,6 +458,7 @@ pub const EVENTS: [&str; 13] = [
     "chains to another page through a guard",
     "side exits taken",
     "instructions with guest rsp or r15 moved through a host register",
+    "TLB lookups that hit the entry cached in registers",
 ];
 const EV_ENTRY: usize = 0;
 const EV_STUB: usize = 1;
@@ -472,6 +473,7 @@ const EV_JC_INDIRECT: usize = 9;
 const EV_FAR_CHAIN: usize = 10;
 const EV_SIDE_EXIT: usize = 11;
 const EV_REMAP: usize = 12;
+const EV_CACHED: usize = 13;
 
 /// A chained jump between blocks of one page that park different
 /// registers (`from`, `to`: their [`Translation::park_key`] bitmasks):
@@ -719,6 +721,14 @@ struct Tx<'a> {
     /// The kick flag's address when a RIP-relative operand reaches it from
     /// anywhere in this block's code (see [`Opts::kick`]).
     kick_rel: Option<u64>,
+    /// Register pairs parked in a block that loops on itself to cache one
+    /// access site's TLB entry across passes (see [`Tx::lookup_fast`]):
+    /// (minus its tag, scaled like the site's check; its addend), and
+    /// the site that owns each: (instruction index, lookup number, write,
+    /// alignment bits). The tag register holds 1, which matches nothing,
+    /// from the block's count entry on and after every helper call.
+    cache: Vec<(Register, Register)>,
+    cache_owner: Vec<Option<(usize, u64, bool, usize)>>,
 }
 
 /// A RIP-relative operand for absolute address `target` (the assembler
@@ -775,6 +785,8 @@ pub fn translate(
         groups: Vec::new(),
         member: None,
         kick_rel: rip_reaches(at, stubs.kick).then_some(stubs.kick),
+        cache: Vec::new(),
+        cache_owner: Vec::new(),
     };
     (tx.parked, tx.keeper) = choose_parked(block, &mut tx.info, opts.bmi2);
     if opts.groups && tx.free3().is_some() {
@@ -793,6 +805,26 @@ pub fn translate(
             if !tx.parked.contains(&g.reg) {
                 tx.parked.push(g.reg);
             }
+        }
+    }
+    if opts.groups && tx.free3().is_some() && loops_on_itself(block) {
+        // Memory operands that get a lookup of their own, and groups.
+        let member = |k: usize| tx.groups.iter().any(|g| g.members.contains(&k));
+        let sites = block
+            .insns
+            .iter()
+            .enumerate()
+            .filter(|&(k, d)| d.insn.mnemonic() != Mnemonic::Lea && !member(k))
+            .filter(|(_, d)| (0..d.insn.op_count()).any(|n| d.insn.op_kind(n) == OpKind::Memory))
+            .count()
+            + tx.groups.len();
+        let free = unnamed(block, &mut tx.info, &tx.parked);
+        let room = 10usize.saturating_sub(tx.parked.len()).min(free.len());
+        let pairs = sites.min(CACHE_PAIRS).min(room / 2);
+        for p in free[..2 * pairs].chunks(2) {
+            tx.cache.push((p[0], p[1]));
+            tx.cache_owner.push(None);
+            tx.parked.extend([p[0], p[1]]);
         }
     }
     // The entry is the first instruction (index 0).
@@ -835,8 +867,15 @@ pub fn translate(
     let mut l_count = a.create_label();
     let count_idx = a.instructions().len();
     a.set_label(&mut l_count)?;
+    // Chained entries come in here too: the cache registers hold another
+    // block's scratch.
+    tx.cache_clear()?;
+    let a = &mut tx.a;
+    a.zero_bytes()?;
+    let mut l_loop = a.create_label();
+    a.set_label(&mut l_loop)?;
     count_event(a, tx.events, EV_BLOCK)?;
-    tx.l_count = Some(l_count);
+    tx.l_count = Some(l_loop);
     let n = block.insns.len();
     // Where the guest flags are dead, one flag-clobbering ADD counts;
     // otherwise a flag-free load, LEA and store at the block's start.
@@ -1041,6 +1080,27 @@ pub fn translate(
         native: tx.native,
         helpers: tx.helpers,
         helper_codes: tx.helper_codes,
+    })
+}
+
+/// Cache pairs at most per block that loops on itself (see [`Tx::cache`]).
+const CACHE_PAIRS: usize = 2;
+
+/// [`Tx::lookup_cached`]'s check of both ends of an access (any size up
+/// to a page, any alignment) rather than of its alignment.
+const RANGE: usize = usize::MAX;
+
+/// The block jumps back to its own start (a loop that stays in its
+/// translation, where a TLB entry may stay cached across passes).
+fn loops_on_itself(block: &Block) -> bool {
+    let start = block.insns[0].insn.ip();
+    block.insns.iter().any(|dn| {
+        let i = &dn.insn;
+        matches!(
+            i.flow_control(),
+            FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch
+        ) && i.op0_kind() == OpKind::NearBranch64
+            && i.near_branch_target() == start
     })
 }
 
@@ -2132,7 +2192,36 @@ impl Tx<'_> {
         a.mov(m(o_ctx!(arg)), rax)?;
         a.call(self.stubs.helper)?;
         // The helper may have changed any register: park the new values.
-        self.park_spill()
+        self.park_spill()?;
+        // The cache registers now hold guest values, and the helper may
+        // have changed the TLB.
+        self.cache_clear()
+    }
+
+    /// Empty every cached TLB entry (see [`Tx::cache`]): a tag of 1 never
+    /// matches, as a masked address plus a real tag is zero on a match
+    /// and masked addresses are below 2^40.
+    fn cache_clear(&mut self) -> R<()> {
+        for &(t, _) in self.cache.iter() {
+            self.a
+                .add_instruction(Instruction::with2(Code::Mov_r32_imm32, sized(t, 4), 1u32)?)?;
+        }
+        Ok(())
+    }
+
+    /// The cache pair of the lookup being emitted (`cur_k`, `cur_lookups`)
+    /// for a check of `k` low bits, if the block has one for it: the one
+    /// it owns already (the plain copy and a body check's exit emit the
+    /// instruction again), else a free one.
+    fn cache_pair(&mut self, write: bool, k: usize) -> Option<(Register, Register)> {
+        let key = (self.cur_k, self.cur_lookups, write, k);
+        let i = self
+            .cache_owner
+            .iter()
+            .position(|&o| o == Some(key))
+            .or_else(|| self.cache_owner.iter().position(|o| o.is_none()))?;
+        self.cache_owner[i] = Some(key);
+        Some(self.cache[i])
     }
 
     fn rcx_parked(&self) -> bool {
@@ -2444,12 +2533,22 @@ impl Tx<'_> {
             offset_of!(TlbEntry, jit_read)
         } as i32;
         const _: () = assert!(size_of::<TlbEntry>() == 64);
+        let aligned_form = align16 || (size <= 8 && size.is_power_of_two());
+        let bits = match (align16, aligned_form) {
+            (true, _) => 4,
+            (false, true) => size.trailing_zeros() as usize,
+            (false, false) => RANGE,
+        };
+        let pair = self.cache_pair(write, bits);
         let key = self
             .cur_rip
             .wrapping_add(self.cur_lookups.wrapping_mul(0x9e37_79b9))
             .wrapping_mul(0x9e37_79b9_7f4a_7c15);
         self.cur_lookups += 1;
         let slot = o_ctx!(eslots) + 8 * (key >> (64 - ENTRY_SLOTS.trailing_zeros())) as i32;
+        if let Some(pair) = pair {
+            return self.lookup_cached((sa, sb, sc), size, tag, bits, pair, slot);
+        }
         let x = &mut self.a;
         let slow = x.create_label();
         let mut hit = x.create_label();
@@ -2514,14 +2613,126 @@ impl Tx<'_> {
         Ok(slow)
     }
 
+    /// [`Self::lookup_fast`] for an access site that owns a cache pair
+    /// (`rt`: minus the tag of the entry it hit last, scaled by
+    /// `1 << bits`; `ra`: that entry's addend): the check is PEXT, LEA and
+    /// JRCXZ, with no load. A miss tries the site's entry slot, then the
+    /// entry at the TLB index, and refills the pair; as everything that
+    /// may change the TLB is a helper
+    /// (after which the pair is cleared) or outside translated code (the
+    /// count entry clears it), a pair always holds an entry that is
+    /// current. Checks that the access is naturally aligned (`bits` low
+    /// bits clear: it cannot cross a page), else (`bits` = [`RANGE`]) that
+    /// its first and last bytes are in the entry's page, like
+    /// `lookup_fast` does for unaligned forms and groups.
+    fn lookup_cached(
+        &mut self,
+        (sa, sb, sc): (Register, Register, Register),
+        size: usize,
+        tag: i32,
+        bits: usize,
+        (rt, ra): (Register, Register),
+        slot: i32,
+    ) -> R<CodeLabel> {
+        let (a_, b, c) = (r64(sa), r64(sb), r64(sc));
+        let (t, ad) = (r64(rt), r64(ra));
+        let x = &mut self.a;
+        let slow = x.create_label();
+        let mut hit = x.create_label();
+        let mut cached = x.create_label();
+        let mut fill = x.create_label();
+        let range = bits == RANGE;
+        let page = m(o_ctx!(m_page) + 8 * if range { 0 } else { bits as i32 });
+        // rcx = vf + vl, the pages of the first and last byte (see
+        // `lookup_fast`: with vl - vf at most 1, vf + vl - 2 tag is zero
+        // only when both are the tag's page).
+        let ends = |x: &mut CodeAssembler| -> R<()> {
+            x.pext(rcx, a_, page)?;
+            x.lea(c, qword_ptr(a_ + (size as i32 - 1)))?;
+            x.pext(c, c, page)?;
+            x.lea(rcx, qword_ptr(rcx + c))
+        };
+        if range {
+            ends(x)?;
+            x.lea(rcx, qword_ptr(rcx + t * 2))?;
+        } else {
+            x.pext(rcx, a_, page)?;
+            x.lea(rcx, qword_ptr(rcx + t))?;
+        }
+        x.jrcxz(cached)?;
+        // rcx = 0 when the entry at b maps the access; c = its tag, scaled
+        // like the masked address (as the pair keeps it).
+        let check = |x: &mut CodeAssembler| -> R<()> {
+            if range {
+                ends(x)?;
+                x.mov(c, qword_ptr(b + tag))?;
+                return x.lea(rcx, qword_ptr(rcx + c * 2));
+            }
+            x.mov(c, qword_ptr(b + tag))?;
+            match bits {
+                0 => {}
+                1..=3 => x.lea(c, qword_ptr(c * (1 << bits)))?,
+                _ => {
+                    x.lea(c, qword_ptr(c * 8))?;
+                    x.lea(c, qword_ptr(c + c))?;
+                }
+            }
+            x.pext(rcx, a_, page)?;
+            x.lea(rcx, qword_ptr(rcx + c))
+        };
+        x.mov(b, m(slot))?;
+        check(x)?;
+        x.jrcxz(fill)?;
+        count_event(x, self.events, EV_FULL_LOOKUP)?;
+        x.pext(rcx, a_, m(o_ctx!(m_idx)))?;
+        x.mov(b, m(o_ctx!(tlb_base)))?;
+        x.lea(rcx, qword_ptr(rcx * 8))?;
+        x.lea(b, qword_ptr(b + rcx * 8))?;
+        x.mov(m(slot), b)?;
+        check(x)?;
+        x.jrcxz(fill)?;
+        let mut done = x.create_label();
+        if !range && bits != 4 && size > 1 {
+            // Not aligned: still a hit (not cached) when the entry at the
+            // first byte's index maps the page of the last byte (a
+            // crossing access never matches: see `lookup_fast`).
+            let mut odd = x.create_label();
+            x.lea(rcx, qword_ptr(a_ + (size as i32 - 1)))?;
+            x.pext(rcx, rcx, m(o_ctx!(m_page)))?;
+            x.mov(c, qword_ptr(b + tag))?;
+            x.lea(rcx, qword_ptr(rcx + c))?;
+            x.jrcxz(odd)?;
+            x.jmp(slow)?;
+            x.set_label(&mut odd)?;
+            count_event(x, self.events, EV_HIT)?;
+            x.mov(c, qword_ptr(b + offset_of!(TlbEntry, addend) as i32))?;
+            x.jmp(done)?;
+        } else {
+            x.jmp(slow)?;
+        }
+        x.set_label(&mut fill)?;
+        x.mov(t, c)?;
+        x.mov(ad, qword_ptr(b + offset_of!(TlbEntry, addend) as i32))?;
+        x.jmp(hit)?;
+        x.set_label(&mut cached)?;
+        x.zero_bytes()?;
+        count_event(x, self.events, EV_CACHED)?;
+        x.set_label(&mut hit)?;
+        x.zero_bytes()?;
+        count_event(x, self.events, EV_HIT)?;
+        x.mov(c, ad)?;
+        x.set_label(&mut done)?;
+        x.zero_bytes()?;
+        Ok(slow)
+    }
+
     /// Establish group `g` (see [`Group`]) before its first member: its
     /// register gets x (its base plus scaled index) plus the addend of the
     /// one page that holds the whole range `[x + lo, x + end)`, else jump
     /// to `fail`: a flag-free [`Self::lookup_fast`] of the range as one
-    /// unaligned access, and the alignment of its aligned SSE members.
-    /// The check at group `g`'s head (see [`Group`]), going to `fail`
-    /// (the plain copy, with guest rcx in rcx) when it fails. With
-    /// `keep_out`, guest rcx may stay in the keeper afterwards.
+    /// unaligned access, and the alignment of its aligned SSE members;
+    /// else (a miss) go on at `fail`, the plain copy, with guest rcx in
+    /// rcx. With `keep_out`, guest rcx may stay in the keeper afterwards.
     fn group_check(&mut self, g: &Group, fail: CodeLabel, keep_out: bool) -> R<()> {
         let Some((sa, sb, sc)) = self.free3() else {
             self.sync_rcx()?;
