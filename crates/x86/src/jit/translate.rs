@@ -729,6 +729,8 @@ struct Tx<'a> {
     /// from the block's count entry on and after every helper call.
     cache: Vec<(Register, Register)>,
     cache_owner: Vec<Option<(usize, u64, bool, usize)>>,
+    /// Miss paths of cached lookups, emitted last.
+    cold_lookups: Vec<ColdLookup>,
 }
 
 /// A RIP-relative operand for absolute address `target` (the assembler
@@ -787,6 +789,7 @@ pub fn translate(
         kick_rel: rip_reaches(at, stubs.kick).then_some(stubs.kick),
         cache: Vec::new(),
         cache_owner: Vec::new(),
+        cold_lookups: Vec::new(),
     };
     (tx.parked, tx.keeper) = choose_parked(block, &mut tx.info, opts.bmi2);
     if opts.groups && tx.free3().is_some() {
@@ -1037,6 +1040,9 @@ pub fn translate(
         }
         tx.a.jmp(s.back)?;
     }
+    for cold in std::mem::take(&mut tx.cold_lookups) {
+        tx.cold_lookup(cold)?;
+    }
     // The block's own assembler; iced's BlockEncoder for what it refuses
     // (a JRCXZ out of rel8 range, say).
     let (code, offsets) = match emit::assemble(tx.a.instructions(), at) {
@@ -1089,6 +1095,37 @@ const CACHE_PAIRS: usize = 2;
 /// [`Tx::lookup_cached`]'s check of both ends of an access (any size up
 /// to a page, any alignment) rather than of its alignment.
 const RANGE: usize = usize::MAX;
+
+/// rcx = vf + vl, the masked pages of the first and last byte of the
+/// `size`-byte access at `regs.0` (`regs.2` is scratch): with vl - vf at
+/// most 1, vf + vl - 2 tag is zero only when both are the tag's page.
+fn lookup_ends(
+    x: &mut CodeAssembler,
+    regs: (Register, Register, Register),
+    size: usize,
+    bits: usize,
+) -> R<()> {
+    let (a, c) = (r64(regs.0), r64(regs.2));
+    let page = m(o_ctx!(m_page) + 8 * bits as i32);
+    x.pext(rcx, a, page)?;
+    x.lea(c, qword_ptr(a + (size as i32 - 1)))?;
+    x.pext(c, c, page)?;
+    x.lea(rcx, qword_ptr(rcx + c))
+}
+
+/// A cached lookup's miss path, emitted out of line (see
+/// [`Tx::cold_lookup`]).
+struct ColdLookup {
+    miss: CodeLabel,
+    back: CodeLabel,
+    slow: CodeLabel,
+    regs: (Register, Register, Register),
+    size: usize,
+    tag: i32,
+    bits: usize,
+    pair: (Register, Register),
+    slot: i32,
+}
 
 /// The block jumps back to its own start (a loop that stays in its
 /// translation, where a TLB entry may stay cached across passes).
@@ -2627,44 +2664,78 @@ impl Tx<'_> {
     /// `lookup_fast` does for unaligned forms and groups.
     fn lookup_cached(
         &mut self,
-        (sa, sb, sc): (Register, Register, Register),
+        regs: (Register, Register, Register),
         size: usize,
         tag: i32,
         bits: usize,
-        (rt, ra): (Register, Register),
+        pair: (Register, Register),
         slot: i32,
     ) -> R<CodeLabel> {
-        let (a_, b, c) = (r64(sa), r64(sb), r64(sc));
-        let (t, ad) = (r64(rt), r64(ra));
+        let (a_, c) = (r64(regs.0), r64(regs.2));
+        let (t, ad) = (r64(pair.0), r64(pair.1));
         let x = &mut self.a;
-        let slow = x.create_label();
+        let (slow, miss, back) = (x.create_label(), x.create_label(), x.create_label());
         let mut hit = x.create_label();
-        let mut cached = x.create_label();
-        let mut fill = x.create_label();
         let range = bits == RANGE;
-        let page = m(o_ctx!(m_page) + 8 * if range { 0 } else { bits as i32 });
-        // rcx = vf + vl, the pages of the first and last byte (see
-        // `lookup_fast`: with vl - vf at most 1, vf + vl - 2 tag is zero
-        // only when both are the tag's page).
-        let ends = |x: &mut CodeAssembler| -> R<()> {
-            x.pext(rcx, a_, page)?;
-            x.lea(c, qword_ptr(a_ + (size as i32 - 1)))?;
-            x.pext(c, c, page)?;
-            x.lea(rcx, qword_ptr(rcx + c))
-        };
         if range {
-            ends(x)?;
+            lookup_ends(x, regs, size, 0)?;
             x.lea(rcx, qword_ptr(rcx + t * 2))?;
         } else {
-            x.pext(rcx, a_, page)?;
+            x.pext(rcx, a_, m(o_ctx!(m_page) + 8 * bits as i32))?;
             x.lea(rcx, qword_ptr(rcx + t))?;
         }
-        x.jrcxz(cached)?;
+        x.jrcxz(hit)?;
+        x.jmp(miss)?;
+        x.set_label(&mut hit)?;
+        x.zero_bytes()?;
+        count_event(x, self.events, EV_CACHED)?;
+        count_event(x, self.events, EV_HIT)?;
+        x.mov(c, ad)?;
+        let mut b = back;
+        x.set_label(&mut b)?;
+        x.zero_bytes()?;
+        self.cold_lookups.push(ColdLookup {
+            miss,
+            back,
+            slow,
+            regs,
+            size,
+            tag,
+            bits,
+            pair,
+            slot,
+        });
+        Ok(slow)
+    }
+
+    /// The miss path of [`Self::lookup_cached`], out of line: the site's
+    /// entry slot, then the entry at the TLB index; a hit refills the
+    /// pair (an access that is not aligned but within the entry's page
+    /// is a hit that does not) and goes back with the addend in the third
+    /// register, anything else goes to the slow path.
+    fn cold_lookup(&mut self, cold: ColdLookup) -> R<()> {
+        let ColdLookup {
+            mut miss,
+            back,
+            slow,
+            regs,
+            size,
+            tag,
+            bits,
+            pair,
+            slot,
+        } = cold;
+        let (a_, b, c) = (r64(regs.0), r64(regs.1), r64(regs.2));
+        let (t, ad) = (r64(pair.0), r64(pair.1));
+        let range = bits == RANGE;
+        let x = &mut self.a;
+        let mut fill = x.create_label();
+        x.set_label(&mut miss)?;
         // rcx = 0 when the entry at b maps the access; c = its tag, scaled
         // like the masked address (as the pair keeps it).
         let check = |x: &mut CodeAssembler| -> R<()> {
             if range {
-                ends(x)?;
+                lookup_ends(x, regs, size, 0)?;
                 x.mov(c, qword_ptr(b + tag))?;
                 return x.lea(rcx, qword_ptr(rcx + c * 2));
             }
@@ -2677,7 +2748,7 @@ impl Tx<'_> {
                     x.lea(c, qword_ptr(c + c))?;
                 }
             }
-            x.pext(rcx, a_, page)?;
+            x.pext(rcx, a_, m(o_ctx!(m_page) + 8 * bits as i32))?;
             x.lea(rcx, qword_ptr(rcx + c))
         };
         x.mov(b, m(slot))?;
@@ -2691,7 +2762,6 @@ impl Tx<'_> {
         x.mov(m(slot), b)?;
         check(x)?;
         x.jrcxz(fill)?;
-        let mut done = x.create_label();
         if !range && bits != 4 && size > 1 {
             // Not aligned: still a hit (not cached) when the entry at the
             // first byte's index maps the page of the last byte (a
@@ -2706,24 +2776,16 @@ impl Tx<'_> {
             x.set_label(&mut odd)?;
             count_event(x, self.events, EV_HIT)?;
             x.mov(c, qword_ptr(b + offset_of!(TlbEntry, addend) as i32))?;
-            x.jmp(done)?;
+            x.jmp(back)?;
         } else {
             x.jmp(slow)?;
         }
         x.set_label(&mut fill)?;
+        count_event(x, self.events, EV_HIT)?;
         x.mov(t, c)?;
         x.mov(ad, qword_ptr(b + offset_of!(TlbEntry, addend) as i32))?;
-        x.jmp(hit)?;
-        x.set_label(&mut cached)?;
-        x.zero_bytes()?;
-        count_event(x, self.events, EV_CACHED)?;
-        x.set_label(&mut hit)?;
-        x.zero_bytes()?;
-        count_event(x, self.events, EV_HIT)?;
         x.mov(c, ad)?;
-        x.set_label(&mut done)?;
-        x.zero_bytes()?;
-        Ok(slow)
+        x.jmp(back)
     }
 
     /// Establish group `g` (see [`Group`]) before its first member: its
