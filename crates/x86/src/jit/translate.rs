@@ -731,6 +731,11 @@ struct Tx<'a> {
     cache_owner: Vec<Option<(usize, u64, bool, usize)>>,
     /// Miss paths of cached lookups, emitted last.
     cold_lookups: Vec<ColdLookup>,
+    /// In a block that loops on itself, a parked register that holds the
+    /// instruction count (`JitCtx::left`): each pass adds to it and stores
+    /// it, so that the count's dependency chain runs through a register,
+    /// not through memory. Loaded at the count entry and after helpers.
+    counter: Option<Register>,
 }
 
 /// A RIP-relative operand for absolute address `target` (the assembler
@@ -790,6 +795,7 @@ pub fn translate(
         cache: Vec::new(),
         cache_owner: Vec::new(),
         cold_lookups: Vec::new(),
+        counter: None,
     };
     (tx.parked, tx.keeper) = choose_parked(block, &mut tx.info, opts.bmi2);
     if opts.groups && tx.free3().is_some() {
@@ -823,11 +829,15 @@ pub fn translate(
             + tx.groups.len();
         let free = unnamed(block, &mut tx.info, &tx.parked);
         let room = 10usize.saturating_sub(tx.parked.len()).min(free.len());
-        let pairs = sites.min(CACHE_PAIRS).min(room / 2);
+        let pairs = sites.min(CACHE_PAIRS).min(room.saturating_sub(1) / 2);
         for p in free[..2 * pairs].chunks(2) {
             tx.cache.push((p[0], p[1]));
             tx.cache_owner.push(None);
             tx.parked.extend([p[0], p[1]]);
+        }
+        if room > 2 * pairs {
+            tx.counter = Some(free[2 * pairs]);
+            tx.parked.push(free[2 * pairs]);
         }
     }
     // The entry is the first instruction (index 0).
@@ -873,6 +883,7 @@ pub fn translate(
     // Chained entries come in here too: the cache registers hold another
     // block's scratch.
     tx.cache_clear()?;
+    tx.counter_load()?;
     let a = &mut tx.a;
     a.zero_bytes()?;
     let mut l_loop = a.create_label();
@@ -2232,7 +2243,16 @@ impl Tx<'_> {
         self.park_spill()?;
         // The cache registers now hold guest values, and the helper may
         // have changed the TLB.
-        self.cache_clear()
+        self.cache_clear()?;
+        self.counter_load()
+    }
+
+    /// Load the counter register (see [`Tx::counter`]) from `left`.
+    fn counter_load(&mut self) -> R<()> {
+        match self.counter {
+            Some(c) => self.a.mov(r64(c), m(o_ctx!(left))),
+            None => Ok(()),
+        }
     }
 
     /// Empty every cached TLB entry (see [`Tx::cache`]): a tag of 1 never
@@ -2404,7 +2424,13 @@ impl Tx<'_> {
     fn count_add(&mut self, n: usize) -> R<()> {
         let scratch = self.scratch();
         let a = &mut self.a;
-        a.add(qword_ptr(r15 + o_ctx!(left)), n as i32)?;
+        match self.counter {
+            Some(c) => {
+                a.add(r64(c), n as i32)?;
+                a.mov(m(o_ctx!(left)), r64(c))?;
+            }
+            None => a.add(qword_ptr(r15 + o_ctx!(left)), n as i32)?,
+        }
         if let (Some((_, cold)), Some(r)) = (self.body_check, scratch) {
             count_event(a, self.events, EV_BACK_EDGE)?;
             a.jns(cold)?;
@@ -2443,6 +2469,10 @@ impl Tx<'_> {
     fn count_fix(&mut self, delta: i32) -> R<()> {
         if delta == 0 {
             return Ok(());
+        }
+        if let Some(c) = self.counter {
+            self.a.lea(r64(c), qword_ptr(r64(c) + delta))?;
+            return self.a.mov(m(o_ctx!(left)), r64(c));
         }
         let r = self.scratch();
         let cnt = r.map_or(rcx, r64);
