@@ -816,7 +816,7 @@ pub fn translate(
             }
         }
     }
-    if opts.groups && tx.free3().is_some() && loops_on_itself(block) {
+    if tx.free3().is_some() && loops_on_itself(block) {
         // Memory operands that get a lookup of their own, and groups.
         let member = |k: usize| tx.groups.iter().any(|g| g.members.contains(&k));
         let sites = block
