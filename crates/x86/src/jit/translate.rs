@@ -2584,6 +2584,10 @@ impl Tx<'_> {
     /// cross a page) and for the others (unaligned 16-byte forms, group
     /// ranges of up to 4 KiB) with both the first and the last byte's page
     /// checked.
+    ///
+    /// In a block that loops on itself, a site that gets one of the
+    /// block's cache pairs ([`Tx::cache`]) keeps its entry in registers
+    /// instead ([`Self::lookup_cached`]).
     fn lookup_fast(
         &mut self,
         sa: Register,
@@ -2721,8 +2725,8 @@ impl Tx<'_> {
         count_event(x, self.events, EV_CACHED)?;
         count_event(x, self.events, EV_HIT)?;
         x.mov(c, ad)?;
-        let mut b = back;
-        x.set_label(&mut b)?;
+        let mut back = back;
+        x.set_label(&mut back)?;
         x.zero_bytes()?;
         self.cold_lookups.push(ColdLookup {
             miss,
@@ -4067,10 +4071,8 @@ enum PushSrc {
 
 /// The address of `i`'s memory operand (64-bit addressing), segment base
 /// not included, into `sa`; guest rsp/r15 are read from CpuState through
-/// `sa` (base) and `sb` (index). Flag-free.
-/// The address of `i`'s memory operand, without its segment base, into
-/// `sa` (`sb` is scratch). With `rcx_in`, guest rcx is in that register
-/// (the keeper, see `Tx::rcx_out`), not in rcx.
+/// `sa` (base) and `sb` (index). With `rcx_in`, guest rcx is in that
+/// register (the keeper, see `Tx::rcx_out`), not in rcx. Flag-free.
 fn ea_no_seg(
     x: &mut CodeAssembler,
     i: &Instruction,
