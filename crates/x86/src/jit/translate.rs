@@ -1124,6 +1124,18 @@ fn lookup_ends(
     x.lea(rcx, qword_ptr(rcx + c))
 }
 
+/// The full lookup: `b` = the entry at the TLB index of the address in
+/// `a` (64-byte entries: index * 8 * 8), also left in the site's entry
+/// slot (`slot`, an offset from r15).
+fn tlb_index(x: &mut CodeAssembler, a: Register, b: Register, slot: i32) -> R<()> {
+    let b = r64(b);
+    x.pext(rcx, r64(a), m(o_ctx!(m_idx)))?;
+    x.mov(b, m(o_ctx!(tlb_base)))?;
+    x.lea(rcx, qword_ptr(rcx * 8))?;
+    x.lea(b, qword_ptr(b + rcx * 8))?;
+    x.mov(m(slot), b)
+}
+
 /// A cached lookup's miss path, emitted out of line (see
 /// [`Tx::cold_lookup`]).
 struct ColdLookup {
@@ -2658,23 +2670,15 @@ impl Tx<'_> {
             // with vf, vl the pages of the first and last byte. As vl - vf
             // is 0 or 1 (size at most 4 KiB), an even sum of 2 tag needs
             // vf = vl = tag: a crossing access never matches.
-            x.pext(rcx, a_, m(o_ctx!(m_page)))?;
-            x.lea(c, qword_ptr(a_ + (size as i32 - 1)))?;
-            x.pext(c, c, m(o_ctx!(m_page)))?;
-            x.lea(rcx, qword_ptr(rcx + c))?;
+            lookup_ends(x, (sa, sb, sc), size, 0)?;
             x.mov(c, qword_ptr(b + tag))?;
             x.lea(rcx, qword_ptr(rcx + c * 2))?;
         } else {
             tag_cmp(x, a_, size.trailing_zeros() as usize)?;
         }
         x.jrcxz(hit)?;
-        // The full lookup: b = &tlb[idx], 64-byte entries (idx*8*8).
         count_event(x, self.events, EV_FULL_LOOKUP)?;
-        x.pext(rcx, a_, m(o_ctx!(m_idx)))?;
-        x.mov(b, m(o_ctx!(tlb_base)))?;
-        x.lea(rcx, qword_ptr(rcx * 8))?;
-        x.lea(b, qword_ptr(b + rcx * 8))?;
-        x.mov(m(slot), b)?;
+        tlb_index(x, sa, sb, slot)?;
         check(x)?;
         x.jrcxz(hit)?;
         x.jmp(slow)?;
@@ -2789,11 +2793,7 @@ impl Tx<'_> {
         check(x)?;
         x.jrcxz(fill)?;
         count_event(x, self.events, EV_FULL_LOOKUP)?;
-        x.pext(rcx, a_, m(o_ctx!(m_idx)))?;
-        x.mov(b, m(o_ctx!(tlb_base)))?;
-        x.lea(rcx, qword_ptr(rcx * 8))?;
-        x.lea(b, qword_ptr(b + rcx * 8))?;
-        x.mov(m(slot), b)?;
+        tlb_index(x, regs.0, regs.1, slot)?;
         check(x)?;
         x.jrcxz(fill)?;
         if !range && bits != 4 && size > 1 {
