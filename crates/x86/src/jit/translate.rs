@@ -320,13 +320,8 @@ pub fn build_stubs(at: u64, kick: u64) -> R<(Vec<u8>, Stubs)> {
     a.mov(m(o_spill(SP_C)), rdx)?;
     a.lahf()?;
     a.seto(al)?;
-    if rip_reaches(at, kick) {
-        let flag = rip_rel(kick);
-        a.add_instruction(Instruction::with2(Code::Cmp_rm8_imm8, flag, 0)?)?;
-    } else {
-        a.mov(rcx, m(o_ctx!(kick)))?;
-        a.cmp(byte_ptr(rcx), 0)?;
-    }
+    let flag = kick_byte(&mut a, rip_reaches(at, kick).then_some(kick), Register::RCX)?;
+    a.add_instruction(Instruction::with2(Code::Cmp_rm8_imm8, flag, 0)?)?;
     a.jne(l_miss)?;
     a.cmp(byte_ptr(r15 + (o_ctx!(left) + 7)), 0)?;
     a.je(l_miss)?;
@@ -719,7 +714,7 @@ struct Tx<'a> {
     /// access's offset from that register (see [`Group::rel`]).
     member: Option<(Register, Option<i64>)>,
     /// The kick flag's address when a RIP-relative operand reaches it from
-    /// anywhere in this block's code (see [`Opts::kick`]).
+    /// anywhere in this block's code (see [`Stubs::kick`]).
     kick_rel: Option<u64>,
     /// Register pairs parked in a block that loops on itself to cache one
     /// access site's TLB entry across passes (see [`Tx::lookup_fast`]):
@@ -742,6 +737,19 @@ struct Tx<'a> {
 /// turns it into the displacement; see [`rip_reaches`]).
 fn rip_rel(target: u64) -> MemoryOperand {
     MemoryOperand::with_base_displ(Register::RIP, target as i64)
+}
+
+/// The kick flag as a byte operand: RIP-relative when `kick_rel` holds its
+/// address (see [`rip_reaches`]), else through `scratch`, loaded here
+/// from `JitCtx::kick`.
+fn kick_byte(x: &mut CodeAssembler, kick_rel: Option<u64>, scratch: Register) -> R<MemoryOperand> {
+    match kick_rel {
+        Some(k) => Ok(rip_rel(k)),
+        None => {
+            x.mov(r64(scratch), m(o_ctx!(kick)))?;
+            Ok(MemoryOperand::with_base(scratch))
+        }
+    }
 }
 
 /// Whether a RIP-relative operand in code placed at `at` (a block is far
@@ -1110,14 +1118,9 @@ const RANGE: usize = usize::MAX;
 /// rcx = vf + vl, the masked pages of the first and last byte of the
 /// `size`-byte access at `regs.0` (`regs.2` is scratch): with vl - vf at
 /// most 1, vf + vl - 2 tag is zero only when both are the tag's page.
-fn lookup_ends(
-    x: &mut CodeAssembler,
-    regs: (Register, Register, Register),
-    size: usize,
-    bits: usize,
-) -> R<()> {
+fn lookup_ends(x: &mut CodeAssembler, regs: (Register, Register, Register), size: usize) -> R<()> {
     let (a, c) = (r64(regs.0), r64(regs.2));
-    let page = m(o_ctx!(m_page) + 8 * bits as i32);
+    let page = m(o_ctx!(m_page));
     x.pext(rcx, a, page)?;
     x.lea(c, qword_ptr(a + (size as i32 - 1)))?;
     x.pext(c, c, page)?;
@@ -2446,16 +2449,8 @@ impl Tx<'_> {
         if let (Some((_, cold)), Some(r)) = (self.body_check, scratch) {
             count_event(a, self.events, EV_BACK_EDGE)?;
             a.jns(cold)?;
-            match self.kick_rel {
-                Some(k) => {
-                    let kick = rip_rel(k);
-                    a.add_instruction(Instruction::with2(Code::Cmp_rm8_imm8, kick, 0)?)?;
-                }
-                None => {
-                    a.mov(r64(r), m(o_ctx!(kick)))?;
-                    a.cmp(byte_ptr(r64(r)), 0)?;
-                }
-            }
+            let kick = kick_byte(a, self.kick_rel, r)?;
+            a.add_instruction(Instruction::with2(Code::Cmp_rm8_imm8, kick, 0)?)?;
             a.jne(cold)?;
         }
         Ok(())
@@ -2524,20 +2519,12 @@ impl Tx<'_> {
             count_event(&mut self.a, self.events, EV_BACK_EDGE)?;
             self.save_rcx(SP_ENTRY)?;
             let a = &mut self.a;
-            match self.kick_rel {
-                Some(k) => {
-                    let kick = rip_rel(k);
-                    a.add_instruction(Instruction::with2(
-                        Code::Movzx_r32_rm8,
-                        Register::ECX,
-                        kick,
-                    )?)?;
-                }
-                None => {
-                    a.mov(rcx, m(o_ctx!(kick)))?;
-                    a.movzx(ecx, byte_ptr(rcx))?;
-                }
-            }
+            let kick = kick_byte(a, self.kick_rel, Register::RCX)?;
+            a.add_instruction(Instruction::with2(
+                Code::Movzx_r32_rm8,
+                Register::ECX,
+                kick,
+            )?)?;
             a.jrcxz(go)?;
             a.set_label(&mut stop)?;
             self.restore_rcx(SP_ENTRY)?;
@@ -2670,7 +2657,7 @@ impl Tx<'_> {
             // with vf, vl the pages of the first and last byte. As vl - vf
             // is 0 or 1 (size at most 4 KiB), an even sum of 2 tag needs
             // vf = vl = tag: a crossing access never matches.
-            lookup_ends(x, (sa, sb, sc), size, 0)?;
+            lookup_ends(x, (sa, sb, sc), size)?;
             x.mov(c, qword_ptr(b + tag))?;
             x.lea(rcx, qword_ptr(rcx + c * 2))?;
         } else {
@@ -2689,8 +2676,8 @@ impl Tx<'_> {
     }
 
     /// [`Self::lookup_fast`] for an access site that owns a cache pair
-    /// (`rt`: minus the tag of the entry it hit last, scaled by
-    /// `1 << bits`; `ra`: that entry's addend): the check is PEXT, LEA and
+    /// (`pair`: minus the tag of the entry it hit last, scaled by
+    /// `1 << bits`, and that entry's addend): the check is PEXT, LEA and
     /// JRCXZ, with no load. A miss tries the site's entry slot, then the
     /// entry at the TLB index, and refills the pair; as everything that
     /// may change the TLB is a helper
@@ -2716,7 +2703,7 @@ impl Tx<'_> {
         let mut hit = x.create_label();
         let range = bits == RANGE;
         if range {
-            lookup_ends(x, regs, size, 0)?;
+            lookup_ends(x, regs, size)?;
             x.lea(rcx, qword_ptr(rcx + t * 2))?;
         } else {
             x.pext(rcx, a_, m(o_ctx!(m_page) + 8 * bits as i32))?;
@@ -2773,7 +2760,7 @@ impl Tx<'_> {
         // like the masked address (as the pair keeps it).
         let check = |x: &mut CodeAssembler| -> R<()> {
             if range {
-                lookup_ends(x, regs, size, 0)?;
+                lookup_ends(x, regs, size)?;
                 x.mov(c, qword_ptr(b + tag))?;
                 return x.lea(rcx, qword_ptr(rcx + c * 2));
             }
