@@ -1157,14 +1157,19 @@ struct ColdLookup {
 /// translation, where a TLB entry may stay cached across passes).
 fn loops_on_itself(block: &Block) -> bool {
     let start = block.insns[0].insn.ip();
-    block.insns.iter().any(|dn| {
-        let i = &dn.insn;
-        matches!(
-            i.flow_control(),
-            FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch
-        ) && i.op0_kind() == OpKind::NearBranch64
-            && i.near_branch_target() == start
-    })
+    block
+        .insns
+        .iter()
+        .any(|dn| direct_target(&dn.insn) == Some(start))
+}
+
+/// The target of a direct JMP or Jcc.
+fn direct_target(i: &Instruction) -> Option<u64> {
+    let direct = matches!(
+        i.flow_control(),
+        FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch
+    ) && i.op0_kind() == OpKind::NearBranch64;
+    direct.then(|| i.near_branch_target())
 }
 
 /// Registers to park for the whole block (see [`Tx::parked`]): rcx if the
@@ -1629,14 +1634,9 @@ fn unnamed(block: &Block, info: &mut InstructionInfoFactory, taken: &[Register])
 /// so it checks the kick flag and the budget (at the jump, or once per
 /// pass at [`Tx::body_check`]).
 fn has_back_edge(block: &Block, from: usize) -> bool {
-    block.insns[from..].iter().any(|dn| {
-        let i = &dn.insn;
-        matches!(
-            i.flow_control(),
-            FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch
-        ) && i.op0_kind() == OpKind::NearBranch64
-            && i.near_branch_target() <= i.ip()
-    })
+    block.insns[from..]
+        .iter()
+        .any(|dn| direct_target(&dn.insn).is_some_and(|t| t <= dn.insn.ip()))
 }
 
 /// The index of the first instruction of `block` before which the guest
