@@ -2215,6 +2215,11 @@ impl Tx<'_> {
         Ok(false)
     }
 
+    /// The keeper while it holds guest rcx (`rcx_out`).
+    fn rcx_in(&self) -> Option<Register> {
+        self.keeper.filter(|_| self.rcx_out)
+    }
+
     /// Put guest rcx back in rcx if a lookup left it in the keeper.
     fn sync_rcx(&mut self) -> R<()> {
         if self.rcx_out {
@@ -2824,11 +2829,8 @@ impl Tx<'_> {
         // Before rcx is saved: the base or the index may be guest rcx
         // (in the keeper while it is out). A stack group's base, rsp,
         // lives in CpuState.
-        let in_keeper = |r: Register| match self.keeper {
-            Some(k) if self.rcx_out && r == Register::RCX => k,
-            _ => r,
-        };
-        let (base, index) = (in_keeper(g.base), in_keeper(g.index));
+        let rcx_in = self.rcx_in();
+        let (base, index) = (rcx_home(g.base, rcx_in), rcx_home(g.index, rcx_in));
         let x = if g.base == Register::RSP {
             self.a.mov(r64(sa), m(o_gpr(4)))?;
             qword_ptr(r64(sa) + g.lo as i32)
@@ -2874,7 +2876,7 @@ impl Tx<'_> {
         if !is64addr(i) {
             return Ok(false);
         }
-        let rcx_in = if self.rcx_out { self.keeper } else { None };
+        let rcx_in = self.rcx_in();
         ea_no_seg(&mut self.a, i, sa, sb, rcx_in)?;
         let x = &mut self.a;
         let seg = i.memory_segment();
@@ -4067,12 +4069,8 @@ fn ea_no_seg(
     sb: Register,
     rcx_in: Option<Register>,
 ) -> R<()> {
-    let in_keeper = |r: Register| match rcx_in {
-        Some(k) if r == Register::RCX => k,
-        _ => r,
-    };
-    let base = in_keeper(i.memory_base());
-    let index = in_keeper(i.memory_index());
+    let base = rcx_home(i.memory_base(), rcx_in);
+    let index = rcx_home(i.memory_index(), rcx_in);
     let disp = i.memory_displacement64() as i64;
     if base == Register::RIP || base == Register::None && index == Register::None {
         return x.mov(r64(sa), i.memory_displacement64());
@@ -4103,6 +4101,15 @@ fn ea_no_seg(
         x.add_instruction(no_ip(&li))?;
     }
     Ok(())
+}
+
+/// Where guest register `r` is: in `rcx_in` (the keeper) when that holds
+/// guest rcx and `r` is rcx, else in itself.
+fn rcx_home(r: Register, rcx_in: Option<Register>) -> Register {
+    match rcx_in {
+        Some(k) if r == Register::RCX => k,
+        _ => r,
+    }
 }
 
 fn is64addr(i: &Instruction) -> bool {
