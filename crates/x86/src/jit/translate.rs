@@ -1234,11 +1234,18 @@ struct Group {
     /// (legacy SSE m128): every other such member's is congruent mod 16.
     align16: Option<i64>,
     reg: Register,
-    /// A stack group (`base` is rsp, see [`stack_access`]): each member's
-    /// offset from rsp as it was before the head, which the member uses
-    /// as its displacement. Empty for other groups, whose members keep
-    /// their own displacements.
+    /// Each member's offset from `base` (plus scaled index) as it was at
+    /// the head, which the member uses as its displacement: for a stack
+    /// group (`base` is rsp, see [`stack_access`]), and for a group with a
+    /// member whose address is not its own displacement off those
+    /// registers (they moved, or it names others: see [`Lin`]). Empty for
+    /// other groups, whose members keep their own displacements.
     rel: Vec<i64>,
+    /// While planning a group that is not a stack group: the variable part
+    /// of its members' addresses, and the constant part of the head's
+    /// base plus scaled index.
+    terms: Vec<(u32, i64)>,
+    x0: i64,
 }
 
 impl Group {
@@ -1366,8 +1373,8 @@ struct StackAccess {
 /// The stack access of `i` and its change to rsp, for stack groups:
 /// PUSH/POP of a 64-bit register or immediate, CALL (direct or through a
 /// register), RET, and `[rsp + disp]` operands of instructions the fast
-/// memory path runs natively; `add`/`sub rsp, imm` and `lea rsp,
-/// [rsp + disp]` move rsp by a known amount without an access. These are
+/// memory path runs natively; the forms of [`base_step`] move rsp by a
+/// known amount without an access. These are
 /// exactly the forms whose translations honour [`Tx::member`]'s offset
 /// (`stack_op` and `native_mem_fast`); any other form is None. `ga` is
 /// `i`'s [`group_access`].
@@ -1394,29 +1401,156 @@ fn stack_access(
         Code::Pop_r64 if !rsp_op0 => acc(0, 8, false, 8),
         Code::Retnq => acc(0, 8, false, 8),
         Code::Retnq_imm16 => acc(0, 8, false, 8 + i.immediate16() as i64),
-        Code::Add_rm64_imm8 | Code::Add_rm64_imm32 if rsp_op0 => {
-            acc(0, 0, false, i.immediate(1) as i64)
-        }
-        Code::Sub_rm64_imm8 | Code::Sub_rm64_imm32 if rsp_op0 => {
-            acc(0, 0, false, (i.immediate(1) as i64).wrapping_neg())
-        }
+        _ => match base_step(i, Register::RSP) {
+            Some(d) => acc(0, 0, false, d),
+            None => {
+                let x = ga.filter(|x| x.base == Register::RSP)?;
+                Some(StackAccess {
+                    off: x.disp,
+                    size: x.size,
+                    write: x.write,
+                    align16: x.align16,
+                    delta: (!writes_rsp).then_some(0),
+                })
+            }
+        },
+    }
+}
+
+/// What `i` adds to the 64-bit register `r` when that is a known amount:
+/// `add`/`sub r, imm`, `inc`/`dec r` and `lea r, [r + disp]`.
+fn base_step(i: &Instruction, r: Register) -> Option<i64> {
+    if i.op0_kind() != OpKind::Register || i.op0_register() != r {
+        return None;
+    }
+    match i.code() {
+        Code::Add_rm64_imm8 | Code::Add_rm64_imm32 => Some(i.immediate(1) as i64),
+        Code::Sub_rm64_imm8 | Code::Sub_rm64_imm32 => Some((i.immediate(1) as i64).wrapping_neg()),
+        Code::Inc_rm64 => Some(1),
+        Code::Dec_rm64 => Some(-1),
         Code::Lea_r64_m
-            if rsp_op0
-                && is64addr(i)
-                && i.memory_base() == Register::RSP
-                && i.memory_index() == Register::None =>
+            if is64addr(i) && i.memory_base() == r && i.memory_index() == Register::None =>
         {
-            acc(0, 0, false, i.memory_displacement64() as i64)
+            Some(i.memory_displacement64() as i64)
         }
-        _ => {
-            let x = ga.filter(|x| x.base == Register::RSP)?;
-            Some(StackAccess {
-                off: x.disp,
-                size: x.size,
-                write: x.write,
-                align16: x.align16,
-                delta: (!writes_rsp).then_some(0),
-            })
+        _ => None,
+    }
+}
+
+/// A value while [`plan_groups`] walks a block: `k` plus a sum of
+/// symbols times coefficients (`terms`: sorted by symbol, none zero).
+/// Symbols 0 to 15 are the GPRs' values at the block's start; later ones
+/// are values the planner does not follow. Two addresses with the same
+/// terms differ by the difference of their `k`s.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Lin {
+    terms: Vec<(u32, i64)>,
+    k: i64,
+}
+
+/// The longest sum a [`Lin`] keeps: longer ones become fresh values.
+const LIN_TERMS: usize = 3;
+
+impl Lin {
+    fn sym(s: u32) -> Lin {
+        Lin {
+            terms: vec![(s, 1)],
+            k: 0,
+        }
+    }
+
+    fn konst(k: i64) -> Lin {
+        Lin {
+            terms: Vec::new(),
+            k,
+        }
+    }
+
+    /// `self + c * o` (wrapping, as the CPU adds), None when too long.
+    fn plus(&self, o: &Lin, c: i64) -> Option<Lin> {
+        let mut terms = self.terms.clone();
+        for &(s, a) in o.terms.iter() {
+            let a = a.wrapping_mul(c);
+            match terms.binary_search_by_key(&s, |t| t.0) {
+                Ok(n) => {
+                    terms[n].1 = terms[n].1.wrapping_add(a);
+                    if terms[n].1 == 0 {
+                        terms.remove(n);
+                    }
+                }
+                Err(n) if a != 0 => terms.insert(n, (s, a)),
+                Err(_) => {}
+            }
+        }
+        let k = self.k.wrapping_add(o.k.wrapping_mul(c));
+        (terms.len() <= LIN_TERMS).then_some(Lin { terms, k })
+    }
+}
+
+/// The GPRs as [`Lin`]s, by guest index, while [`plan_groups`] walks a
+/// block.
+struct Regs {
+    r: Vec<Lin>,
+    fresh: u32,
+}
+
+impl Regs {
+    fn new() -> Regs {
+        Regs {
+            r: (0..16).map(Lin::sym).collect(),
+            fresh: 16,
+        }
+    }
+
+    /// `base` (None: 0, RIP: `disp` is the address) plus `index` times
+    /// `scale` plus `disp`.
+    fn addr(&self, base: Register, index: Register, scale: u32, disp: i64) -> Option<Lin> {
+        let b = match base {
+            Register::None | Register::RIP => Lin::konst(0),
+            b => self.r[gidx(b)].clone(),
+        };
+        let b = b.plus(&Lin::konst(disp), 1)?;
+        match index {
+            Register::None => Some(b),
+            x => b.plus(&self.r[gidx(x)], scale as i64),
+        }
+    }
+
+    /// After `i`, which writes the GPRs `written`: the destination of a
+    /// register copy, a 64-bit LEA, ADD or SUB of a register, a shift
+    /// left by a constant or a [`base_step`] gets its new sum; any other
+    /// register written gets a fresh value.
+    fn step(&mut self, i: &Instruction, written: &[Register]) {
+        let reg = |n: u32| {
+            (i.op_count() > n && i.op_kind(n) == OpKind::Register).then(|| i.op_register(n))
+        };
+        let new = reg(0).filter(|d| d.is_gpr64()).and_then(|d| {
+            let v = &self.r[gidx(d)];
+            let src = || reg(1).filter(|s| s.is_gpr64()).map(|s| &self.r[gidx(s)]);
+            let nv = match i.code() {
+                Code::Mov_r64_rm64 | Code::Mov_rm64_r64 => src().cloned(),
+                Code::Add_r64_rm64 | Code::Add_rm64_r64 => v.plus(src()?, 1),
+                Code::Sub_r64_rm64 | Code::Sub_rm64_r64 => v.plus(src()?, -1),
+                Code::Shl_rm64_imm8 => {
+                    Lin::konst(0).plus(v, 1i64.wrapping_shl(i.immediate8() as u32 & 63))
+                }
+                Code::Shl_rm64_1 => v.plus(v, 1),
+                Code::Lea_r64_m if is64addr(i) => self.addr(
+                    i.memory_base(),
+                    i.memory_index(),
+                    i.memory_index_scale(),
+                    i.memory_displacement64() as i64,
+                ),
+                _ => base_step(i, d).and_then(|s| v.plus(&Lin::konst(s), 1)),
+            }?;
+            Some((d, nv))
+        });
+        for &w in written.iter().filter(|w| w.is_gpr64()) {
+            self.r[gidx(w)] = Lin::sym(self.fresh);
+            self.fresh += 1;
+        }
+        if let Some((d, v)) = new {
+            self.r[gidx(d)] = v;
         }
     }
 }
@@ -1460,6 +1594,7 @@ fn plan_groups(
     let mut done: Vec<Group> = Vec::new();
     let mut open: Vec<Group> = Vec::new();
     let mut stack: Option<Group> = None;
+    let mut lin = Regs::new();
     // rsp before this instruction minus rsp before the stack group's head.
     let mut delta = 0i64;
     for (k, dn) in block.insns.iter().enumerate() {
@@ -1502,19 +1637,31 @@ fn plan_groups(
                         align16: x.align16.then_some(x.off),
                         reg: Register::None,
                         rel: vec![x.off],
+                        terms: Vec::new(),
+                        x0: 0,
                     });
                 }
             }
         }
         if let Some(x) = ga.filter(|x| x.base != Register::RSP) {
             let (disp, size) = (x.disp, x.size);
-            let pos = open
-                .iter()
-                .position(|g| g.base == x.base && g.index == x.index && g.scale == x.scale);
-            let fits = pos.is_some_and(|p| open[p].fits(disp, size, x.align16));
+            // The address as a sum of the registers' values at the block's
+            // start: accesses whose addresses differ by a constant share a
+            // group, whichever registers name them.
+            let addr = lin.addr(x.base, x.index, x.scale, disp);
+            let pos = addr
+                .as_ref()
+                .and_then(|a| open.iter().position(|g| g.terms == a.terms));
+            // The offset from the head's base plus scaled index.
+            let off = match (pos, &addr) {
+                (Some(p), Some(a)) => a.k.wrapping_sub(open[p].x0),
+                _ => disp,
+            };
+            let fits = pos.is_some_and(|p| open[p].fits(off, size, x.align16));
             if let (Some(p), true) = (pos, fits) {
-                open[p].join(k, disp, size, x.write, x.align16);
-            } else {
+                open[p].join(k, off, size, x.write, x.align16);
+                open[p].rel.push(off);
+            } else if let Some(a) = addr {
                 if let Some(p) = pos {
                     done.push(open.swap_remove(p));
                 }
@@ -1528,7 +1675,9 @@ fn plan_groups(
                     write: x.write,
                     align16: x.align16.then_some(disp),
                     reg: Register::None,
-                    rel: Vec::new(),
+                    rel: vec![disp],
+                    x0: a.k.wrapping_sub(disp),
+                    terms: a.terms,
                 });
             }
         }
@@ -1555,18 +1704,22 @@ fn plan_groups(
             None if written.contains(&Register::RSP) => done.extend(stack.take()),
             None => {}
         }
-        let mut n = 0;
-        while n < open.len() {
-            if written.contains(&open[n].base) || written.contains(&open[n].index) {
-                done.push(open.swap_remove(n));
-            } else {
-                n += 1;
-            }
-        }
+        // Registers that change get their new sums (or fresh values):
+        // groups stay open, their members are found by address.
+        lin.step(i, &written);
     }
     done.append(&mut open);
     done.extend(stack);
     done.retain(|g| g.members.len() >= 2);
+    // Where every member's offset is its own displacement, members keep
+    // their operands as they are.
+    for g in done.iter_mut().filter(|g| g.base != Register::RSP) {
+        let own =
+            |(&m, &r): (&usize, &i64)| block.insns[m].insn.memory_displacement64() as i64 == r;
+        if g.members.iter().zip(g.rel.iter()).all(own) {
+            g.rel.clear();
+        }
+    }
     done.sort_by_key(|g| g.head());
     // Interval colouring, first free register.
     let mut busy_until: Vec<Option<usize>> = vec![None; free.len()];
@@ -2841,14 +2994,16 @@ impl Tx<'_> {
         };
         self.a.lea(r64(sa), x)?;
         self.save_rcx(SP_RCX)?;
-        // Its own entry slot: keyed apart from the head's own lookup (in
-        // the plain copy), which `insn` numbers from 0.
+        // Its own entry slot and cache pair: keyed apart from the head's
+        // own lookup (in the plain copy), which `insn` numbers from 0.
         self.cur_rip = self.block.insns[g.head()].insn.ip();
+        let k = std::mem::replace(&mut self.cur_k, g.head());
         self.cur_lookups = GROUP_LOOKUP;
         let size = (g.end - g.lo) as usize;
         // One aligned 16-byte location: the lookup's own alignment check.
         let one16 = g.align16 == Some(g.lo) && size == 16;
         let miss = self.lookup_fast(sa, sb, sc, size, g.write, one16)?;
+        self.cur_k = k;
         if let (Some(d0), false) = (g.align16, one16) {
             // The aligned members' addresses: x + d0 (mod 16).
             let mut aligned = self.a.create_label();
