@@ -1516,6 +1516,14 @@ impl Regs {
         }
     }
 
+    /// Every register gets a fresh value.
+    fn forget(&mut self) {
+        for r in self.r.iter_mut() {
+            *r = Lin::sym(self.fresh);
+            self.fresh += 1;
+        }
+    }
+
     /// After `i`, which writes the GPRs `written`: the destination of a
     /// register copy, a 64-bit LEA, ADD or SUB of a register, a shift
     /// left by a constant or a [`base_step`] gets its new sum; any other
@@ -1682,9 +1690,9 @@ fn plan_groups(
             }
         }
         // Instructions that leave for a helper end every group (the plain
-        // copy takes over after them anyway); a write to a base or an
-        // index ends its; a write to rsp by an unknown amount ends the
-        // stack group.
+        // copy takes over after them anyway), and the planner forgets what
+        // it knew of the registers; a write to rsp by an unknown amount
+        // ends the stack group.
         // A side exit or a followed JMP leaves the group registers alone:
         // a taken exit reloads the parked registers anyway.
         let inline = native_ok(i, sse, fp)
@@ -1696,6 +1704,7 @@ fn plan_groups(
         if !inline {
             done.append(&mut open);
             done.extend(stack.take());
+            lin.forget();
             continue;
         }
         match st.as_ref().map(|x| x.delta) {
