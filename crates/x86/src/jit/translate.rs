@@ -817,6 +817,7 @@ pub fn translate(
             opts.sse,
             opts.fp,
             &free[..free.len().min(room)],
+            loops_on_itself(block) && flags_dead_before(block).is_some(),
         );
         for g in tx.groups.iter() {
             if !tx.parked.contains(&g.reg) {
@@ -834,7 +835,7 @@ pub fn translate(
             .filter(|&(k, d)| d.insn.mnemonic() != Mnemonic::Lea && !member(k))
             .filter(|(_, d)| (0..d.insn.op_count()).any(|n| d.insn.op_kind(n) == OpKind::Memory))
             .count()
-            + tx.groups.len();
+            + tx.groups.iter().filter(|g| !g.hoist).count();
         let free = unnamed(block, &mut tx.info, &tx.parked);
         let room = 10usize.saturating_sub(tx.parked.len()).min(free.len());
         let pairs = sites.min(CACHE_PAIRS).min(room.saturating_sub(1) / 2);
@@ -892,25 +893,7 @@ pub fn translate(
     // block's scratch.
     tx.cache_clear()?;
     tx.counter_load()?;
-    let a = &mut tx.a;
-    a.zero_bytes()?;
-    let mut l_loop = a.create_label();
-    a.set_label(&mut l_loop)?;
-    count_event(a, tx.events, EV_BLOCK)?;
-    tx.l_count = Some(l_loop);
     let n = block.insns.len();
-    // Where the guest flags are dead, one flag-clobbering ADD counts;
-    // otherwise a flag-free load, LEA and store at the block's start.
-    let add_at = flags_dead_before(block);
-    if let Some(k) = add_at.filter(|&k| has_back_edge(block, k)) {
-        if !tx.parked.is_empty() {
-            tx.body_check = Some((k, a.create_label()));
-        }
-    }
-    if add_at.is_none() {
-        tx.count_fix(n as i32)?;
-    }
-
     // With groups the block is emitted twice: first the copy whose group
     // members skip their lookups, then, from the first group's head on,
     // the plain copy. The first copy goes on in the plain one at the
@@ -924,6 +907,38 @@ pub fn translate(
     } else {
         (0..=n).map(|_| tx.a.create_label()).collect()
     };
+    // Hoisted groups are checked here, before the passes: again after a
+    // pass in the plain copy (its back edge comes here), never after one
+    // in the first copy, which leaves their registers as they were.
+    let hoisted = groups.iter().any(|g| g.hoist);
+    let mut l_hoist = tx.a.create_label();
+    if hoisted {
+        tx.a.set_label(&mut l_hoist)?;
+        tx.a.zero_bytes()?;
+        // Their own lookups (the cache pairs were just cleared).
+        let owners = std::mem::take(&mut tx.cache_owner);
+        for g in groups.iter().filter(|g| g.hoist) {
+            tx.group_check(g, plain[0], false)?;
+        }
+        tx.cache_owner = owners;
+    }
+    let a = &mut tx.a;
+    a.zero_bytes()?;
+    let mut l_loop = a.create_label();
+    a.set_label(&mut l_loop)?;
+    count_event(a, tx.events, EV_BLOCK)?;
+    tx.l_count = Some(l_loop);
+    // Where the guest flags are dead, one flag-clobbering ADD counts;
+    // otherwise a flag-free load, LEA and store at the block's start.
+    let add_at = flags_dead_before(block);
+    if let Some(k) = add_at.filter(|&k| has_back_edge(block, k)) {
+        if !tx.parked.is_empty() {
+            tx.body_check = Some((k, a.create_label()));
+        }
+    }
+    if add_at.is_none() {
+        tx.count_fix(n as i32)?;
+    }
     let next = block.insns[n - 1].insn.next_ip();
     let mut ended = false;
     for (k, dn) in block.insns.iter().enumerate() {
@@ -934,7 +949,7 @@ pub fn translate(
         }
         // Before the count: a failed check enters the plain copy before
         // its count.
-        for g in groups.iter().filter(|g| g.head() == k) {
+        for g in groups.iter().filter(|g| g.head() == k && !g.hoist) {
             tx.group_check(g, plain[k], add_at != Some(k))?;
         }
         if add_at == Some(k) {
@@ -951,7 +966,10 @@ pub fn translate(
         if ended {
             break;
         }
-        if groups.iter().any(|g| g.head() <= k && k < g.last()) {
+        if groups
+            .iter()
+            .any(|g| g.hoist || g.head() <= k && k < g.last())
+        {
             for s in tx.slow[slow..].iter_mut() {
                 s.back = plain[k + 1];
             }
@@ -967,12 +985,20 @@ pub fn translate(
     }
     // Every path below starts with guest rcx in rcx.
     tx.rcx_out = false;
-    if let Some(first) = groups.first() {
+    let first = groups
+        .iter()
+        .map(|g| if g.hoist { 0 } else { g.head() })
+        .min();
+    if let Some(first) = first {
         let mut plain = plain;
+        // The plain copy's back edge checks the hoisted groups again.
+        if hoisted {
+            tx.l_count = Some(l_hoist);
+        }
         tx.uncounted(|tx| {
             let mut ended = false;
             let copy = block.insns.iter().zip(plain.iter_mut()).enumerate();
-            for (k, (dn, label)) in copy.skip(first.head()) {
+            for (k, (dn, label)) in copy.skip(first) {
                 // plain[k] is a join point: jumps from the first copy
                 // arrive with guest rcx in rcx.
                 tx.sync_rcx()?;
@@ -1241,11 +1267,19 @@ struct Group {
     /// registers (they moved, or it names others: see [`Lin`]). Empty for
     /// other groups, whose members keep their own displacements.
     rel: Vec<i64>,
-    /// While planning a group that is not a stack group: the variable part
-    /// of its members' addresses, and the constant part of the head's
-    /// base plus scaled index.
+    /// For a group that is not a stack group: the variable part of its
+    /// members' addresses (while planning), and the constant part of the
+    /// head's base plus scaled index; for a group of RIP-relative
+    /// accesses (`base` is RIP), the head's address, from which `lo`,
+    /// `end` and `rel` count.
     terms: Vec<(u32, i64)>,
     x0: i64,
+    /// Checked once before the passes of a block that loops on itself,
+    /// not at its head: its address does not change from pass to pass
+    /// (`base` and `index` are then registers the block leaves as they
+    /// were, or `base` is RIP), and the block runs no helper between its
+    /// start and its back edge.
+    hoist: bool,
 }
 
 impl Group {
@@ -1311,7 +1345,7 @@ fn group_access(
     if !mem
         || !matches!(size, 1 | 2 | 4 | 8 | 16)
         || !is64addr(i)
-        || !base.is_gpr64()
+        || !(base.is_gpr64() || base == Register::RIP && index == Register::None)
         || base == Register::R15
         // rsp-based ones go to stack groups, which take no index.
         || base == Register::RSP && index != Register::None
@@ -1591,18 +1625,23 @@ impl Group {
 /// Besides the groups of one base (and index), one stack group at a time
 /// covers the stack accesses of a run of instructions that move rsp by
 /// known amounts (a prologue's pushes, an epilogue's pops and RET):
-/// offsets from rsp as it was at the group's head.
+/// offsets from rsp as it was at the group's head. With `hoist_ok` (the
+/// block loops on itself and counts at an instruction inside), groups
+/// whose addresses stay the same from pass to pass are hoisted (see
+/// [`Group::hoist`]), even with a single member.
 fn plan_groups(
     block: &Block,
     info: &mut InstructionInfoFactory,
     sse: bool,
     fp: bool,
     free: &[Register],
+    hoist_ok: bool,
 ) -> Vec<Group> {
     let mut done: Vec<Group> = Vec::new();
     let mut open: Vec<Group> = Vec::new();
     let mut stack: Option<Group> = None;
     let mut lin = Regs::new();
+    let mut helper_before_end = false;
     // rsp before this instruction minus rsp before the stack group's head.
     let mut delta = 0i64;
     for (k, dn) in block.insns.iter().enumerate() {
@@ -1647,16 +1686,19 @@ fn plan_groups(
                         rel: vec![x.off],
                         terms: Vec::new(),
                         x0: 0,
+                        hoist: false,
                     });
                 }
             }
         }
         if let Some(x) = ga.filter(|x| x.base != Register::RSP) {
-            let (disp, size) = (x.disp, x.size);
+            // A RIP-relative operand's displacement is its address: its
+            // group counts from the head's address.
+            let (disp, size) = (if x.base == Register::RIP { 0 } else { x.disp }, x.size);
             // The address as a sum of the registers' values at the block's
             // start: accesses whose addresses differ by a constant share a
             // group, whichever registers name them.
-            let addr = lin.addr(x.base, x.index, x.scale, disp);
+            let addr = lin.addr(x.base, x.index, x.scale, x.disp);
             let pos = addr
                 .as_ref()
                 .and_then(|a| open.iter().position(|g| g.terms == a.terms));
@@ -1686,6 +1728,7 @@ fn plan_groups(
                     rel: vec![disp],
                     x0: a.k.wrapping_sub(disp),
                     terms: a.terms,
+                    hoist: false,
                 });
             }
         }
@@ -1704,7 +1747,13 @@ fn plan_groups(
         if !inline {
             done.append(&mut open);
             done.extend(stack.take());
-            lin.forget();
+            if k + 1 < block.insns.len() {
+                helper_before_end = true;
+                lin.forget();
+            } else {
+                // The back edge of a loop: what it writes (LOOP: rcx).
+                lin.step(i, &written);
+            }
             continue;
         }
         match st.as_ref().map(|x| x.delta) {
@@ -1719,31 +1768,91 @@ fn plan_groups(
     }
     done.append(&mut open);
     done.extend(stack);
-    done.retain(|g| g.members.len() >= 2);
+    if hoist_ok && !helper_before_end {
+        for g in done.iter_mut() {
+            hoist(g, &lin);
+        }
+    }
+    // A group of one access pays when its check is hoisted.
+    done.retain(|g| g.members.len() >= 2 || g.hoist);
     // Where every member's offset is its own displacement, members keep
     // their operands as they are.
-    for g in done.iter_mut().filter(|g| g.base != Register::RSP) {
+    let keep = |g: &&mut Group| g.base != Register::RSP && g.base != Register::RIP;
+    for g in done.iter_mut().filter(keep) {
         let own =
             |(&m, &r): (&usize, &i64)| block.insns[m].insn.memory_displacement64() as i64 == r;
         if g.members.iter().zip(g.rel.iter()).all(own) {
             g.rel.clear();
         }
     }
-    done.sort_by_key(|g| g.head());
-    // Interval colouring, first free register.
+    // Interval colouring, first free register; hoisted groups first, live
+    // through the whole block.
+    done.sort_by_key(|g| (!g.hoist, g.head()));
     let mut busy_until: Vec<Option<usize>> = vec![None; free.len()];
     done.retain_mut(|g| {
+        let (from, to) = match g.hoist {
+            true => (0, usize::MAX),
+            false => (g.head(), g.last()),
+        };
         let Some(r) = busy_until
             .iter()
-            .position(|b| b.is_none_or(|last| last < g.head()))
+            .position(|b| b.is_none_or(|last| last < from))
         else {
             return false;
         };
-        busy_until[r] = Some(g.last());
+        busy_until[r] = Some(to);
         g.reg = free[r];
         true
     });
+    done.sort_by_key(|g| g.head());
     done
+}
+
+/// Make `g` a hoisted group (see [`Group::hoist`]) when its address is the
+/// same in every pass of a block that loops on itself: RIP-relative, or
+/// a sum of at most two registers (the second scaled by 1, 2, 4 or 8,
+/// neither rsp nor r15) that `lin`, the registers at the back edge, shows
+/// unchanged. Its base and index become those registers and its offsets
+/// count from their sum.
+fn hoist(g: &mut Group, lin: &Regs) {
+    if g.base == Register::RSP {
+        return;
+    }
+    if g.base == Register::RIP {
+        g.hoist = true;
+        return;
+    }
+    let same = g.terms.iter().all(|&(s, _)| {
+        let r = GPR64.get(s as usize).copied();
+        r.is_some_and(|r| r != Register::RSP && r != Register::R15)
+            && lin.r[s as usize] == Lin::sym(s)
+    });
+    if !same {
+        return;
+    }
+    let reg = |s: u32| GPR64[s as usize];
+    let form = match g.terms[..] {
+        [(s, 1)] => Some((reg(s), Register::None, 1)),
+        [(s, 1), (t, c)] | [(t, c), (s, 1)] if matches!(c, 1 | 2 | 4 | 8) => {
+            Some((reg(s), reg(t), c as u32))
+        }
+        _ => None,
+    };
+    let Some((base, index, scale)) = form else {
+        return;
+    };
+    let x0 = g.x0;
+    let fits = |v: i64| v.checked_add(x0).is_some_and(|v| i32::try_from(v).is_ok());
+    if !(fits(g.lo) && fits(g.end) && g.rel.iter().all(|&r| fits(r))) {
+        return;
+    }
+    g.lo += x0;
+    g.end += x0;
+    g.align16 = g.align16.map(|d| d + x0);
+    for r in g.rel.iter_mut() {
+        *r += x0;
+    }
+    (g.base, g.index, g.scale, g.x0, g.hoist) = (base, index, scale, 0, true);
 }
 
 /// Instruction `k` of `block` is a branch the block goes on past: a side
@@ -2993,15 +3102,19 @@ impl Tx<'_> {
         // lives in CpuState.
         let rcx_in = self.rcx_in();
         let (base, index) = (rcx_home(g.base, rcx_in), rcx_home(g.index, rcx_in));
-        let x = if g.base == Register::RSP {
-            self.a.mov(r64(sa), m(o_gpr(4)))?;
-            qword_ptr(r64(sa) + g.lo as i32)
-        } else if g.index == Register::None {
-            qword_ptr(r64(base) + g.lo as i32)
+        if g.base == Register::RIP {
+            self.a.mov(r64(sa), g.x0.wrapping_add(g.lo) as u64)?;
         } else {
-            qword_ptr(r64(base) + r64(index) * g.scale + g.lo as i32)
-        };
-        self.a.lea(r64(sa), x)?;
+            let x = if g.base == Register::RSP {
+                self.a.mov(r64(sa), m(o_gpr(4)))?;
+                qword_ptr(r64(sa) + g.lo as i32)
+            } else if g.index == Register::None {
+                qword_ptr(r64(base) + g.lo as i32)
+            } else {
+                qword_ptr(r64(base) + r64(index) * g.scale + g.lo as i32)
+            };
+            self.a.lea(r64(sa), x)?;
+        }
         self.save_rcx(SP_RCX)?;
         // Its own entry slot and cache pair: keyed apart from the head's
         // own lookup (in the plain copy), which `insn` numbers from 0.
