@@ -1569,6 +1569,52 @@ fn groups_by_address_match_the_interpreter() {
     assert_ne!(g_i[13], 0, "the loop summed something");
 }
 
+/// A loop whose groups are hoisted (two invariant bases, one of them a
+/// single access) translates, and matches the interpreter.
+#[test]
+fn hoisted_groups_translate() {
+    let run = |engine: mat_x86::Engine| {
+        let mut cpu = paging_machine(|a| {
+            let (mut top, mut done) = (a.create_label(), a.create_label());
+            a.mov(rbx, va(5) + 0x100).unwrap();
+            a.mov(r8, va(6) + 0x200).unwrap();
+            a.mov(r12d, 40).unwrap();
+            a.xor(ebp, ebp).unwrap();
+            a.set_label(&mut top).unwrap();
+            a.mov(eax, dword_ptr(rbx + 0x28)).unwrap();
+            a.add(rax, rdx).unwrap();
+            a.mov(rcx, rax).unwrap();
+            a.xor(rax, qword_ptr(rbx + 0xb8)).unwrap();
+            a.bswap(rcx).unwrap();
+            a.xor(rax, rcx).unwrap();
+            a.mov(qword_ptr(r8), rax).unwrap();
+            a.add(ebp, 1).unwrap();
+            a.movsxd(r14, ebp).unwrap();
+            a.cmp(r14, r12).unwrap();
+            a.jae(done).unwrap();
+            a.mov(rdx, qword_ptr(r8)).unwrap();
+            a.test(rdx, rdx).unwrap();
+            a.jne(top).unwrap();
+            a.set_label(&mut done).unwrap();
+            a.hlt().unwrap();
+        });
+        w64(&cpu, pa(5) + 0x128, 0x1234_5678);
+        w64(&cpu, pa(5) + 0x1b8, 0x0f0f_0f0f_0f0f_0f0f);
+        hot_engine(&mut cpu, engine);
+        expect_clean_halt(&mut cpu);
+        (
+            cpu.s.gpr,
+            r64(&cpu, pa(6) + 0x200),
+            cpu.jit_stats().cloned(),
+        )
+    };
+    let (g_i, m_i, _) = run(mat_x86::Engine::Interp);
+    let (g_j, m_j, stats) = run(mat_x86::Engine::Jit);
+    let stats = stats.expect("jit stats");
+    assert_eq!(stats.translate_failures, 0, "{stats:?}");
+    assert_eq!((g_j, m_j), (g_i, m_i));
+}
+
 /// Indexed groups with aligned SSE members: `[rsi + rcx*8 + d]` loads and
 /// stores (MOVUPD, ADDPD, MOVAPS, MOV) share one check of the range and of
 /// the 16-byte alignment of the ADDPD/MOVAPS address. Round by round the

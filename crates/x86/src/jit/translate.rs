@@ -913,6 +913,8 @@ pub fn translate(
     let hoisted = groups.iter().any(|g| g.hoist);
     let mut l_hoist = tx.a.create_label();
     if hoisted {
+        // (Keeps l_hoist off l_count.)
+        tx.a.zero_bytes()?;
         tx.a.set_label(&mut l_hoist)?;
         tx.a.zero_bytes()?;
         // Their own lookups (the cache pairs were just cleared).
