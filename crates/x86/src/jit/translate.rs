@@ -1460,8 +1460,12 @@ fn base_step(i: &Instruction, r: Register) -> Option<i64> {
         return None;
     }
     match i.code() {
-        Code::Add_rm64_imm8 | Code::Add_rm64_imm32 => Some(i.immediate(1) as i64),
-        Code::Sub_rm64_imm8 | Code::Sub_rm64_imm32 => Some((i.immediate(1) as i64).wrapping_neg()),
+        Code::Add_rm64_imm8 | Code::Add_rm64_imm32 | Code::Add_RAX_imm32 => {
+            Some(i.immediate(1) as i64)
+        }
+        Code::Sub_rm64_imm8 | Code::Sub_rm64_imm32 | Code::Sub_RAX_imm32 => {
+            Some((i.immediate(1) as i64).wrapping_neg())
+        }
         Code::Inc_rm64 => Some(1),
         Code::Dec_rm64 => Some(-1),
         Code::Lea_r64_m
@@ -1709,7 +1713,10 @@ fn plan_groups(
                 (Some(p), Some(a)) => a.k.wrapping_sub(open[p].x0),
                 _ => disp,
             };
-            let fits = pos.is_some_and(|p| open[p].fits(off, size, x.align16));
+            // (Sums wrap: an offset beyond a displacement's reach joins
+            // nothing.)
+            let near = i32::try_from(off).is_ok();
+            let fits = pos.is_some_and(|p| near && open[p].fits(off, size, x.align16));
             if let (Some(p), true) = (pos, fits) {
                 open[p].join(k, off, size, x.write, x.align16);
                 open[p].rel.push(off);
@@ -4585,5 +4592,60 @@ mod tests {
         assert_eq!(native, 13);
         let code = asm(|a| a.call(qword_ptr(rax + 0x10)).unwrap());
         assert_eq!(counts(&code), (1, 0));
+    }
+
+    /// The group planner's registers: copies, LEA, ADD/SUB of an
+    /// immediate or a register, shifts and INC/DEC give sums of the
+    /// starting values; anything else written gets a value of its own.
+    #[test]
+    fn planner_follows_register_sums() {
+        use iced_x86::code_asm::*;
+        let mut a = CodeAssembler::new(64).unwrap();
+        a.mov(rax, rdi).unwrap(); // rax = rdi
+        a.lea(rsi, qword_ptr(rdi + rbx * 4 + 8)).unwrap(); // rdi + 4 rbx + 8
+        a.add(rax, 16).unwrap(); // rdi + 16
+        a.sub(rsi, rbx).unwrap(); // rdi + 3 rbx + 8
+        a.shl(rbx, 3).unwrap(); // 8 rbx
+        a.dec(rdi).unwrap(); // rdi - 1
+        a.add(ecx, 1).unwrap(); // 32-bit: not followed
+        a.mov(rdx, qword_ptr(rax)).unwrap(); // loaded: not followed
+        let code = a.assemble(0).unwrap();
+        let mut info = InstructionInfoFactory::new();
+        let mut regs = Regs::new();
+        for i in Decoder::new(64, &code, 0).into_iter() {
+            let written: Vec<Register> = info
+                .info(&i)
+                .used_registers()
+                .iter()
+                .filter(|u| matches!(u.access(), OpAccess::Write | OpAccess::ReadWrite))
+                .map(|u| u.register().full_register())
+                .collect();
+            regs.step(&i, &written);
+        }
+        let sym = |r: Register| gidx(r) as u32;
+        let lin = |terms: &[(Register, i64)], k: i64| Lin {
+            terms: terms.iter().map(|&(r, c)| (sym(r), c)).collect(),
+            k,
+        };
+        assert_eq!(regs.r[gidx(Register::RAX)], lin(&[(Register::RDI, 1)], 16));
+        assert_eq!(
+            regs.r[gidx(Register::RSI)],
+            lin(&[(Register::RBX, 3), (Register::RDI, 1)], 8)
+        );
+        assert_eq!(regs.r[gidx(Register::RBX)], lin(&[(Register::RBX, 8)], 0));
+        assert_eq!(regs.r[gidx(Register::RDI)], lin(&[(Register::RDI, 1)], -1));
+        for r in [Register::RCX, Register::RDX] {
+            let v = &regs.r[gidx(r)];
+            assert!(
+                v.terms.len() == 1 && v.terms[0].0 >= 16 && v.k == 0,
+                "{r:?}: {v:?}"
+            );
+        }
+        assert_eq!(
+            regs.addr(Register::RSI, Register::RBX, 2, -8),
+            Some(lin(&[(Register::RBX, 19), (Register::RDI, 1)], 0))
+        );
+        regs.forget();
+        assert!(regs.r.iter().all(|v| v.terms[0].0 >= 16));
     }
 }
