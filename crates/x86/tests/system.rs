@@ -1406,21 +1406,56 @@ fn translated_accesses_follow_remapped_and_alternating_pages() {
 /// share a TLB index and evict each other), so their helpers run while
 /// the group is live and the block must go on without the group's
 /// register. Compared with the interpreter and with a model of the loop.
+/// Run `n` rounds of `body` (r12 counts down from `n`) on `engine`, with
+/// rdi = `even` on even rounds and `even` - 16 on odd ones, va(6) mapped
+/// to pa(14) (not adjacent to va(5)'s frame) and `cells` (physical)
+/// holding `init(k)` for the k-th; the registers and the cells after.
+fn straddling_rounds(
+    engine: mat_x86::Engine,
+    n: u32,
+    even: u64,
+    body: impl Fn(&mut CodeAssembler),
+    cells: &[u64],
+    init: impl Fn(usize) -> u64,
+) -> ([u64; 16], Vec<u64>, Option<mat_x86::JitStats>) {
+    let mut cpu = paging_machine(|a| {
+        let mut top = a.create_label();
+        a.mov(r12d, n).unwrap();
+        a.set_label(&mut top).unwrap();
+        a.mov(edi, r12d).unwrap();
+        a.and(edi, 1).unwrap();
+        a.shl(edi, 4).unwrap();
+        a.neg(rdi).unwrap();
+        a.add(rdi, even as i32).unwrap();
+        body(a);
+        a.dec(r12d).unwrap();
+        a.jnz(top).unwrap();
+        a.hlt().unwrap();
+    });
+    set_pte(&cpu, 6, pa(14) | P | RW | US);
+    for (k, &at) in cells.iter().enumerate() {
+        w64(&cpu, at, init(k));
+    }
+    hot_engine(&mut cpu, engine);
+    expect_clean_halt(&mut cpu);
+    let mem = cells.iter().map(|&at| r64(&cpu, at)).collect();
+    (cpu.s.gpr, mem, cpu.jit_stats().cloned())
+}
+
 #[test]
 fn grouped_accesses_survive_straddles_and_helpers() {
     const N: u64 = 100;
-    let run = |engine: mat_x86::Engine| {
-        let mut cpu = paging_machine(|a| {
-            let mut top = a.create_label();
-            a.mov(r12d, N as u32).unwrap();
-            a.set_label(&mut top).unwrap();
-            // rdi = va(6) - 24 on odd rounds (inside va(5)), va(6) - 8 on
-            // even ones (straddling).
-            a.mov(edi, r12d).unwrap();
-            a.and(edi, 1).unwrap();
-            a.shl(edi, 4).unwrap();
-            a.neg(rdi).unwrap();
-            a.add(rdi, (va(6) - 8) as i32).unwrap();
+    let cells = [
+        pa(5) + 0xfe8,
+        pa(5) + 0xff0,
+        pa(5) + 0xff8,
+        pa(14),
+        pa(14) + 8,
+    ];
+    // rdi = va(6) - 24 on odd rounds (inside va(5)), va(6) - 8 on even
+    // ones (straddling).
+    let run = |engine| {
+        let body = |a: &mut CodeAssembler| {
             // On straddling rounds the first member is on va(6)'s side.
             a.mov(rax, qword_ptr(rdi + 8)).unwrap();
             a.mov(rdx, qword_ptr(va(3))).unwrap();
@@ -1430,45 +1465,23 @@ fn grouped_accesses_survive_straddles_and_helpers() {
             a.add(rax, r8).unwrap();
             a.mov(qword_ptr(rdi + 16), rax).unwrap();
             a.add(r13, rax).unwrap();
-            a.dec(r12d).unwrap();
-            a.jnz(top).unwrap();
-            a.hlt().unwrap();
-        });
-        set_pte(&cpu, 6, pa(14) | P | RW | US);
-        for (k, at) in [
-            pa(5) + 0xfe8,
-            pa(5) + 0xff0,
-            pa(5) + 0xff8,
-            pa(14),
-            pa(14) + 8,
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            w64(&cpu, at, 0x0101_0101 << k);
-        }
-        let low = r64(&cpu, 0x3000);
-        hot_engine(&mut cpu, engine);
-        expect_clean_halt(&mut cpu);
-        let stats = cpu.jit_stats().cloned();
-        let mem: Vec<u64> = [
-            pa(5) + 0xfe8,
-            pa(5) + 0xff0,
-            pa(5) + 0xff8,
-            pa(14),
-            pa(14) + 8,
-        ]
-        .iter()
-        .map(|&at| r64(&cpu, at))
-        .collect();
-        (cpu.s.gpr, mem, stats, low)
+        };
+        straddling_rounds(engine, N as u32, va(6) - 8, body, &cells, |k| {
+            0x0101_0101 << k
+        })
     };
-    let (g_i, m_i, _, low) = run(mat_x86::Engine::Interp);
-    let (g_j, m_j, stats, _) = run(mat_x86::Engine::Jit);
+    let (g_i, m_i, _) = run(mat_x86::Engine::Interp);
+    let (g_j, m_j, stats) = run(mat_x86::Engine::Jit);
     let stats = stats.expect("jit stats");
     assert!(stats.translations > 0 && stats.entries > 0, "{stats:?}");
     assert_eq!(g_j, g_i, "registers (jit vs interpreter)");
     assert_eq!(m_j, m_i, "memory (jit vs interpreter)");
+    // What the loop reads at 0x3000 (a page of the identity tables, the
+    // same in every machine).
+    let low = {
+        let cpu = paging_machine(|a| a.hlt().unwrap());
+        r64(&cpu, 0x3000)
+    };
     // The model: qwords at va(6) - 24 .. va(6) + 16, in steps of 8.
     let mut m: Vec<u64> = (0..5).map(|k| 0x0101_0101u64 << k).collect();
     let mut sum = 0u64;
@@ -1498,23 +1511,14 @@ fn grouped_accesses_survive_straddles_and_helpers() {
 /// qword.
 #[test]
 fn groups_by_address_match_the_interpreter() {
-    const N: u64 = 96;
     let cells: Vec<u64> = (0..4)
         .map(|k| pa(5) + 0xfd8 + 8 * k)
         .chain((0..4).map(|k| pa(14) + 8 * k))
         .collect();
-    let run = |engine: mat_x86::Engine| {
-        let mut cpu = paging_machine(|a| {
-            let mut top = a.create_label();
-            a.mov(r12d, N as u32).unwrap();
-            a.set_label(&mut top).unwrap();
-            // rdi = va(6) - 40 on odd rounds (the range is inside va(5)),
-            // va(6) - 24 on even ones (it straddles).
-            a.mov(edi, r12d).unwrap();
-            a.and(edi, 1).unwrap();
-            a.shl(edi, 4).unwrap();
-            a.neg(rdi).unwrap();
-            a.add(rdi, (va(6) - 24) as i32).unwrap();
+    // rdi = va(6) - 40 on odd rounds (the range is inside va(5)), va(6) -
+    // 24 on even ones (it straddles).
+    let run = |engine| {
+        let body = |a: &mut CodeAssembler| {
             a.mov(rax, qword_ptr(rdi)).unwrap();
             a.lea(rsi, qword_ptr(rdi + 8)).unwrap();
             a.add(rax, qword_ptr(rsi)).unwrap();
@@ -1542,23 +1546,9 @@ fn groups_by_address_match_the_interpreter() {
             a.lodsq().unwrap();
             a.add(r13, qword_ptr(rsi)).unwrap();
             a.add(r13, qword_ptr(rbx + 16)).unwrap();
-            a.dec(r12d).unwrap();
-            a.jnz(top).unwrap();
-            a.hlt().unwrap();
-        });
-        set_pte(&cpu, 6, pa(14) | P | RW | US);
-        for (k, &at) in cells.iter().enumerate() {
-            w64(
-                &cpu,
-                at,
-                0x0123_4567_89ab_cdef_u64.rotate_left(8 * k as u32),
-            );
-        }
-        hot_engine(&mut cpu, engine);
-        expect_clean_halt(&mut cpu);
-        let stats = cpu.jit_stats().cloned();
-        let mem: Vec<u64> = cells.iter().map(|&at| r64(&cpu, at)).collect();
-        (cpu.s.gpr, mem, stats)
+        };
+        let init = |k: usize| 0x0123_4567_89ab_cdef_u64.rotate_left(8 * k as u32);
+        straddling_rounds(engine, 96, va(6) - 24, body, &cells, init)
     };
     let (g_i, m_i, _) = run(mat_x86::Engine::Interp);
     let (g_j, m_j, stats) = run(mat_x86::Engine::Jit);
