@@ -1398,14 +1398,6 @@ fn translated_accesses_follow_remapped_and_alternating_pages() {
     );
 }
 
-/// Same-base accesses of a translated block share one TLB check (groups:
-/// `[rdi]`, `[rdi+8]`, `[rdi+16]` below). The group alternates between
-/// lying inside va(5) and straddling va(5)/va(6), which map to frames that
-/// are not adjacent, so its check fails every other round. Between its
-/// members two other loads miss the TLB every round (va(3) and 0x3000
-/// share a TLB index and evict each other), so their helpers run while
-/// the group is live and the block must go on without the group's
-/// register. Compared with the interpreter and with a model of the loop.
 /// Run `n` rounds of `body` (r12 counts down from `n`) on `engine`, with
 /// rdi = `even` on even rounds and `even` - 16 on odd ones, va(6) mapped
 /// to pa(14) (not adjacent to va(5)'s frame) and `cells` (physical)
@@ -1442,6 +1434,14 @@ fn straddling_rounds(
     (cpu.s.gpr, mem, cpu.jit_stats().cloned())
 }
 
+/// Same-base accesses of a translated block share one TLB check (groups:
+/// `[rdi]`, `[rdi+8]`, `[rdi+16]` below). The group alternates between
+/// lying inside va(5) and straddling va(5)/va(6), which map to frames that
+/// are not adjacent, so its check fails every other round. Between its
+/// members two other loads miss the TLB every round (va(3) and 0x3000
+/// share a TLB index and evict each other), so their helpers run while
+/// the group is live and the block must go on without the group's
+/// register. Compared with the interpreter and with a model of the loop.
 #[test]
 fn grouped_accesses_survive_straddles_and_helpers() {
     const N: u64 = 100;
@@ -1503,9 +1503,10 @@ fn grouped_accesses_survive_straddles_and_helpers() {
 /// (LEA), `[rdi]` after `add rdi, 16`, `[rbx + 8]` with rbx a copy of rdi,
 /// `[rsi + 24]` and `[r8 - 8]` with r8 = rbx shifted back by a SUB. The
 /// range alternates between lying inside va(5) and straddling va(5)/va(6)
-/// (frames not adjacent: the check fails and the plain copy runs), and
-/// every fourth round a store goes through a register the planner cannot
-/// follow (loaded from memory); after a LODSQ (a helper that moves rsi)
+/// (frames not adjacent: the check fails and the plain copy runs); a
+/// store goes through a register the planner cannot follow (loaded from
+/// memory), at an offset that cycles through four values; after a LODSQ
+/// (a helper that moves rsi)
 /// the planner must not take rsi for what it was. Compared with the
 /// interpreter: a member given a wrong offset reads or writes the wrong
 /// qword.
@@ -1559,8 +1560,10 @@ fn groups_by_address_match_the_interpreter() {
     assert_ne!(g_i[13], 0, "the loop summed something");
 }
 
-/// A loop whose groups are hoisted (two invariant bases, one of them a
-/// single access) translates, and matches the interpreter.
+/// A loop with two hoisted groups (bases the loop leaves alone) and
+/// nothing to emit at its count entry (no cache pair, no count register)
+/// translates (two labels once landed on one instruction there), and
+/// matches the interpreter.
 #[test]
 fn hoisted_groups_translate() {
     let run = |engine: mat_x86::Engine| {
