@@ -2066,7 +2066,7 @@ fn cached_tlb_entries_match_the_interpreter() {
 #[test]
 fn misaligned_hits_of_cached_sites_match_the_interpreter() {
     let (mut jit, mut int) = hot_pair(|| {
-        let mut cpu = paging_machine(|a| {
+        let cpu = paging_machine(|a| {
             let mut top = a.create_label();
             let poison = (va(3) >> 12).wrapping_neg();
             for r in [rdi, rbp, r8, r9, r10, r11, r13, r14] {
