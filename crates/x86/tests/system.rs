@@ -1725,6 +1725,16 @@ fn a_misaligned_group_member_faults_precisely() {
     assert_eq!(g_j, g_i, "registers (jit vs interpreter)");
 }
 
+/// Assert that `n` frames of guest memory from physical `at` are the same
+/// in both machines.
+fn same_memory(jit: &Cpu, int: &Cpu, at: u64, n: usize, what: &str) {
+    assert_eq!(
+        read_bytes(jit, at, n * 4096),
+        read_bytes(int, at, n * 4096),
+        "{what}"
+    );
+}
+
 /// Run `jit` to its HLT in slices of `budget` instructions; at every
 /// budget exit, step `int` to the same point (rip and r12, the loop
 /// counter) and compare registers, flags and the instruction count. Then
@@ -1883,11 +1893,7 @@ fn rcx_kept_across_lookups_matches_the_interpreter() {
     };
     let (mut jit, mut int) = hot_pair(|| paging_machine(prog));
     lockstep(&mut jit, &mut int, 444, 100_000, 10);
-    assert_eq!(
-        read_bytes(&jit, pa(12), 4096),
-        read_bytes(&int, pa(12), 4096),
-        "memory"
-    );
+    same_memory(&jit, &int, pa(12), 1, "memory");
 }
 
 /// Guest rcx as the index (or base) of memory operands while it is out in
@@ -1938,11 +1944,7 @@ fn rcx_addresses_from_the_keeper_match_the_interpreter() {
             continue;
         }
         lockstep(&mut jit, &mut int, 321, 100_000, 10);
-        assert_eq!(
-            read_bytes(&jit, pa(12), 4096),
-            read_bytes(&int, pa(12), 4096),
-            "memory"
-        );
+        same_memory(&jit, &int, pa(12), 1, "memory");
     }
 }
 
@@ -2036,11 +2038,7 @@ fn cached_tlb_entries_match_the_interpreter() {
             }
             lockstep(&mut jit, &mut int, 333, 100_000, 10);
             for f in [3, 9] {
-                assert_eq!(
-                    read_bytes(&jit, pa(f), 4096),
-                    read_bytes(&int, pa(f), 4096),
-                    "frame {f} ({mode:?})"
-                );
+                same_memory(&jit, &int, pa(f), 1, &format!("frame {f} ({mode:?})"));
             }
             let ev = jit.jit_events().expect("events");
             let count = |what: &str| ev.iter().find(|e| e.0 == what).map_or(0, |e| e.1);
@@ -2191,11 +2189,7 @@ fn groups_across_side_exits_match_the_interpreter() {
             continue;
         }
         lockstep(&mut jit, &mut int, 333, 100_000, 10);
-        assert_eq!(
-            read_bytes(&jit, pa(0), 8 * 4096),
-            read_bytes(&int, pa(0), 8 * 4096),
-            "memory"
-        );
+        same_memory(&jit, &int, pa(0), 8, "memory");
     }
 }
 
