@@ -229,6 +229,15 @@ fn set_pte(cpu: &Cpu, i: u64, v: u64) {
     w64(cpu, PT + i * 8, v);
 }
 
+/// [`paging_machine`] with va(`absent`), if any, not present.
+fn paging_machine_without(code: impl FnOnce(&mut CodeAssembler), absent: Option<u64>) -> Cpu {
+    let cpu = paging_machine(code);
+    if let Some(i) = absent {
+        set_pte(&cpu, i, 0);
+    }
+    cpu
+}
+
 #[test]
 fn accessed_and_dirty_bits() {
     let mut cpu = paging_machine(|a| {
@@ -1930,13 +1939,8 @@ fn rcx_addresses_from_the_keeper_match_the_interpreter() {
         a.hlt().unwrap();
     };
     for fault in [false, true] {
-        let (mut jit, mut int) = hot_pair(|| {
-            let cpu = paging_machine(prog);
-            if fault {
-                set_pte(&cpu, 1, 0);
-            }
-            cpu
-        });
+        let absent = fault.then_some(1);
+        let (mut jit, mut int) = hot_pair(|| paging_machine_without(prog, absent));
         if fault {
             same_page_fault(&mut jit, &mut int);
             assert_eq!(jit.s.cr2 >> 12, va(1) >> 12, "the page that is not present");
@@ -2176,13 +2180,8 @@ fn groups_across_side_exits_match_the_interpreter() {
         a.jmp(back).unwrap();
     };
     for fault in [false, true] {
-        let (mut jit, mut int) = hot_pair(|| {
-            let cpu = paging_machine(prog);
-            if fault {
-                set_pte(&cpu, 5, 0);
-            }
-            cpu
-        });
+        let absent = fault.then_some(5);
+        let (mut jit, mut int) = hot_pair(|| paging_machine_without(prog, absent));
         if fault {
             same_page_fault(&mut jit, &mut int);
             assert_eq!(jit.s.cr2 >> 12, va(5) >> 12, "the page that is not present");
