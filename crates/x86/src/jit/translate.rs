@@ -806,6 +806,10 @@ pub fn translate(
         counter: None,
     };
     (tx.parked, tx.keeper) = choose_parked(block, &mut tx.info, opts.bmi2);
+    let loops = loops_on_itself(block);
+    // Where the guest flags are dead, one flag-clobbering ADD counts;
+    // otherwise a flag-free load, LEA and store at the block's start.
+    let add_at = flags_dead_before(block);
     if opts.groups && tx.free3().is_some() {
         let free = unnamed(block, &mut tx.info, &tx.parked);
         // Up to 8 parked registers: each costs a store and a load around
@@ -817,7 +821,7 @@ pub fn translate(
             opts.sse,
             opts.fp,
             &free[..free.len().min(room)],
-            loops_on_itself(block) && flags_dead_before(block).is_some(),
+            loops && add_at.is_some(),
         );
         for g in tx.groups.iter() {
             if !tx.parked.contains(&g.reg) {
@@ -825,7 +829,7 @@ pub fn translate(
             }
         }
     }
-    if tx.free3().is_some() && loops_on_itself(block) {
+    if tx.free3().is_some() && loops {
         // Memory operands that get a lookup of their own, and groups.
         let member = |k: usize| tx.groups.iter().any(|g| g.members.contains(&k));
         let sites = block
@@ -930,9 +934,6 @@ pub fn translate(
     a.set_label(&mut l_loop)?;
     count_event(a, tx.events, EV_BLOCK)?;
     tx.l_count = Some(l_loop);
-    // Where the guest flags are dead, one flag-clobbering ADD counts;
-    // otherwise a flag-free load, LEA and store at the block's start.
-    let add_at = flags_dead_before(block);
     if let Some(k) = add_at.filter(|&k| has_back_edge(block, k)) {
         if !tx.parked.is_empty() {
             tx.body_check = Some((k, a.create_label()));
