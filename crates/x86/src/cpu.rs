@@ -446,7 +446,7 @@ impl Cpu {
     // Decoding and the block cache.
     // ---------------------------------------------------------------
 
-    fn fetch_block(&mut self) -> XResult<Rc<Block>> {
+    pub(crate) fn fetch_block(&mut self) -> XResult<Rc<Block>> {
         let bitness = self.s.bitness();
         let lin_pc = self.mask_lin(self.seg_base(CS).wrapping_add(self.s.rip));
         let acc = self.access(AccessKind::Exec);

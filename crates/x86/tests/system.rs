@@ -1569,6 +1569,47 @@ fn groups_by_address_match_the_interpreter() {
     assert_ne!(g_i[13], 0, "the loop summed something");
 }
 
+/// A block that never names rax may park it (as a group's or a cache
+/// pair's register). Its helper sites (here MOVSQ, every pass) share one
+/// reload-call-park sequence; guest rax must still reach the helper and
+/// come back unchanged. It failed when the sites stored host rax (the
+/// group's pointer) as guest rax before the shared reload.
+#[test]
+fn helpers_keep_guest_rax_when_the_block_parks_it() {
+    let run = |engine| {
+        let mut cpu = paging_machine(|a| {
+            let mut top = a.create_label();
+            a.mov(rax, 0x5a5a_1234_8765_a5a5u64).unwrap();
+            a.mov(r12d, 64).unwrap();
+            a.mov(rsi, va(5) + 0x100).unwrap();
+            a.set_label(&mut top).unwrap();
+            a.mov(rdi, va(6) + 0x200).unwrap();
+            a.mov(rbx, qword_ptr(rdi)).unwrap();
+            a.add(rbx, qword_ptr(rdi + 8)).unwrap();
+            a.mov(rdx, rbx).unwrap();
+            a.xor(rdx, r12).unwrap();
+            a.mov(rbp, rdx).unwrap();
+            a.mov(r8, rbp).unwrap();
+            a.mov(r9, r8).unwrap();
+            a.add(r13, r9).unwrap();
+            a.movsq().unwrap();
+            a.add(rbx, qword_ptr(rdi + 8)).unwrap();
+            a.mov(qword_ptr(rdi - 8), rbx).unwrap();
+            a.dec(r12d).unwrap();
+            a.jnz(top).unwrap();
+            a.hlt().unwrap();
+        });
+        hot_engine(&mut cpu, engine);
+        expect_clean_halt(&mut cpu);
+        (cpu.s.gpr, read_bytes(&cpu, pa(6) + 0x200, 16))
+    };
+    let (g_i, m_i) = run(mat_x86::Engine::Interp);
+    let (g_j, m_j) = run(mat_x86::Engine::Jit);
+    assert_eq!(g_i[0], 0x5a5a_1234_8765_a5a5, "the interpreter keeps rax");
+    assert_eq!(g_j, g_i, "registers (jit vs interpreter)");
+    assert_eq!(m_j, m_i, "memory (jit vs interpreter)");
+}
+
 /// A loop with two hoisted groups (bases the loop leaves alone) and
 /// nothing to emit at its count entry (no cache pair, no count register)
 /// translates (two labels once landed on one instruction there), and

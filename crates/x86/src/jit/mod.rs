@@ -41,7 +41,7 @@ pub enum Engine {
 #[repr(C)]
 #[derive(Default)]
 pub struct JitCtx {
-    pub(crate) spill: [u64; 24],
+    pub(crate) spill: [u64; 25],
     /// Guest arithmetic flags as LAHF (bits 8..15) and SETO (bit 0).
     pub(crate) fl: u64,
     pub(crate) kick: u64,
@@ -992,4 +992,89 @@ mod tests {
             "translations stopped: {translated:?}"
         );
     }
+}
+
+/// What [`bench_translate`] measured.
+#[derive(Debug, Default)]
+pub struct TranslateBench {
+    /// Blocks translated (each once per round).
+    pub blocks: usize,
+    /// Of those, blocks the translator refused.
+    pub failed: usize,
+    /// Guest instructions in the translated blocks.
+    pub guest_insns: usize,
+    /// Host code produced by one round.
+    pub code_bytes: usize,
+    /// The fastest round's time per block.
+    pub ns_per_block: f64,
+}
+
+/// Translation throughput (`matryoshka bench translate`): up to `max`
+/// blocks of 64-bit `code` placed at `base` (one at the start and one
+/// after each control transfer, as a linear walk finds them), each
+/// translated once per round; the fastest of `rounds` rounds. The code is
+/// produced, never run: it measures the translator alone, without the
+/// background thread's scheduling, which swings a boot's figure.
+pub fn bench_translate(code: &[u8], base: u64, max: usize, rounds: usize) -> TranslateBench {
+    use iced_x86::{Decoder, DecoderOptions, FlowControl};
+    let ram_size = (base + code.len() as u64 + (16 << 20)).next_multiple_of(1 << 21);
+    let mut cpu = crate::testutil::cpu64(ram_size, code, base);
+    let mut starts = vec![base];
+    let mut d = Decoder::with_ip(64, code, base, DecoderOptions::NONE);
+    while d.can_decode() && starts.len() < max {
+        let i = d.decode();
+        if !i.is_invalid() && i.flow_control() != FlowControl::Next {
+            starts.push(i.next_ip());
+        }
+    }
+    let mut blocks = Vec::new();
+    for rip in starts {
+        cpu.s.rip = rip;
+        let Ok(b) = cpu.fetch_block() else { continue };
+        let gens: Vec<_> = b
+            .pages
+            .iter()
+            .filter(|p| p.0 != u64::MAX)
+            .filter_map(|&(ppn, g)| Some((cpu.ram.page_gen_ptr(ppn)?, g)))
+            .collect();
+        blocks.push((b, gens));
+    }
+    // Stub addresses and a code address that rel32 reaches, as in a
+    // real buffer; nothing is executed.
+    let stubs = translate::Stubs {
+        enter: 0x1000,
+        exit: 0x1100,
+        indirect: 0x1200,
+        helper: 0x1300,
+        kick: 0,
+    };
+    let opts = translate::Opts {
+        sse: true,
+        fp: true,
+        bmi2: fast_pext(),
+        groups: true,
+        events: false,
+    };
+    let mut out = TranslateBench {
+        blocks: blocks.len(),
+        ns_per_block: f64::INFINITY,
+        ..TranslateBench::default()
+    };
+    for _ in 0..rounds.max(1) {
+        let (mut failed, mut insns, mut bytes) = (0, 0, 0);
+        let t = std::time::Instant::now();
+        for (b, gens) in blocks.iter() {
+            match translate::translate(b, gens, stubs, 0x100_0000, opts) {
+                Ok(t) => {
+                    insns += b.insns.len();
+                    bytes += t.code.len();
+                }
+                Err(_) => failed += 1,
+            }
+        }
+        let ns = t.elapsed().as_nanos() as f64 / blocks.len().max(1) as f64;
+        out.ns_per_block = out.ns_per_block.min(ns);
+        (out.failed, out.guest_insns, out.code_bytes) = (failed, insns, bytes);
+    }
+    out
 }

@@ -151,6 +151,12 @@ const SP_RCX: usize = 7;
 /// `SP_PARK0 + gidx(r)`, so that two blocks parking a register agree on
 /// where its guest value is.
 const SP_PARK0: usize = 8;
+/// The return address of a call to a block's shared helper call.
+const SP_RET: usize = SP_PARK0 + 16;
+/// Parked registers from which helper sites share one call sequence.
+const SHARED_HELPER_PARKED: usize = 2;
+/// Parked registers from which exits reload them through one shared copy.
+const SHARED_UNPARK: usize = 3;
 
 fn park_slot(r: Register) -> usize {
     SP_PARK0 + gidx(r)
@@ -726,6 +732,12 @@ struct Tx<'a> {
     cache_owner: Vec<Option<(usize, u64, bool, usize)>>,
     /// Miss paths of cached lookups, emitted last.
     cold_lookups: Vec<ColdLookup>,
+    /// The block's shared helper call (see [`Tx::call_helper`]), once a
+    /// site needs it.
+    helper_tail: Option<CodeLabel>,
+    /// The block's shared reload of its parked registers (see
+    /// [`Tx::unpark`]), once an exit needs it.
+    unpark_tail: Option<CodeLabel>,
     /// In a block that loops on itself, a parked register that holds the
     /// instruction count (`JitCtx::left`): each pass adds to it and stores
     /// it, so that the count's dependency chain runs through a register,
@@ -803,6 +815,8 @@ pub fn translate(
         cache: Vec::new(),
         cache_owner: Vec::new(),
         cold_lookups: Vec::new(),
+        helper_tail: None,
+        unpark_tail: None,
         counter: None,
     };
     (tx.parked, tx.keeper) = choose_parked(block, &mut tx.info, opts.bmi2);
@@ -1090,6 +1104,22 @@ pub fn translate(
     }
     for cold in std::mem::take(&mut tx.cold_lookups) {
         tx.cold_lookup(cold)?;
+    }
+    if let Some(mut l) = tx.unpark_tail.take() {
+        tx.a.set_label(&mut l)?;
+        tx.park_reload()?;
+        tx.a.ret()?;
+    }
+    if let Some(mut l) = tx.helper_tail.take() {
+        // Reached by CALL from each site: its return address goes aside,
+        // so that the helper stub runs at the depth it expects (its exit
+        // path pops exactly its own frame).
+        tx.a.set_label(&mut l)?;
+        tx.a.pop(qword_ptr(r15 + o_spill(SP_RET)))?;
+        tx.park_reload()?;
+        tx.a.call(tx.stubs.helper)?;
+        tx.park_spill()?;
+        tx.a.jmp(qword_ptr(r15 + o_spill(SP_RET)))?;
     }
     // The block's own assembler; iced's BlockEncoder for what it refuses
     // (a JRCXZ out of rel8 range, say).
@@ -2534,14 +2564,29 @@ impl Tx<'_> {
     }
 
     fn call_helper(&mut self, dn: *const DInsn) -> R<()> {
-        self.park_reload()?;
+        // With registers parked, every site of the block shares one copy
+        // of the reload, the call and the new parking (see `translate`):
+        // helper sites are most of a block's cold code.
+        let shared = self.parked.len() >= SHARED_HELPER_PARKED;
+        if !shared {
+            self.park_reload()?;
+        } else if self.parked.contains(&Register::RAX) {
+            // Guest rax goes to its CpuState slot first (the helper stub
+            // keeps that slot's value).
+            self.a.mov(rax, m(o_spill(park_slot(Register::RAX))))?;
+        }
         let a = &mut self.a;
         a.mov(m(o_gpr(0)), rax)?;
         a.mov(rax, dn as u64)?;
         a.mov(m(o_ctx!(arg)), rax)?;
-        a.call(self.stubs.helper)?;
-        // The helper may have changed any register: park the new values.
-        self.park_spill()?;
+        if shared {
+            let l = *self.helper_tail.get_or_insert_with(|| a.create_label());
+            a.call(l)?;
+        } else {
+            a.call(self.stubs.helper)?;
+            // The helper may have changed any register: park the new values.
+            self.park_spill()?;
+        }
         // The cache registers now hold guest values, and the helper may
         // have changed the TLB.
         self.cache_clear()?;
@@ -2637,6 +2682,19 @@ impl Tx<'_> {
         Ok(())
     }
 
+    /// Reload the parked registers before an exit: inline when there are
+    /// few, else through a call of the block's one copy (exits are cold
+    /// or chained past the reload, and each copy costs translation time
+    /// and cache lines).
+    fn unpark(&mut self) -> R<()> {
+        if self.parked.len() < SHARED_UNPARK {
+            return self.park_reload();
+        }
+        let a = &mut self.a;
+        let l = *self.unpark_tail.get_or_insert_with(|| a.create_label());
+        a.call(l)
+    }
+
     fn helper_insn(&mut self, dn: &DInsn) -> R<()> {
         self.sync_rcx()?;
         self.helpers += 1;
@@ -2647,7 +2705,7 @@ impl Tx<'_> {
     /// Leave translated code for the dispatcher, rip = target.
     fn exit_to(&mut self, t: ExitTarget, site: Option<CodeLabel>) -> R<()> {
         self.sync_rcx()?;
-        self.park_reload()?;
+        self.unpark()?;
         self.exit_tail(t, site)
     }
 
@@ -2696,7 +2754,7 @@ impl Tx<'_> {
     /// to the target's guard (see `GuardTemplate`).
     fn exit_far(&mut self, target: u64) -> R<()> {
         self.sync_rcx()?;
-        self.park_reload()?;
+        self.unpark()?;
         if !self.no_jc {
             let idx = self.a.instructions().len();
             self.a.db(&[0xe9, 0, 0, 0, 0])?;
@@ -2834,7 +2892,7 @@ impl Tx<'_> {
         // is patched: the first skips the reload (same parked set).
         let fast_idx = a.instructions().len();
         a.db(&[0xe9, 0, 0, 0, 0])?;
-        self.park_reload()?;
+        self.unpark()?;
         let a = &mut self.a;
         let site_idx = a.instructions().len();
         a.set_label(&mut site)?;
