@@ -324,8 +324,14 @@ fn bench_cpu(insns: u64, engine: CpuEngine) -> anyhow::Result<i32> {
 /// file: (its bytes, its virtual address).
 fn elf_text(f: &[u8]) -> anyhow::Result<(&[u8], u64)> {
     let u16_at = |o: usize| f.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
-    let u32_at = |o: usize| f.get(o..o + 4).map(|b| u32::from_le_bytes(b.try_into().unwrap()));
-    let u64_at = |o: usize| f.get(o..o + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap()));
+    let u32_at = |o: usize| {
+        f.get(o..o + 4)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+    };
+    let u64_at = |o: usize| {
+        f.get(o..o + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+    };
     if f.get(..5) != Some(b"\x7fELF\x02") || f.get(5) != Some(&1) {
         anyhow::bail!("not a 64-bit little-endian ELF file");
     }

@@ -468,15 +468,35 @@ impl Cpu {
             }
         }
         let key = (phys_pc, lin_pc, bitness);
+        let mut stale = None;
         if let Some(b) = self.blocks.get(&key) {
             if self.block_valid(b) {
                 let b = b.clone();
                 self.fast[slot] = Some(b.clone());
                 return Ok(b);
             }
-            self.blocks.remove(&key);
+            stale = self.blocks.remove(&key);
         }
         let b = Rc::new(self.decode_block(lin_pc, phys_pc, bitness)?);
+        if let Some(old) = stale {
+            // A write elsewhere in its page (Linux patches kernel text
+            // while it boots: alternatives, static keys) made the block
+            // stale. When it decodes to the same instructions it is the
+            // same code: it keeps the heat it had, so a translated block
+            // is translated again at once instead of after another round
+            // of interpreted runs (a fifth of a boot's decoded blocks).
+            if old.insns.len() == b.insns.len()
+                && old
+                    .insns
+                    .iter()
+                    .zip(b.insns.iter())
+                    .all(|(x, y)| x.insn == y.insn && x.insn.ip() == y.insn.ip())
+            {
+                let hot = if old.jit_entry.get() > 1 { u32::MAX } else { 0 };
+                let h = old.heat.load(Ordering::Relaxed).max(hot);
+                b.heat.store(h.min(self.warm_heat()), Ordering::Relaxed);
+            }
+        }
         if b.pages[0].1 != u32::MAX {
             if self.blocks.len() > 200_000 {
                 self.blocks.clear();

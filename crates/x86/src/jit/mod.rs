@@ -427,6 +427,12 @@ impl Cpu {
         }
     }
 
+    /// The most heat a block may start with: one interpreted run short of
+    /// translation (see [`Cpu::jit_lookup`]).
+    pub(crate) fn warm_heat(&self) -> u32 {
+        self.jit.as_ref().map_or(0, |j| j.threshold / 2)
+    }
+
     /// The translated entry for `block`, translating it once it is hot.
     pub(crate) fn jit_lookup(
         &mut self,
@@ -896,6 +902,45 @@ mod tests {
 
     fn jit(cpu: &Cpu) -> &Jit {
         cpu.jit.as_ref().expect("jit engine")
+    }
+
+    /// Runs of the one-block loop at 0x10000 until its translations reach
+    /// `n`.
+    fn runs_until_translated(cpu: &mut Cpu, n: u64) -> u32 {
+        let mut runs = 0;
+        while jit(cpu).stats.translations < n {
+            cpu.run(2);
+            runs += 1;
+            assert!(runs < 100, "never translated");
+        }
+        runs
+    }
+
+    /// A block made stale by a write elsewhere in its page (Linux patches
+    /// kernel text while it boots) and decoded again to the same
+    /// instructions keeps its heat: it is translated again after half
+    /// the threshold's runs. A block whose own bytes changed starts cold.
+    #[test]
+    fn stale_blocks_that_decode_the_same_keep_their_heat() {
+        let code = asm64(0x10000, |a| {
+            let mut top = a.create_label();
+            a.set_label(&mut top).unwrap();
+            a.inc(rax).unwrap();
+            a.jmp(top).unwrap();
+        });
+        let mut cpu = cpu64(16 << 20, &code, 0x10000);
+        cpu.set_engine(Engine::Jit).unwrap();
+        cpu.set_jit_threshold(8);
+        assert_eq!(runs_until_translated(&mut cpu, 1), 8);
+        // Elsewhere in the page: the same instructions, warm.
+        cpu.phys_write(0x10800, &[0x90]);
+        assert_eq!(runs_until_translated(&mut cpu, 2), 4);
+        // `inc rax` (48 ff c0) becomes `inc rcx` (48 ff c1): cold.
+        cpu.phys_write(0x10002, &[0xc1]);
+        assert_eq!(runs_until_translated(&mut cpu, 3), 8);
+        let before = cpu.s.gpr[1];
+        cpu.run(20);
+        assert!(cpu.s.gpr[1] > before, "the patched code runs");
     }
 
     #[test]
