@@ -320,54 +320,15 @@ fn bench_cpu(insns: u64, engine: CpuEngine) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-/// The first executable PT_LOAD segment of a 64-bit little-endian ELF
-/// file: (its bytes, its virtual address).
-fn elf_text(f: &[u8]) -> anyhow::Result<(&[u8], u64)> {
-    let u16_at = |o: usize| f.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
-    let u32_at = |o: usize| {
-        f.get(o..o + 4)
-            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
-    };
-    let u64_at = |o: usize| {
-        f.get(o..o + 8)
-            .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
-    };
-    if f.get(..5) != Some(b"\x7fELF\x02") || f.get(5) != Some(&1) {
-        anyhow::bail!("not a 64-bit little-endian ELF file");
-    }
-    let phoff = u64_at(0x20).context("truncated header")? as usize;
-    let phentsize = u16_at(0x36).context("truncated header")? as usize;
-    let phnum = u16_at(0x38).context("truncated header")? as usize;
-    for k in 0..phnum {
-        let ph = phoff.saturating_add(k.saturating_mul(phentsize));
-        let (Some(kind), Some(flags), Some(off), Some(vaddr), Some(size)) = (
-            u32_at(ph),
-            u32_at(ph + 4),
-            u64_at(ph + 8),
-            u64_at(ph + 16),
-            u64_at(ph + 32),
-        ) else {
-            anyhow::bail!("truncated program header {k}");
-        };
-        // PT_LOAD, PF_X.
-        if kind == 1 && flags & 1 != 0 {
-            let text = usize::try_from(off)
-                .ok()
-                .and_then(|o| f.get(o..o.checked_add(usize::try_from(size).ok()?)?))
-                .context("executable segment lies outside the file")?;
-            return Ok((text, vaddr));
-        }
-    }
-    anyhow::bail!("no executable segment")
-}
-
 fn bench_translate(elf: Option<PathBuf>, blocks: usize, rounds: usize) -> anyhow::Result<i32> {
     let path = match elf {
         Some(p) => p,
         None => std::env::current_exe().context("this program's path")?,
     };
     let file = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-    let (text, vaddr) = elf_text(&file).with_context(|| path.display().to_string())?;
+    let (text, vaddr) = x86::bench::elf_text(&file)
+        .map_err(anyhow::Error::msg)
+        .with_context(|| path.display().to_string())?;
     // Guest RAM holds the code at its address (a few MiB, under 1 GiB).
     if vaddr.saturating_add(text.len() as u64) > 1 << 30 {
         anyhow::bail!("{}: code above 1 GiB ({vaddr:#x})", path.display());
