@@ -2682,10 +2682,11 @@ impl Tx<'_> {
         Ok(())
     }
 
-    /// Reload the parked registers before an exit: inline when there are
-    /// few, else through a call of the block's one copy (exits are cold
-    /// or chained past the reload, and each copy costs translation time
-    /// and cache lines).
+    /// Reload the parked registers before an exit that is cold or chained
+    /// past the reload: inline when there are few, else through a call of
+    /// the block's one copy (each copy costs translation time and cache
+    /// lines). Exits to the jump cache and to other pages, hot paths,
+    /// reload inline.
     fn unpark(&mut self) -> R<()> {
         if self.parked.len() < SHARED_UNPARK {
             return self.park_reload();
@@ -2705,7 +2706,12 @@ impl Tx<'_> {
     /// Leave translated code for the dispatcher, rip = target.
     fn exit_to(&mut self, t: ExitTarget, site: Option<CodeLabel>) -> R<()> {
         self.sync_rcx()?;
-        self.unpark()?;
+        if site.is_none() && !self.no_jc {
+            // On to the jump cache: a hot path (returns, indirect jumps).
+            self.park_reload()?;
+        } else {
+            self.unpark()?;
+        }
         self.exit_tail(t, site)
     }
 
@@ -2754,7 +2760,8 @@ impl Tx<'_> {
     /// to the target's guard (see `GuardTemplate`).
     fn exit_far(&mut self, target: u64) -> R<()> {
         self.sync_rcx()?;
-        self.unpark()?;
+        // Hot once its site is patched to a guard.
+        self.park_reload()?;
         if !self.no_jc {
             let idx = self.a.instructions().len();
             self.a.db(&[0xe9, 0, 0, 0, 0])?;
