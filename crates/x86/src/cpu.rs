@@ -481,10 +481,12 @@ impl Cpu {
         if let Some(old) = stale {
             // A write elsewhere in its page (Linux patches kernel text
             // while it boots: alternatives, static keys) made the block
-            // stale. When it decodes to the same instructions it is the
-            // same code: it keeps the heat it had, so a translated block
-            // is translated again at once instead of after another round
-            // of interpreted runs (a fifth of a boot's decoded blocks).
+            // stale (a fifth of a boot's decoded blocks). When it decodes
+            // to the same instructions it is the same code: it keeps the
+            // heat it had, up to half the threshold, so a block that was
+            // translated is translated again after half the interpreted
+            // runs. (All of the threshold translated many intermediate
+            // versions of pages patched in bursts.)
             if old.insns.len() == b.insns.len()
                 && old
                     .insns

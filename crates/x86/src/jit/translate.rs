@@ -2571,8 +2571,9 @@ impl Tx<'_> {
         if !shared {
             self.park_reload()?;
         } else if self.parked.contains(&Register::RAX) {
-            // Guest rax goes to its CpuState slot first (the helper stub
-            // keeps that slot's value).
+            // The site stores guest rax (the helper stub stores every
+            // other register): a parked rax comes back from its slot
+            // first.
             self.a.mov(rax, m(o_spill(park_slot(Register::RAX))))?;
         }
         let a = &mut self.a;
