@@ -524,25 +524,29 @@ impl Cpu {
         Some(entry)
     }
 
+    /// Where the translation of `block` checks that its pages still hold
+    /// the code it was made from: each page's generation counter and the
+    /// generation decoded. None when a page has no counter (not RAM) or
+    /// the block is marked as not to be translated.
+    fn page_gens(&self, block: &Block) -> Option<Vec<(*const u32, u32)>> {
+        block
+            .pages
+            .iter()
+            .filter(|&&(ppn, _)| ppn != u64::MAX)
+            .map(|&(ppn, gen)| Some((self.ram.page_gen_ptr(ppn)?, gen)).filter(|_| gen != u32::MAX))
+            .collect()
+    }
+
     fn jit_translate(&mut self, block: &Rc<Block>) -> Option<u64> {
         let jit = self.jit.as_ref()?;
         if jit.worker.is_some() && jit.pending.len() >= MAX_PENDING {
             // The translator is behind: ask again on a later run.
             return None;
         }
-        let mut gens = Vec::new();
-        for &(ppn, gen) in block.pages.iter() {
-            if ppn == u64::MAX {
-                continue;
-            }
-            match self.ram.page_gen_ptr(ppn) {
-                Some(p) if gen != u32::MAX => gens.push((p, gen)),
-                _ => {
-                    block.jit_entry.set(1);
-                    return None;
-                }
-            }
-        }
+        let Some(gens) = self.page_gens(block) else {
+            block.jit_entry.set(1);
+            return None;
+        };
         let jit = self.jit.as_mut()?;
         let id = jit.next_job;
         jit.next_job += 1;
@@ -1076,13 +1080,9 @@ pub fn bench_translate(code: &[u8], base: u64, max: usize, rounds: usize) -> Tra
     for rip in starts {
         cpu.s.rip = rip;
         let Ok(b) = cpu.fetch_block() else { continue };
-        let gens: Vec<_> = b
-            .pages
-            .iter()
-            .filter(|p| p.0 != u64::MAX)
-            .filter_map(|&(ppn, g)| Some((cpu.ram.page_gen_ptr(ppn)?, g)))
-            .collect();
-        blocks.push((b, gens));
+        if let Some(gens) = cpu.page_gens(&b) {
+            blocks.push((b, gens));
+        }
     }
     // Stub addresses and a code address that rel32 reaches, as in a
     // real buffer; nothing is executed.
