@@ -492,7 +492,7 @@ impl Cpu {
                     .insns
                     .iter()
                     .zip(b.insns.iter())
-                    .all(|(x, y)| x.insn == y.insn && x.insn.ip() == y.insn.ip())
+                    .all(|(x, y)| x.insn.eq_all_bits(&y.insn))
             {
                 let hot = if old.jit_entry.get() > 1 { u32::MAX } else { 0 };
                 let h = old.heat.load(Ordering::Relaxed).max(hot);
