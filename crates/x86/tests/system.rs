@@ -1295,8 +1295,7 @@ fn fault_before_the_count_shows_the_guest_flags() {
     };
     let (g_i, f_i, _) = run(mat_x86::Engine::Interp);
     let (g_j, f_j, stats) = run(mat_x86::Engine::Jit);
-    let stats = stats.expect("jit stats");
-    assert!(stats.translations > 0 && stats.entries > 0, "{stats:?}");
+    ran_translated(stats);
     assert_eq!(g_j, g_i, "registers (jit vs interpreter)");
     assert_eq!(f_j, f_i, "#PF frame (jit vs interpreter)");
     assert_eq!(g_i[12], 1, "the fault comes on the last round");
@@ -1367,8 +1366,7 @@ fn translated_accesses_follow_remapped_and_alternating_pages() {
     };
     let (g_i, p8_i, p9_i, _) = run(mat_x86::Engine::Interp);
     let (g_j, p8_j, p9_j, stats) = run(mat_x86::Engine::Jit);
-    let stats = stats.expect("jit stats");
-    assert!(stats.translations > 0 && stats.entries > 0, "{stats:?}");
+    ran_translated(stats);
     assert_eq!(g_j, g_i, "registers (jit vs interpreter)");
     assert_eq!((p8_j, p9_j), (p8_i, p9_i), "stored values");
     // Round k (r12 = N - k) reads the frame mapped in round k - 1.
@@ -1481,8 +1479,7 @@ fn grouped_accesses_survive_straddles_and_helpers() {
     };
     let (g_i, m_i, _) = run(mat_x86::Engine::Interp);
     let (g_j, m_j, stats) = run(mat_x86::Engine::Jit);
-    let stats = stats.expect("jit stats");
-    assert!(stats.translations > 0 && stats.entries > 0, "{stats:?}");
+    ran_translated(stats);
     assert_eq!(g_j, g_i, "registers (jit vs interpreter)");
     assert_eq!(m_j, m_i, "memory (jit vs interpreter)");
     // What the loop reads at 0x3000 (a page of the identity tables, the
@@ -1562,8 +1559,7 @@ fn groups_by_address_match_the_interpreter() {
     };
     let (g_i, m_i, _) = run(mat_x86::Engine::Interp);
     let (g_j, m_j, stats) = run(mat_x86::Engine::Jit);
-    let stats = stats.expect("jit stats");
-    assert!(stats.translations > 0 && stats.entries > 0, "{stats:?}");
+    ran_translated(stats);
     assert_eq!(g_j, g_i, "registers (jit vs interpreter)");
     assert_eq!(m_j, m_i, "memory (jit vs interpreter)");
     assert_ne!(g_i[13], 0, "the loop summed something");
@@ -1709,8 +1705,7 @@ fn indexed_groups_with_aligned_members_match_the_interpreter() {
     };
     let (g_i, m_i, _) = run(mat_x86::Engine::Interp);
     let (g_j, m_j, stats) = run(mat_x86::Engine::Jit);
-    let stats = stats.expect("jit stats");
-    assert!(stats.translations > 0 && stats.entries > 0, "{stats:?}");
+    ran_translated(stats);
     assert_eq!(g_j, g_i, "registers (jit vs interpreter)");
     assert_eq!(m_j, m_i, "memory (jit vs interpreter)");
     // The model: doubles at va(6) - 32 .. va(6) + 32, in steps of 8.
@@ -1766,13 +1761,20 @@ fn a_misaligned_group_member_faults_precisely() {
     };
     let (f_i, g_i, _) = run(mat_x86::Engine::Interp);
     let (f_j, g_j, stats) = run(mat_x86::Engine::Jit);
-    let stats = stats.expect("jit stats");
-    assert!(stats.translations > 0 && stats.entries > 0, "{stats:?}");
+    ran_translated(stats);
     assert_eq!(f_i[0], 0, "#GP(0)");
     assert_eq!(g_i[6], va(5) + 56, "faulted in the last round");
     assert_eq!(g_i[12], 1);
     assert_eq!(f_j, f_i, "exception frame (jit vs interpreter)");
     assert_eq!(g_j, g_i, "registers (jit vs interpreter)");
+}
+
+/// The jit run's statistics, after checking that it translated code and
+/// entered it.
+fn ran_translated(stats: Option<mat_x86::JitStats>) -> mat_x86::JitStats {
+    let stats = stats.expect("jit stats");
+    assert!(stats.translations > 0 && stats.entries > 0, "{stats:?}");
+    stats
 }
 
 /// Assert that `n` frames of guest memory from physical `at` are the same
@@ -2431,8 +2433,7 @@ fn chain_stubs_between_blocks_that_park_differently() {
     let (g_i, m_i, _) = run(mat_x86::Engine::Interp, false, false);
     for (flush, events) in [(false, false), (true, false), (false, true)] {
         let (g_j, m_j, stats) = run(mat_x86::Engine::Jit, flush, events);
-        let stats = stats.expect("jit stats");
-        assert!(stats.translations > 0 && stats.entries > 0, "{stats:?}");
+        let stats = ran_translated(stats);
         // The middle block names rcx and the others do not: their parked
         // sets differ with or without BMI2.
         assert!(stats.chain_stubs > 0, "{stats:?}");
