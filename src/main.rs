@@ -326,9 +326,11 @@ fn bench_translate(elf: Option<PathBuf>, blocks: usize, rounds: usize) -> anyhow
         None => std::env::current_exe().context("this program's path")?,
     };
     let file = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-    let (text, vaddr) = x86::bench::elf_text(&file)
-        .map_err(anyhow::Error::msg)
-        .with_context(|| path.display().to_string())?;
+    let image =
+        vmm::boot::elf::ElfImage::parse(&file).with_context(|| path.display().to_string())?;
+    let (text, vaddr) = image
+        .code(&file)
+        .with_context(|| format!("{}: no executable segment", path.display()))?;
     // Guest RAM holds the code at its address (a few MiB, under 1 GiB).
     if vaddr.saturating_add(text.len() as u64) > 1 << 30 {
         anyhow::bail!("{}: code above 1 GiB ({vaddr:#x})", path.display());

@@ -6,6 +6,7 @@ use vm_memory::GuestMemory;
 use super::KernelImageError;
 
 const PT_LOAD: u32 = 1;
+const PF_X: u32 = 1;
 const EM_X86_64: u16 = 62;
 const EHDR_SIZE: usize = 64;
 const PHDR_SIZE: usize = 56;
@@ -18,6 +19,8 @@ pub struct Segment {
     pub offset: u64,
     pub filesz: u64,
     pub memsz: u64,
+    /// p_flags (PF_X = 1, PF_W = 2, PF_R = 4).
+    pub flags: u32,
 }
 
 /// The parts of an ELF image the loader needs.
@@ -82,6 +85,7 @@ impl ElfImage {
             }
             let field = |off| u64_at(ph, off).ok_or(bad("program header truncated"));
             let seg = Segment {
+                flags: u32_at(ph, 4).ok_or(bad("program header truncated"))?,
                 offset: field(8)?,
                 vaddr: field(16)?,
                 paddr: field(24)?,
@@ -112,6 +116,18 @@ impl ElfImage {
             .map(|s| e_entry - s.vaddr + s.paddr)
             .unwrap_or(e_entry);
         Ok(ElfImage { entry, segments })
+    }
+
+    /// The file bytes and the virtual address of the first executable
+    /// segment (`matryoshka bench translate` translates its code); `data`
+    /// is the file `parse` read.
+    pub fn code<'a>(&self, data: &'a [u8]) -> Option<(&'a [u8], u64)> {
+        let s = self.segments.iter().find(|s| s.flags & PF_X != 0)?;
+        // Offsets were bounds-checked in parse().
+        Some((
+            &data[s.offset as usize..(s.offset + s.filesz) as usize],
+            s.vaddr,
+        ))
     }
 
     /// Lowest physical address and end (exclusive) of the loaded image.

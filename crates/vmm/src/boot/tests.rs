@@ -772,3 +772,33 @@ fn placing_from_a_file_maps_whole_pages_copy_on_write() {
         "guest writes reached the file"
     );
 }
+
+/// `matryoshka bench translate` takes its blocks from an ELF file's first
+/// executable segment: this test binary's code is found; garbage,
+/// truncated headers and program headers that point outside the file are
+/// errors, never panics.
+#[test]
+fn elf_code_reads_real_files_and_refuses_bad_ones() {
+    let code = |f: &[u8]| -> Option<(usize, u64)> {
+        let img = elf::ElfImage::parse(f).ok()?;
+        img.code(f).map(|(t, v)| (t.len(), v))
+    };
+    let me = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+    let (len, vaddr) = code(&me).expect("this test's own code");
+    assert!(len > 4096 && vaddr > 0);
+    assert!(code(b"").is_none());
+    assert!(code(b"MZ not an ELF file").is_none());
+    assert!(code(&me[..0x30]).is_none());
+    let mut bad = me[..0x40].to_vec();
+    bad[0x20..0x28].copy_from_slice(&u64::MAX.to_le_bytes());
+    assert!(code(&bad).is_none());
+    let mut far = me.clone();
+    let phoff = u64::from_le_bytes(far[0x20..0x28].try_into().unwrap()) as usize;
+    let phentsize = u16::from_le_bytes([far[0x36], far[0x37]]) as usize;
+    let phnum = u16::from_le_bytes([far[0x38], far[0x39]]) as usize;
+    for k in 0..phnum {
+        let p = phoff + k * phentsize;
+        far[p + 8..p + 16].copy_from_slice(&(u64::MAX - 8).to_le_bytes());
+    }
+    assert!(code(&far).is_none());
+}
