@@ -41,7 +41,7 @@ pub enum Engine {
 #[repr(C)]
 #[derive(Default)]
 pub struct JitCtx {
-    pub(crate) spill: [u64; 25],
+    pub(crate) spill: [u64; 29],
     /// Guest arithmetic flags as LAHF (bits 8..15) and SETO (bit 0).
     pub(crate) fl: u64,
     pub(crate) kick: u64,

@@ -153,6 +153,10 @@ const SP_RCX: usize = 7;
 const SP_PARK0: usize = 8;
 /// The return address of a call to a block's shared helper call.
 const SP_RET: usize = SP_PARK0 + 16;
+/// Host addresses of groups that found no free register (see
+/// [`Home::Slot`]): `GROUP_SLOTS` slots from here.
+const SP_GROUP0: usize = SP_RET + 1;
+const GROUP_SLOTS: usize = 4;
 /// Parked registers from which helper sites share one call sequence.
 const SHARED_HELPER_PARKED: usize = 2;
 /// Parked registers from which exits reload them through one shared copy.
@@ -718,7 +722,7 @@ struct Tx<'a> {
     /// The group register of the instruction being translated when it is
     /// a group member (fast copy only), and for a stack group's member its
     /// access's offset from that register (see [`Group::rel`]).
-    member: Option<(Register, Option<i64>)>,
+    member: Option<(Home, Option<i64>)>,
     /// The kick flag's address when a RIP-relative operand reaches it from
     /// anywhere in this block's code (see [`Stubs::kick`]).
     kick_rel: Option<u64>,
@@ -838,8 +842,10 @@ pub fn translate(
             loops && add_at.is_some(),
         );
         for g in tx.groups.iter() {
-            if !tx.parked.contains(&g.reg) {
-                tx.parked.push(g.reg);
+            if let Home::Reg(r) = g.home {
+                if !tx.parked.contains(&r) {
+                    tx.parked.push(r);
+                }
             }
         }
     }
@@ -974,7 +980,7 @@ pub fn translate(
         }
         tx.member = groups.iter().find_map(|g| {
             let j = g.members.iter().position(|&m| m == k)?;
-            Some((g.reg, g.rel.get(j).copied()))
+            Some((g.home, g.rel.get(j).copied()))
         });
         let (helpers, slow) = (tx.helpers, tx.slow.len());
         tx.cur_k = k;
@@ -1292,7 +1298,10 @@ struct Group {
     /// The displacement of the first member that needs 16-byte alignment
     /// (legacy SSE m128): every other such member's is congruent mod 16.
     align16: Option<i64>,
-    reg: Register,
+    /// The smallest member's size: a range wider than that holds several
+    /// locations, so it need not be aligned to its own size.
+    unit: i64,
+    home: Home,
     /// Each member's offset from `base` (plus scaled index) as it was at
     /// the head, which the member uses as its displacement: for a stack
     /// group (`base` is rsp, see [`stack_access`]), and for a group with a
@@ -1313,6 +1322,17 @@ struct Group {
     /// were, or `base` is RIP), and the block runs no helper between its
     /// start and its back edge.
     hoist: bool,
+}
+
+/// Where a group keeps its base plus scaled index plus host addend: a
+/// register the block never names, or, in a block that has none to spare
+/// (quicksort's partition loop names ten registers), a spill slot that
+/// each member loads into a lookup scratch register: one load instead of
+/// a lookup of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Home {
+    Reg(Register),
+    Slot(usize),
 }
 
 impl Group {
@@ -1649,6 +1669,7 @@ impl Group {
         self.members.push(k);
         self.lo = self.lo.min(disp);
         self.end = self.end.max(disp + size);
+        self.unit = self.unit.min(size);
         self.write |= write;
         if align16 && self.align16.is_none() {
             self.align16 = Some(disp);
@@ -1719,7 +1740,8 @@ fn plan_groups(
                         end: x.off + x.size,
                         write: x.write,
                         align16: x.align16.then_some(x.off),
-                        reg: Register::None,
+                        unit: x.size,
+                        home: Home::Reg(Register::None),
                         rel: vec![x.off],
                         terms: Vec::new(),
                         x0: 0,
@@ -1764,7 +1786,8 @@ fn plan_groups(
                     end: disp + size,
                     write: x.write,
                     align16: x.align16.then_some(disp),
-                    reg: Register::None,
+                    unit: size,
+                    home: Home::Reg(Register::None),
                     rel: vec![disp],
                     x0: a.k.wrapping_sub(disp),
                     terms: a.terms,
@@ -1828,20 +1851,25 @@ fn plan_groups(
     // Interval colouring, first free register; hoisted groups first, live
     // through the whole block.
     done.sort_by_key(|g| (!g.hoist, g.head()));
+    // Groups left without a register get a spill slot the same way.
     let mut busy_until: Vec<Option<usize>> = vec![None; free.len()];
+    let mut slot_until: Vec<Option<usize>> = vec![None; GROUP_SLOTS];
     done.retain_mut(|g| {
         let (from, to) = match g.hoist {
             true => (0, usize::MAX),
             false => (g.head(), g.last()),
         };
-        let Some(r) = busy_until
-            .iter()
-            .position(|b| b.is_none_or(|last| last < from))
-        else {
+        let first_free =
+            |busy: &[Option<usize>]| busy.iter().position(|b| b.is_none_or(|last| last < from));
+        if let Some(r) = first_free(&busy_until) {
+            busy_until[r] = Some(to);
+            g.home = Home::Reg(free[r]);
+        } else if let Some(k) = first_free(&slot_until) {
+            slot_until[k] = Some(to);
+            g.home = Home::Slot(SP_GROUP0 + k);
+        } else {
             return false;
-        };
-        busy_until[r] = Some(to);
-        g.reg = free[r];
+        }
         true
     });
     done.sort_by_key(|g| g.head());
@@ -2934,7 +2962,9 @@ impl Tx<'_> {
     /// check includes the low address bits, and such an access cannot
     /// cross a page) and for the others (unaligned 16-byte forms, group
     /// ranges of up to 4 KiB) with both the first and the last byte's page
-    /// checked.
+    /// checked. With `unaligned`, a range whose size would allow the
+    /// aligned form is checked at both ends too (a group range of several
+    /// locations: an aligned check would miss half its passes).
     ///
     /// In a block that loops on itself, a site that gets one of the
     /// block's cache pairs ([`Tx::cache`]) keeps its entry in registers
@@ -2947,6 +2977,7 @@ impl Tx<'_> {
         size: usize,
         write: bool,
         align16: bool,
+        unaligned: bool,
     ) -> R<CodeLabel> {
         let (a_, b, c) = (r64(sa), r64(sb), r64(sc));
         let tag = if write {
@@ -2955,7 +2986,7 @@ impl Tx<'_> {
             offset_of!(TlbEntry, jit_read)
         } as i32;
         const _: () = assert!(size_of::<TlbEntry>() == 64);
-        let aligned_form = align16 || (size <= 8 && size.is_power_of_two());
+        let aligned_form = align16 || !unaligned && size <= 8 && size.is_power_of_two();
         let bits = match (align16, aligned_form) {
             (true, _) => 4,
             (false, true) => size.trailing_zeros() as usize,
@@ -3004,7 +3035,7 @@ impl Tx<'_> {
             }
         };
         x.mov(b, m(slot))?;
-        if !align16 && (size > 8 || !size.is_power_of_two()) {
+        if !aligned_form {
             // MOVUPS and friends, and group ranges: rcx = vf + vl - 2 tag,
             // with vf, vl the pages of the first and last byte. As vl - vf
             // is 0 or 1 (size at most 4 KiB), an even sum of 2 tag needs
@@ -3200,7 +3231,10 @@ impl Tx<'_> {
         let size = (g.end - g.lo) as usize;
         // One aligned 16-byte location: the lookup's own alignment check.
         let one16 = g.align16 == Some(g.lo) && size == 16;
-        let miss = self.lookup_fast(sa, sb, sc, size, g.write, one16)?;
+        // A range of several locations is checked at both ends: its
+        // alignment to its own size is chance.
+        let spread = size as i64 > g.unit;
+        let miss = self.lookup_fast(sa, sb, sc, size, g.write, one16, spread)?;
         self.cur_k = k;
         if let (Some(d0), false) = (g.align16, one16) {
             // The aligned members' addresses: x + d0 (mod 16).
@@ -3211,8 +3245,14 @@ impl Tx<'_> {
             self.a.jmp(miss)?;
             self.a.set_label(&mut aligned)?;
         }
-        self.a
-            .lea(r64(g.reg), qword_ptr(r64(sa) + r64(sc) - g.lo as i32))?;
+        let host = qword_ptr(r64(sa) + r64(sc) - g.lo as i32);
+        match g.home {
+            Home::Reg(r) => self.a.lea(r64(r), host)?,
+            Home::Slot(k) => {
+                self.a.lea(r64(sa), host)?;
+                self.a.mov(m(o_spill(k)), r64(sa))?;
+            }
+        }
         if keep_out && self.keeper.is_some() && !self.rcx_parked() {
             self.rcx_out = true;
         } else {
@@ -3275,7 +3315,7 @@ impl Tx<'_> {
         }
         self.save_rcx(SP_RCX)?;
         self.ea_fast(i, sa, sb)?;
-        let slow = self.lookup_fast(sa, sb, sc, size, write, align16)?;
+        let slow = self.lookup_fast(sa, sb, sc, size, write, align16, false)?;
         if keep_out && self.keeper.is_some() && !self.rcx_parked() {
             self.rcx_out = true;
         } else {
@@ -3328,7 +3368,14 @@ impl Tx<'_> {
         let remap = Remap::new(&reg_ops, &free);
         // A group member: its group's register holds the host address of
         // its base plus scaled index, checked when the group began.
-        if let Some((g, rel)) = self.member {
+        if let Some((home, rel)) = self.member {
+            let g = match home {
+                Home::Reg(r) => r,
+                Home::Slot(k) => {
+                    self.a.mov(r64(sa), m(o_spill(k)))?;
+                    sa
+                }
+            };
             let mut ni = *i;
             remap.rewrite_registers(&mut ni);
             ni.set_memory_base(g);
@@ -3427,8 +3474,15 @@ impl Tx<'_> {
                 StackSlot::Rbp => x.mov(r64(sa), rbp),
             }
         };
-        if let (Some((g, Some(rel))), Some((sa, sb, _))) = (self.member, self.free3()) {
+        if let (Some((home, Some(rel))), Some((sa, sb, sc))) = (self.member, self.free3()) {
             // A stack group's member: its group checked the slot.
+            let g = match home {
+                Home::Reg(r) => r,
+                Home::Slot(k) => {
+                    self.a.mov(r64(sc), m(o_spill(k)))?;
+                    sc
+                }
+            };
             lin(&mut self.a, sa)?;
             f(&mut self.a, qword_ptr(r64(g) + rel as i32), sa, sb)?;
             return Ok(Some(back));
@@ -3436,7 +3490,7 @@ impl Tx<'_> {
         if let Some((sa, sb, sc)) = self.free3() {
             self.save_rcx(SP_RCX)?;
             lin(&mut self.a, sa)?;
-            let slow = self.lookup_fast(sa, sb, sc, 8, push, false)?;
+            let slow = self.lookup_fast(sa, sb, sc, 8, push, false, false)?;
             self.restore_rcx(SP_RCX)?;
             f(&mut self.a, qword_ptr(r64(sa) + r64(sc)), sa, sb)?;
             self.defer_fast(slow, back, dn);
@@ -3558,7 +3612,7 @@ impl Tx<'_> {
                 self.a.mov(r64(sb), m(o_seg!(s, base)))?;
                 self.a.lea(r64(sa), qword_ptr(r64(sa) + r64(sb)))?;
             }
-            let slow = self.lookup_fast(sa, sb, sc, size, write, self.align16)?;
+            let slow = self.lookup_fast(sa, sb, sc, size, write, self.align16, false)?;
             self.a.lea(r64(sa), qword_ptr(r64(sa) + r64(sc)))?;
             if keep_rcx {
                 self.a.mov(rcx, m(o_spill(SP_RCX)))?;
@@ -4034,7 +4088,7 @@ impl Tx<'_> {
             a.movsxd(r64(sb), sb32)?;
             a.lea(r64(sa), qword_ptr(r64(sa) + r64(sb) * 4))?;
         }
-        let slow = self.lookup_fast(sa, sb, sc, size, write, false)?;
+        let slow = self.lookup_fast(sa, sb, sc, size, write, false, false)?;
         self.restore_rcx(SP_RCX)?;
         // The operand's own address again (guest rcx is back in place).
         self.ea_fast(i, sa, sb)?;
@@ -4659,6 +4713,65 @@ mod tests {
         assert_eq!(native, 13);
         let code = asm(|a| a.call(qword_ptr(rax + 0x10)).unwrap());
         assert_eq!(counts(&code), (1, 0));
+    }
+
+    /// Groups that find no free register keep their address in spill
+    /// slots, one per group live at a time, and get registers while there
+    /// are some: quicksort's partition step (`[rdi]`, `[rdi+4]` and
+    /// `[r8]`, `[r8-4]`, the two ranges overlapping in time) with none,
+    /// one and two free registers.
+    #[test]
+    fn groups_without_registers_get_spill_slots() {
+        use iced_x86::code_asm::*;
+        let mut a = CodeAssembler::new(64).unwrap();
+        a.mov(edx, dword_ptr(rdi)).unwrap();
+        a.mov(esi, dword_ptr(r8)).unwrap();
+        a.cmp(edx, esi).unwrap();
+        a.mov(eax, dword_ptr(rdi + 4)).unwrap();
+        a.mov(ebx, dword_ptr(r8 - 4)).unwrap();
+        a.mov(dword_ptr(rdi + 4), ebx).unwrap();
+        a.mov(dword_ptr(r8 - 4), eax).unwrap();
+        a.mov(dword_ptr(rdi + 0x800), eax).unwrap(); // a group of its own
+        a.mov(ecx, dword_ptr(rdi + 0x804)).unwrap();
+        a.ret().unwrap();
+        let code = a.assemble(0x40_0000).unwrap();
+        let insns: Vec<DInsn> =
+            Decoder::with_ip(64, &code, 0x40_0000, iced_x86::DecoderOptions::NONE)
+                .iter()
+                .map(|insn| DInsn {
+                    handler: crate::exec::handler_for(&insn),
+                    insn,
+                })
+                .collect();
+        let block = Block {
+            lin_pc: 0x40_0000,
+            phys_pc: 0x40_0000,
+            bitness: 64,
+            pages: [(0x400, 0), (u64::MAX, 0)],
+            insns: insns.into_boxed_slice(),
+            jit_entry: Default::default(),
+            heat: Default::default(),
+        };
+        let homes = |free: &[Register]| -> Vec<(usize, Home)> {
+            let mut info = InstructionInfoFactory::new();
+            plan_groups(&block, &mut info, true, true, free, false)
+                .iter()
+                .map(|g| (g.head(), g.home))
+                .collect()
+        };
+        let slot = |k: usize| Home::Slot(SP_GROUP0 + k);
+        // Heads: [rdi] at 0, [r8] at 1, [rdi+0x800] at 7 (after the first
+        // two have ended: it takes the first slot or register again).
+        assert_eq!(homes(&[]), [(0, slot(0)), (1, slot(1)), (7, slot(0))]);
+        let (x, y) = (Register::R11, Register::R14);
+        assert_eq!(
+            homes(&[x]),
+            [(0, Home::Reg(x)), (1, slot(0)), (7, Home::Reg(x))]
+        );
+        assert_eq!(
+            homes(&[x, y]),
+            [(0, Home::Reg(x)), (1, Home::Reg(y)), (7, Home::Reg(x))]
+        );
     }
 
     /// The group planner's registers: copies, LEA, ADD/SUB of an
