@@ -2188,6 +2188,80 @@ fn misaligned_hits_of_cached_sites_match_the_interpreter() {
     assert_ne!(jit.s.gpr[3], 0, "the loop summed something");
 }
 
+/// A loop's cache pairs are preloaded at its count entry from the entry
+/// their sites' slots point to. The loop below is entered sixteen times,
+/// its two sites alternating between pages whose numbers differ by the
+/// factor of their checks' scaling (a dword site: pages 0x300 and 0xc00
+/// = 4 * 0x300; a qword site: 0x140 and 0xa00 = 8 * 0x140), and mapped
+/// with different addends (0xc00000 and 0xa00000 to frames elsewhere), so
+/// an entry preloaded without its scaling matches the other page's
+/// address and reads the wrong memory; other entries find their slot
+/// right and hit on the preloaded addend (a wrong one faults the host).
+/// Compared with the interpreter.
+#[test]
+fn preloaded_cache_pairs_match_the_interpreter() {
+    let (mut jit, mut int) = hot_pair(|| {
+        let cpu = paging_machine(|a| {
+            let (mut outer, mut top) = (a.create_label(), a.create_label());
+            let mut done = a.create_label();
+            a.mov(rsi, 0xc0_0000u64).unwrap();
+            a.mov(rdi, 0xa0_0000u64).unwrap();
+            // Four passes an entry; r12 counts every pass (lockstep
+            // finds the interpreter's matching point by rip and r12).
+            a.mov(r12d, 64).unwrap();
+            a.jmp(outer).unwrap();
+            // The loop comes first, so that it is entered by a backward
+            // JMP (which ends the block before it): nothing else looks up
+            // its sites' slots between its entries.
+            a.set_label(&mut top).unwrap();
+            a.mov(eax, dword_ptr(rsi)).unwrap();
+            a.add(r13, rax).unwrap();
+            a.mov(rdx, qword_ptr(rdi)).unwrap();
+            a.add(r14, rdx).unwrap();
+            a.add(rsi, 4).unwrap();
+            a.add(rdi, 8).unwrap();
+            a.dec(r12d).unwrap();
+            a.test(r12d, 3).unwrap();
+            a.jnz(top).unwrap();
+            a.xor(rsi, 0xf0_0000).unwrap();
+            a.xor(rdi, 0xb4_0000).unwrap();
+            a.test(r12d, r12d).unwrap();
+            a.jz(done).unwrap();
+            a.set_label(&mut outer).unwrap();
+            a.mov(ecx, r12d).unwrap();
+            a.jmp(top).unwrap();
+            a.set_label(&mut done).unwrap();
+            a.hlt().unwrap();
+        });
+        // 0xc00000 and 0xa00000 get 4 KiB pages of their own, on frames
+        // elsewhere: an identity-mapped page's addend is every other's.
+        for (k, (pde, frame)) in [(6u64, 0xe0_0000u64), (5, 0xe0_1000)]
+            .into_iter()
+            .enumerate()
+        {
+            let pt = 0x10_5000 + 0x1000 * k as u64;
+            cpu.ram.write(pt, &[0u8; 4096]);
+            w64(&cpu, pt, frame | P | RW | US);
+            w64(&cpu, PD0 + 8 * pde, pt | P | RW | US);
+        }
+        for (k, base) in [0xe0_0000u64, 0x30_0000, 0xe0_1000, 0x14_0000]
+            .into_iter()
+            .enumerate()
+        {
+            for j in 0..32 {
+                w64(
+                    &cpu,
+                    base + 8 * j,
+                    ((k as u64 + 1) * 0x0101_0000_0100_0000) | (j << 8) | 0x5a,
+                );
+            }
+        }
+        cpu
+    });
+    lockstep(&mut jit, &mut int, 100, 100_000, 3);
+    assert_ne!(jit.s.gpr[13], 0, "the loop summed something");
+}
+
 /// Guest rsp and r15 have no host register: an instruction that names
 /// them runs on a scratch register loaded from CpuState (unless the
 /// instruction only writes all of it) and stored back (if it writes).

@@ -734,6 +734,12 @@ struct Tx<'a> {
     /// from the block's count entry on and after every helper call.
     cache: Vec<(Register, Register)>,
     cache_owner: Vec<Option<(usize, u64, bool, usize)>>,
+    /// For each cache pair, where its owner's entry comes from (entry
+    /// slot, tag field, bits of its check), and the placeholders at the
+    /// count entry that become its preload from that slot (see
+    /// [`Tx::preload_pairs`]).
+    cache_fill: Vec<Option<(i32, i32, usize)>>,
+    preload_at: Vec<usize>,
     /// Miss paths of cached lookups, emitted last.
     cold_lookups: Vec<ColdLookup>,
     /// The block's shared helper call (see [`Tx::call_helper`]), once a
@@ -818,6 +824,8 @@ pub fn translate(
         kick_rel: rip_reaches(at, stubs.kick).then_some(stubs.kick),
         cache: Vec::new(),
         cache_owner: Vec::new(),
+        cache_fill: Vec::new(),
+        preload_at: Vec::new(),
         cold_lookups: Vec::new(),
         helper_tail: None,
         unpark_tail: None,
@@ -866,6 +874,7 @@ pub fn translate(
         for p in free[..2 * pairs].chunks(2) {
             tx.cache.push((p[0], p[1]));
             tx.cache_owner.push(None);
+            tx.cache_fill.push(None);
             tx.parked.extend([p[0], p[1]]);
         }
         if room > 2 * pairs {
@@ -915,7 +924,18 @@ pub fn translate(
     a.set_label(&mut l_count)?;
     // Chained entries come in here too: the cache registers hold another
     // block's scratch.
-    tx.cache_clear()?;
+    // Each pair is emptied here, in room for its preload.
+    for k in 0..tx.cache.len() {
+        tx.preload_at.push(tx.a.instructions().len());
+        tx.a.add_instruction(Instruction::with2(
+            Code::Mov_r32_imm32,
+            sized(tx.cache[k].0, 4),
+            1u32,
+        )?)?;
+        for _ in 1..PRELOAD_LEN {
+            tx.a.zero_bytes()?;
+        }
+    }
     tx.counter_load()?;
     let n = block.insns.len();
     // With groups the block is emitted twice: first the copy whose group
@@ -1128,8 +1148,9 @@ pub fn translate(
         tx.a.jmp(qword_ptr(r15 + o_spill(SP_RET)))?;
     }
     // The block's own assembler; iced's BlockEncoder for what it refuses
-    // (a JRCXZ out of rel8 range, say).
-    let (code, offsets) = match emit::assemble(tx.a.instructions(), at) {
+    // (a JRCXZ out of rel8 range, say; its code leaves the pairs empty).
+    let list = tx.preload_pairs()?;
+    let (code, offsets) = match emit::assemble(&list, at) {
         Ok(r) => (r.code, r.offsets),
         Err(_) => {
             let r =
@@ -1175,6 +1196,10 @@ pub fn translate(
 
 /// Cache pairs at most per block that loops on itself (see [`Tx::cache`]).
 const CACHE_PAIRS: usize = 2;
+
+/// Instructions reserved at the count entry for each cache pair's preload
+/// (see [`Tx::preload_pairs`]).
+const PRELOAD_LEN: usize = 5;
 
 /// [`Tx::lookup_cached`]'s check of both ends of an access (any size up
 /// to a page, any alignment) rather than of its alignment.
@@ -2630,6 +2655,56 @@ impl Tx<'_> {
         }
     }
 
+    /// The block's instructions, with each cache pair's placeholders at
+    /// the count entry replaced by a load of the entry its owner's slot
+    /// points to (minus its tag scaled like the owner's check, and its
+    /// addend): a loop entered for a pass or two (quicksort's scans) then
+    /// hits on its first pass instead of taking the miss path. Any entry
+    /// of the current TLB array is a valid pair (the check compares the
+    /// tag), so a slot that points elsewhere only costs that miss.
+    fn preload_pairs(&self) -> R<Vec<Instruction>> {
+        let mut list = self.a.instructions().to_vec();
+        let Some((_, b, _)) = self.free3() else {
+            return Ok(list);
+        };
+        let b = r64(b);
+        for (k, &at) in self.preload_at.iter().enumerate() {
+            let (Some((slot, tag, bits)), Some(&(t, ad))) = (self.cache_fill[k], self.cache.get(k))
+            else {
+                continue;
+            };
+            let (t, ad) = (r64(t), r64(ad));
+            let mut x = CodeAssembler::new(64)?;
+            x.mov(b, m(slot))?;
+            x.mov(t, qword_ptr(b + tag))?;
+            match bits {
+                RANGE | 0 => {}
+                1..=3 => x.lea(t, qword_ptr(t * (1 << bits)))?,
+                _ => {
+                    x.lea(t, qword_ptr(t * 8))?;
+                    x.lea(t, qword_ptr(t + t))?;
+                }
+            }
+            x.mov(ad, qword_ptr(b + offset_of!(TlbEntry, addend) as i32))?;
+            let ins = x.instructions();
+            let Some(dst) = list
+                .get_mut(at..at + PRELOAD_LEN)
+                .filter(|_| ins.len() <= PRELOAD_LEN)
+            else {
+                continue;
+            };
+            // The pair's emptying (which may hold the count entry's
+            // label) and the room after it.
+            let empty = Instruction::with(Code::Zero_bytes);
+            for (j, d) in dst.iter_mut().enumerate() {
+                let ip = d.ip();
+                *d = ins.get(j).copied().unwrap_or(empty);
+                d.set_ip(ip);
+            }
+        }
+        Ok(list)
+    }
+
     /// Empty every cached TLB entry (see [`Tx::cache`]): a tag of 1 never
     /// matches, as a masked address plus a real tag is zero on a match
     /// and masked addresses are below 2^40.
@@ -2971,9 +3046,7 @@ impl Tx<'_> {
     /// instead ([`Self::lookup_cached`]).
     fn lookup_fast(
         &mut self,
-        sa: Register,
-        sb: Register,
-        sc: Register,
+        (sa, sb, sc): (Register, Register, Register),
         size: usize,
         write: bool,
         align16: bool,
@@ -3000,6 +3073,9 @@ impl Tx<'_> {
         self.cur_lookups += 1;
         let slot = o_ctx!(eslots) + 8 * (key >> (64 - ENTRY_SLOTS.trailing_zeros())) as i32;
         if let Some(pair) = pair {
+            if let Some(i) = self.cache.iter().position(|&p| p == pair) {
+                self.cache_fill[i] = Some((slot, tag, bits));
+            }
             return self.lookup_cached((sa, sb, sc), size, tag, bits, pair, slot);
         }
         let x = &mut self.a;
@@ -3234,7 +3310,7 @@ impl Tx<'_> {
         // A range of several locations is checked at both ends: its
         // alignment to its own size is chance.
         let spread = size as i64 > g.unit;
-        let miss = self.lookup_fast(sa, sb, sc, size, g.write, one16, spread)?;
+        let miss = self.lookup_fast((sa, sb, sc), size, g.write, one16, spread)?;
         self.cur_k = k;
         if let (Some(d0), false) = (g.align16, one16) {
             // The aligned members' addresses: x + d0 (mod 16).
@@ -3315,7 +3391,7 @@ impl Tx<'_> {
         }
         self.save_rcx(SP_RCX)?;
         self.ea_fast(i, sa, sb)?;
-        let slow = self.lookup_fast(sa, sb, sc, size, write, align16, false)?;
+        let slow = self.lookup_fast((sa, sb, sc), size, write, align16, false)?;
         if keep_out && self.keeper.is_some() && !self.rcx_parked() {
             self.rcx_out = true;
         } else {
@@ -3490,7 +3566,7 @@ impl Tx<'_> {
         if let Some((sa, sb, sc)) = self.free3() {
             self.save_rcx(SP_RCX)?;
             lin(&mut self.a, sa)?;
-            let slow = self.lookup_fast(sa, sb, sc, 8, push, false, false)?;
+            let slow = self.lookup_fast((sa, sb, sc), 8, push, false, false)?;
             self.restore_rcx(SP_RCX)?;
             f(&mut self.a, qword_ptr(r64(sa) + r64(sc)), sa, sb)?;
             self.defer_fast(slow, back, dn);
@@ -3612,7 +3688,7 @@ impl Tx<'_> {
                 self.a.mov(r64(sb), m(o_seg!(s, base)))?;
                 self.a.lea(r64(sa), qword_ptr(r64(sa) + r64(sb)))?;
             }
-            let slow = self.lookup_fast(sa, sb, sc, size, write, self.align16, false)?;
+            let slow = self.lookup_fast((sa, sb, sc), size, write, self.align16, false)?;
             self.a.lea(r64(sa), qword_ptr(r64(sa) + r64(sc)))?;
             if keep_rcx {
                 self.a.mov(rcx, m(o_spill(SP_RCX)))?;
@@ -4088,7 +4164,7 @@ impl Tx<'_> {
             a.movsxd(r64(sb), sb32)?;
             a.lea(r64(sa), qword_ptr(r64(sa) + r64(sb) * 4))?;
         }
-        let slow = self.lookup_fast(sa, sb, sc, size, write, false, false)?;
+        let slow = self.lookup_fast((sa, sb, sc), size, write, false, false)?;
         self.restore_rcx(SP_RCX)?;
         // The operand's own address again (guest rcx is back in place).
         self.ea_fast(i, sa, sb)?;
