@@ -4681,8 +4681,8 @@ mod tests {
         }
     }
 
-    /// Translate `code` as one block; returns (native, helper) counts.
-    fn counts(code: &[u8]) -> (u32, u32) {
+    /// `code`, assembled at 0x400000, as one block.
+    fn block_of(code: &[u8]) -> Block {
         let mut d = Decoder::with_ip(64, code, 0x40_0000, iced_x86::DecoderOptions::NONE);
         let insns: Vec<DInsn> = d
             .iter()
@@ -4691,7 +4691,7 @@ mod tests {
                 insn,
             })
             .collect();
-        let block = Block {
+        Block {
             lin_pc: 0x40_0000,
             phys_pc: 0x40_0000,
             bitness: 64,
@@ -4699,7 +4699,12 @@ mod tests {
             insns: insns.into_boxed_slice(),
             jit_entry: Default::default(),
             heat: Default::default(),
-        };
+        }
+    }
+
+    /// Translate `code` as one block; returns (native, helper) counts.
+    fn counts(code: &[u8]) -> (u32, u32) {
+        let block = block_of(code);
         let gen = 0u32;
         let stubs = Stubs {
             enter: 0x1000,
@@ -4810,24 +4815,7 @@ mod tests {
         a.mov(dword_ptr(rdi + 0x800), eax).unwrap(); // a group of its own
         a.mov(ecx, dword_ptr(rdi + 0x804)).unwrap();
         a.ret().unwrap();
-        let code = a.assemble(0x40_0000).unwrap();
-        let insns: Vec<DInsn> =
-            Decoder::with_ip(64, &code, 0x40_0000, iced_x86::DecoderOptions::NONE)
-                .iter()
-                .map(|insn| DInsn {
-                    handler: crate::exec::handler_for(&insn),
-                    insn,
-                })
-                .collect();
-        let block = Block {
-            lin_pc: 0x40_0000,
-            phys_pc: 0x40_0000,
-            bitness: 64,
-            pages: [(0x400, 0), (u64::MAX, 0)],
-            insns: insns.into_boxed_slice(),
-            jit_entry: Default::default(),
-            heat: Default::default(),
-        };
+        let block = block_of(&a.assemble(0x40_0000).unwrap());
         let homes = |free: &[Register]| -> Vec<(usize, Home)> {
             let mut info = InstructionInfoFactory::new();
             plan_groups(&block, &mut info, true, true, free, false)
