@@ -734,11 +734,10 @@ struct Tx<'a> {
     /// from the block's count entry on and after every helper call.
     cache: Vec<(Register, Register)>,
     cache_owner: Vec<Option<(usize, u64, bool, usize)>>,
-    /// For each cache pair, where its owner's entry comes from (entry
-    /// slot, tag field, bits of its check), and the placeholders at the
+    /// Each cache pair's owner's entry slot, and the placeholders at the
     /// count entry that become its preload from that slot (see
     /// [`Tx::preload_pairs`]).
-    cache_fill: Vec<Option<(i32, i32, usize)>>,
+    cache_slot: Vec<i32>,
     preload_at: Vec<usize>,
     /// Miss paths of cached lookups, emitted last.
     cold_lookups: Vec<ColdLookup>,
@@ -824,7 +823,7 @@ pub fn translate(
         kick_rel: rip_reaches(at, stubs.kick).then_some(stubs.kick),
         cache: Vec::new(),
         cache_owner: Vec::new(),
-        cache_fill: Vec::new(),
+        cache_slot: Vec::new(),
         preload_at: Vec::new(),
         cold_lookups: Vec::new(),
         helper_tail: None,
@@ -874,7 +873,7 @@ pub fn translate(
         for p in free[..2 * pairs].chunks(2) {
             tx.cache.push((p[0], p[1]));
             tx.cache_owner.push(None);
-            tx.cache_fill.push(None);
+            tx.cache_slot.push(0);
             tx.parked.extend([p[0], p[1]]);
         }
         if room > 2 * pairs {
@@ -927,11 +926,7 @@ pub fn translate(
     // Each pair is emptied here, in room for its preload.
     for k in 0..tx.cache.len() {
         tx.preload_at.push(tx.a.instructions().len());
-        tx.a.add_instruction(Instruction::with2(
-            Code::Mov_r32_imm32,
-            sized(tx.cache[k].0, 4),
-            1u32,
-        )?)?;
+        tx.empty_pair(tx.cache[k].0)?;
         for _ in 1..PRELOAD_LEN {
             tx.a.zero_bytes()?;
         }
@@ -1196,6 +1191,29 @@ pub fn translate(
 
 /// Cache pairs at most per block that loops on itself (see [`Tx::cache`]).
 const CACHE_PAIRS: usize = 2;
+
+/// The offset in a TLB entry of translated code's read or write tag.
+fn tag_field(write: bool) -> i32 {
+    (if write {
+        offset_of!(TlbEntry, jit_write)
+    } else {
+        offset_of!(TlbEntry, jit_read)
+    }) as i32
+}
+
+/// Scale the tag in `c` as a cache pair keeps it for a check of `bits`
+/// low address bits (unscaled for [`RANGE`]): what the pair's check adds
+/// to the masked address.
+fn scale_tag(x: &mut CodeAssembler, c: AsmRegister64, bits: usize) -> R<()> {
+    match bits {
+        RANGE | 0 => Ok(()),
+        1..=3 => x.lea(c, qword_ptr(c * (1 << bits))),
+        _ => {
+            x.lea(c, qword_ptr(c * 8))?;
+            x.lea(c, qword_ptr(c + c))
+        }
+    }
+}
 
 /// Instructions reserved at the count entry for each cache pair's preload
 /// (see [`Tx::preload_pairs`]).
@@ -2669,22 +2687,16 @@ impl Tx<'_> {
         };
         let b = r64(b);
         for (k, &at) in self.preload_at.iter().enumerate() {
-            let (Some((slot, tag, bits)), Some(&(t, ad))) = (self.cache_fill[k], self.cache.get(k))
+            let (Some((_, _, write, bits)), Some(&(t, ad))) =
+                (self.cache_owner[k], self.cache.get(k))
             else {
                 continue;
             };
             let (t, ad) = (r64(t), r64(ad));
             let mut x = CodeAssembler::new(64)?;
-            x.mov(b, m(slot))?;
-            x.mov(t, qword_ptr(b + tag))?;
-            match bits {
-                RANGE | 0 => {}
-                1..=3 => x.lea(t, qword_ptr(t * (1 << bits)))?,
-                _ => {
-                    x.lea(t, qword_ptr(t * 8))?;
-                    x.lea(t, qword_ptr(t + t))?;
-                }
-            }
+            x.mov(b, m(self.cache_slot[k]))?;
+            x.mov(t, qword_ptr(b + tag_field(write)))?;
+            scale_tag(&mut x, t, bits)?;
             x.mov(ad, qword_ptr(b + offset_of!(TlbEntry, addend) as i32))?;
             let ins = x.instructions();
             let Some(dst) = list
@@ -2709,18 +2721,24 @@ impl Tx<'_> {
     /// matches, as a masked address plus a real tag is zero on a match
     /// and masked addresses are below 2^40.
     fn cache_clear(&mut self) -> R<()> {
-        for &(t, _) in self.cache.iter() {
-            self.a
-                .add_instruction(Instruction::with2(Code::Mov_r32_imm32, sized(t, 4), 1u32)?)?;
+        for k in 0..self.cache.len() {
+            self.empty_pair(self.cache[k].0)?;
         }
         Ok(())
+    }
+
+    /// Empty the pair whose tag register is `t` (see [`Self::cache_clear`]).
+    fn empty_pair(&mut self, t: Register) -> R<()> {
+        self.a
+            .add_instruction(Instruction::with2(Code::Mov_r32_imm32, sized(t, 4), 1u32)?)
     }
 
     /// The cache pair of the lookup being emitted (`cur_k`, `cur_lookups`)
     /// for a check of `k` low bits, if the block has one for it: the one
     /// it owns already (the plain copy and a body check's exit emit the
     /// instruction again), else a free one.
-    fn cache_pair(&mut self, write: bool, k: usize) -> Option<(Register, Register)> {
+    /// `slot` is the lookup's entry slot, from which the pair is preloaded.
+    fn cache_pair(&mut self, write: bool, k: usize, slot: i32) -> Option<(Register, Register)> {
         let key = (self.cur_k, self.cur_lookups, write, k);
         let i = self
             .cache_owner
@@ -2728,6 +2746,7 @@ impl Tx<'_> {
             .position(|&o| o == Some(key))
             .or_else(|| self.cache_owner.iter().position(|o| o.is_none()))?;
         self.cache_owner[i] = Some(key);
+        self.cache_slot[i] = slot;
         Some(self.cache[i])
     }
 
@@ -3053,11 +3072,7 @@ impl Tx<'_> {
         unaligned: bool,
     ) -> R<CodeLabel> {
         let (a_, b, c) = (r64(sa), r64(sb), r64(sc));
-        let tag = if write {
-            offset_of!(TlbEntry, jit_write)
-        } else {
-            offset_of!(TlbEntry, jit_read)
-        } as i32;
+        let tag = tag_field(write);
         const _: () = assert!(size_of::<TlbEntry>() == 64);
         let aligned_form = align16 || !unaligned && size <= 8 && size.is_power_of_two();
         let bits = match (align16, aligned_form) {
@@ -3065,17 +3080,14 @@ impl Tx<'_> {
             (false, true) => size.trailing_zeros() as usize,
             (false, false) => RANGE,
         };
-        let pair = self.cache_pair(write, bits);
         let key = self
             .cur_rip
             .wrapping_add(self.cur_lookups.wrapping_mul(0x9e37_79b9))
             .wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        self.cur_lookups += 1;
         let slot = o_ctx!(eslots) + 8 * (key >> (64 - ENTRY_SLOTS.trailing_zeros())) as i32;
+        let pair = self.cache_pair(write, bits, slot);
+        self.cur_lookups += 1;
         if let Some(pair) = pair {
-            if let Some(i) = self.cache.iter().position(|&p| p == pair) {
-                self.cache_fill[i] = Some((slot, tag, bits));
-            }
             return self.lookup_cached((sa, sb, sc), size, tag, bits, pair, slot);
         }
         let x = &mut self.a;
@@ -3224,14 +3236,7 @@ impl Tx<'_> {
                 return x.lea(rcx, qword_ptr(rcx + c * 2));
             }
             x.mov(c, qword_ptr(b + tag))?;
-            match bits {
-                0 => {}
-                1..=3 => x.lea(c, qword_ptr(c * (1 << bits)))?,
-                _ => {
-                    x.lea(c, qword_ptr(c * 8))?;
-                    x.lea(c, qword_ptr(c + c))?;
-                }
-            }
+            scale_tag(x, c, bits)?;
             x.pext(rcx, a_, m(o_ctx!(m_page) + 8 * bits as i32))?;
             x.lea(rcx, qword_ptr(rcx + c))
         };
@@ -3336,6 +3341,18 @@ impl Tx<'_> {
         }
         self.group_fails.push((miss, fail));
         self.a.zero_bytes()
+    }
+
+    /// The register holding a group member's host base: the group's own,
+    /// or `scratch` loaded from the group's spill slot.
+    fn member_base(&mut self, home: Home, scratch: Register) -> R<Register> {
+        match home {
+            Home::Reg(r) => Ok(r),
+            Home::Slot(k) => {
+                self.a.mov(r64(scratch), m(o_spill(k)))?;
+                Ok(scratch)
+            }
+        }
     }
 
     /// Linear address of a memory operand into `sa` (guest rsp/r15 read
@@ -3445,13 +3462,7 @@ impl Tx<'_> {
         // A group member: its group's register holds the host address of
         // its base plus scaled index, checked when the group began.
         if let Some((home, rel)) = self.member {
-            let g = match home {
-                Home::Reg(r) => r,
-                Home::Slot(k) => {
-                    self.a.mov(r64(sa), m(o_spill(k)))?;
-                    sa
-                }
-            };
+            let g = self.member_base(home, sa)?;
             let mut ni = *i;
             remap.rewrite_registers(&mut ni);
             ni.set_memory_base(g);
@@ -3552,13 +3563,7 @@ impl Tx<'_> {
         };
         if let (Some((home, Some(rel))), Some((sa, sb, sc))) = (self.member, self.free3()) {
             // A stack group's member: its group checked the slot.
-            let g = match home {
-                Home::Reg(r) => r,
-                Home::Slot(k) => {
-                    self.a.mov(r64(sc), m(o_spill(k)))?;
-                    sc
-                }
-            };
+            let g = self.member_base(home, sc)?;
             lin(&mut self.a, sa)?;
             f(&mut self.a, qword_ptr(r64(g) + rel as i32), sa, sb)?;
             return Ok(Some(back));
