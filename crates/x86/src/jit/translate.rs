@@ -750,8 +750,13 @@ struct Tx<'a> {
     /// In a block that loops on itself, a parked register that holds the
     /// instruction count (`JitCtx::left`): each pass adds to it and stores
     /// it, so that the count's dependency chain runs through a register,
-    /// not through memory. Loaded at the count entry and after helpers.
+    /// not through memory. Loaded at the count entry and after helpers;
+    /// stored only before what reads `left` (exits, helper calls, the
+    /// flag-free back-edge check), not on every pass.
     counter: Option<Register>,
+    /// The counter register holds the count (past the count entry's load;
+    /// the stale-code exit before it must not store it).
+    counter_live: bool,
 }
 
 /// A RIP-relative operand for absolute address `target` (the assembler
@@ -829,6 +834,7 @@ pub fn translate(
         helper_tail: None,
         unpark_tail: None,
         counter: None,
+        counter_live: false,
     };
     (tx.parked, tx.keeper) = choose_parked(block, &mut tx.info, opts.bmi2);
     let loops = loops_on_itself(block);
@@ -932,6 +938,7 @@ pub fn translate(
         }
     }
     tx.counter_load()?;
+    tx.counter_live = true;
     let n = block.insns.len();
     // With groups the block is emitted twice: first the copy whose group
     // members skip their lookups, then, from the first group's head on,
@@ -1089,10 +1096,13 @@ pub fn translate(
             Ok(())
         })?;
     }
-    // Stale code: leave with rip at the block start.
+    // Stale code: leave with rip at the block start (before the counter's
+    // load).
     tx.a.set_label(&mut l_stale)?;
     tx.no_jc = true;
+    tx.counter_live = false;
     tx.exit_to(ExitTarget::Imm(block.insns[0].insn.ip()), None)?;
+    tx.counter_live = true;
     tx.no_jc = false;
     // Cold paths.
     for (mut at, fail) in std::mem::take(&mut tx.group_fails) {
@@ -2635,6 +2645,7 @@ impl Tx<'_> {
     }
 
     fn call_helper(&mut self, dn: *const DInsn) -> R<()> {
+        self.count_sync()?;
         // With registers parked, every site of the block shares one copy
         // of the reload, the call and the new parking (see `translate`):
         // helper sites are most of a block's cold code.
@@ -2663,6 +2674,15 @@ impl Tx<'_> {
         // have changed the TLB.
         self.cache_clear()?;
         self.counter_load()
+    }
+
+    /// Store the counter register (see [`Tx::counter`]) to `left`, for
+    /// what reads it there.
+    fn count_sync(&mut self) -> R<()> {
+        match self.counter.filter(|_| self.counter_live) {
+            Some(c) => self.a.mov(m(o_ctx!(left)), r64(c)),
+            None => Ok(()),
+        }
     }
 
     /// Load the counter register (see [`Tx::counter`]) from `left`.
@@ -2829,6 +2849,7 @@ impl Tx<'_> {
     /// Leave translated code for the dispatcher, rip = target.
     fn exit_to(&mut self, t: ExitTarget, site: Option<CodeLabel>) -> R<()> {
         self.sync_rcx()?;
+        self.count_sync()?;
         if site.is_none() && !self.no_jc {
             // On to the jump cache: a hot path (returns, indirect jumps).
             self.park_reload()?;
@@ -2883,6 +2904,7 @@ impl Tx<'_> {
     /// to the target's guard (see `GuardTemplate`).
     fn exit_far(&mut self, target: u64) -> R<()> {
         self.sync_rcx()?;
+        self.count_sync()?;
         // Hot once its site is patched to a guard.
         self.park_reload()?;
         if !self.no_jc {
@@ -2914,10 +2936,7 @@ impl Tx<'_> {
         let scratch = self.scratch();
         let a = &mut self.a;
         match self.counter {
-            Some(c) => {
-                a.add(r64(c), n as i32)?;
-                a.mov(m(o_ctx!(left)), r64(c))?;
-            }
+            Some(c) => a.add(r64(c), n as i32)?,
             None => a.add(qword_ptr(r15 + o_ctx!(left)), n as i32)?,
         }
         if let (Some((_, cold)), Some(r)) = (self.body_check, scratch) {
@@ -2952,8 +2971,8 @@ impl Tx<'_> {
             return Ok(());
         }
         if let Some(c) = self.counter {
-            self.a.lea(r64(c), qword_ptr(r64(c) + delta))?;
-            return self.a.mov(m(o_ctx!(left)), r64(c));
+            // (Stored by whatever reads it next: see `count_sync`.)
+            return self.a.lea(r64(c), qword_ptr(r64(c) + delta));
         }
         let r = self.scratch();
         let cnt = r.map_or(rcx, r64);
@@ -2973,6 +2992,9 @@ impl Tx<'_> {
     /// Exit to a known target; chainable when it is in the same guest page.
     fn exit_direct(&mut self, target: u64) -> R<()> {
         self.sync_rcx()?;
+        // Chained blocks, the back-edge check and the dispatcher read the
+        // count from `left`.
+        self.count_sync()?;
         if target >> 12 != self.block.lin_pc >> 12 {
             return self.exit_far(target);
         }
@@ -3034,7 +3056,12 @@ impl Tx<'_> {
             // check jumps there): the registers are reloaded already.
             return self.exit_tail(ExitTarget::Imm(target), Some(site));
         }
-        self.exit_to(ExitTarget::Imm(target), Some(site))
+        // The count is stored (above); the counter register may hold its
+        // guest value again (the unpatched site falls through here).
+        let live = std::mem::replace(&mut self.counter_live, false);
+        self.exit_to(ExitTarget::Imm(target), Some(site))?;
+        self.counter_live = live;
+        Ok(())
     }
 
     /// Flag-free soft-TLB lookup (BMI2). `sa` holds the linear address;
