@@ -26,6 +26,6 @@ pub mod testutil;
 pub use bus::Bus;
 pub use cpu::{Cpu, CpuConfig, Exit, Stats};
 pub use exception::Fault;
-pub use jit::{Engine, JitStats};
+pub use jit::{Engine, JitStats, KICK_INTERVAL};
 pub use mem::{GuestRam, RamRegion};
 pub use state::CpuState;

@@ -2359,13 +2359,56 @@ fn groups_across_side_exits_match_the_interpreter() {
     }
 }
 
-/// A loop that jumps back to its own start checks the kick flag and the
-/// budget in its body, where its instruction count is (an ADD, before the
-/// first instruction that overwrites all the flags), not at the back edge.
+/// Translated loops do not read the kick flag: an entry into translated
+/// code runs at most `KICK_INTERVAL` instructions, so the dispatcher,
+/// which does, runs at least that often. A loop that never leaves on its
+/// own (its body check, its back edge, no helper) still comes back to the
+/// dispatcher once per interval, and a kick set while it runs stops it.
+#[test]
+fn translated_loops_leave_for_the_dispatcher_every_kick_interval() {
+    let mut cpu = machine(|a| {
+        let mut top = a.create_label();
+        a.mov(rsi, 0x30000u64).unwrap();
+        a.set_label(&mut top).unwrap();
+        a.mov(rax, qword_ptr(rsi)).unwrap();
+        a.add(rbx, rax).unwrap();
+        a.inc(r12).unwrap();
+        a.jmp(top).unwrap();
+    });
+    hot_engine(&mut cpu, mat_x86::Engine::Jit);
+    // Translated after its first pass; then 64 intervals' worth.
+    assert_eq!(cpu.run(1_000), Exit::Budget);
+    let entries = cpu.jit_stats().unwrap().entries;
+    let (n0, r0) = (cpu.stats.instructions, cpu.s.gpr[12]);
+    assert_eq!(cpu.run(64 * mat_x86::KICK_INTERVAL), Exit::Budget);
+    let ran = cpu.stats.instructions - n0;
+    assert!(ran >= 64 * mat_x86::KICK_INTERVAL, "{ran} instructions");
+    assert_eq!(cpu.s.gpr[12] - r0, ran / 4, "every 4th instruction an INC");
+    let entered = cpu.jit_stats().unwrap().entries - entries;
+    assert!(
+        entered >= 64,
+        "{entered} entries into translated code for {ran} instructions"
+    );
+    // A kick from another thread while the loop runs stops it.
+    let kick = cpu.kick.clone();
+    let kicker = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        kick.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    assert_eq!(cpu.run(1 << 34), Exit::Kicked);
+    kicker.join().unwrap();
+    assert_eq!(cpu.s.gpr[15], SENTINEL, "no exception");
+}
+
+/// A loop that jumps back to its own start checks its budget in its body,
+/// where its instruction count is (an ADD, before the first instruction
+/// that overwrites all the flags), not at the back edge.
 /// Leaving there, it first runs that instruction: the guest sees its
-/// flags, not the count's. Every exit (budget, and kicks from another
-/// thread) is compared with an interpreter stepped to the same point:
-/// registers, flags and the instruction count.
+/// flags, not the count's. The kick flag is read by the dispatcher, which
+/// translated code leaves at least every `KICK_INTERVAL` instructions.
+/// Every exit (budget, and kicks from another thread) is compared with an
+/// interpreter stepped to the same point: registers, flags and the
+/// instruction count.
 #[test]
 fn body_checks_leave_with_the_guest_flags() {
     const DATA: u64 = 0x30000;

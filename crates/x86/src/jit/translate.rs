@@ -702,9 +702,10 @@ struct Tx<'a> {
     rcx_out: bool,
     /// The block's entry after parking (target of jumps to its own start).
     l_count: Option<CodeLabel>,
-    /// Where a block that jumps back into its own page checks the kick
-    /// flag and the budget, when it has a point where the guest flags are
-    /// dead (see [`Tx::count_add`]): the index of the instruction there
+    /// Where a block that jumps back into its own page checks its budget
+    /// (the kick flag waits for the dispatcher: see
+    /// [`super::KICK_INTERVAL`]), when it has a point where the guest flags
+    /// are dead (see [`Tx::count_add`]): the index of the instruction there
     /// and the out-of-line exit. Its back edges then check nothing.
     body_check: Option<(usize, CodeLabel)>,
     /// Index of the instruction being translated.
@@ -2023,8 +2024,8 @@ fn unnamed(block: &Block, info: &mut InstructionInfoFactory, taken: &[Register])
 
 /// The block has a direct jump (from its instruction `from` on) back to
 /// its own code or before it: every cycle of chained code has such a jump,
-/// so it checks the kick flag and the budget (at the jump, or once per
-/// pass at [`Tx::body_check`]).
+/// so it checks the kick flag and the budget at the jump, or the budget
+/// once per pass at [`Tx::body_check`].
 fn has_back_edge(block: &Block, from: usize) -> bool {
     block.insns[from..]
         .iter()
@@ -2929,22 +2930,20 @@ impl Tx<'_> {
 
     /// Count the block's `n` instructions where the guest flags are dead.
     /// In a block with a body check, also leave (out of line) when the
-    /// budget ran out (`left` counts up from -budget: the sign) or the vCPU
-    /// was kicked: two loads and two untaken branches a pass instead of
-    /// the back edge's flag-free check through rcx (two taken branches).
+    /// budget ran out (`left` counts up from -budget: the sign): one
+    /// untaken branch a pass instead of the back edge's flag-free check
+    /// through rcx (two taken branches). The kick flag is not read here:
+    /// `jit_run` gives translated code at most [`super::KICK_INTERVAL`]
+    /// instructions, and the dispatcher reads the flag when they run out.
     fn count_add(&mut self, n: usize) -> R<()> {
-        let scratch = self.scratch();
         let a = &mut self.a;
         match self.counter {
             Some(c) => a.add(r64(c), n as i32)?,
             None => a.add(qword_ptr(r15 + o_ctx!(left)), n as i32)?,
         }
-        if let (Some((_, cold)), Some(r)) = (self.body_check, scratch) {
+        if let Some((_, cold)) = self.body_check {
             count_event(a, self.events, EV_BACK_EDGE)?;
             a.jns(cold)?;
-            let kick = kick_byte(a, self.kick_rel, r)?;
-            a.add_instruction(Instruction::with2(Code::Cmp_rm8_imm8, kick, 0)?)?;
-            a.jne(cold)?;
         }
         Ok(())
     }
