@@ -2155,9 +2155,10 @@ fn cached_tlb_entries_match_the_interpreter() {
 /// A loop's only access is 4 bytes at an odd address: every pass its
 /// cache pair's check fails on the alignment, and the miss path finds the
 /// entry of the page at the TLB index and hits without refilling the pair
-/// (the access is inside the page). That hit's addend is not in the
-/// pair's register, which holds a wild value here (the registers the loop
-/// does not name hold minus va(3)'s page number): using it faults.
+/// (the access is inside the page). Until such a hit puts its addend there
+/// (and empties the pair), the pair's addend register holds a wild value
+/// here (the registers the loop does not name hold minus va(3)'s page
+/// number): using it faults.
 #[test]
 fn misaligned_hits_of_cached_sites_match_the_interpreter() {
     let (mut jit, mut int) = hot_pair(|| {
@@ -2184,6 +2185,69 @@ fn misaligned_hits_of_cached_sites_match_the_interpreter() {
     });
     lockstep(&mut jit, &mut int, 200, 100_000, 3);
     assert_ne!(jit.s.gpr[3], 0, "the loop summed something");
+}
+
+/// Give pages 0xc00000 and 0xa00000 of a `paging_machine` 4 KiB pages of
+/// their own, on frames elsewhere (0xe00000, 0xe01000): an identity-mapped
+/// page's TLB addend is every other's. Fills their first 256 bytes, and
+/// those of pages 0x300000 and 0x140000, with distinct words.
+fn own_frames(cpu: &Cpu) {
+    for (k, (pde, frame)) in [(6u64, 0xe0_0000u64), (5, 0xe0_1000)]
+        .into_iter()
+        .enumerate()
+    {
+        let pt = 0x10_5000 + 0x1000 * k as u64;
+        cpu.ram.write(pt, &[0u8; 4096]);
+        w64(cpu, pt, frame | P | RW | US);
+        w64(cpu, PD0 + 8 * pde, pt | P | RW | US);
+    }
+    for (k, base) in [0xe0_0000u64, 0x30_0000, 0xe0_1000, 0x14_0000]
+        .into_iter()
+        .enumerate()
+    {
+        for j in 0..32 {
+            w64(
+                cpu,
+                base + 8 * j,
+                ((k as u64 + 1) * 0x0101_0000_0100_0000) | (j << 8) | 0x5a,
+            );
+        }
+    }
+}
+
+/// A cached access site reads the addend from its pair's register. An
+/// access whose page the pair's check refuses only for its alignment (it
+/// stays in one page) takes the addend from the TLB entry into that
+/// register and empties the pair. The loop's dword load alternates between
+/// aligned addresses in one page and unaligned ones in another, mapped
+/// with a different addend: an unaligned access read with the pair's
+/// addend reads the other frame. Compared with the interpreter.
+#[test]
+fn unaligned_accesses_at_cached_sites_match_the_interpreter() {
+    let (mut jit, mut int) = hot_pair(|| {
+        let cpu = paging_machine(|a| {
+            let mut top = a.create_label();
+            a.mov(rsi, 0xc0_0000u64).unwrap();
+            a.mov(rdi, 0xa0_0001u64).unwrap();
+            a.mov(r12d, 64).unwrap();
+            a.set_label(&mut top).unwrap();
+            a.mov(eax, dword_ptr(rsi)).unwrap();
+            a.add(r13, rax).unwrap();
+            a.imul_3(r13, r13, 3).unwrap();
+            // Next pass the other page, 8 bytes on from this one's.
+            a.mov(rdx, rsi).unwrap();
+            a.mov(rsi, rdi).unwrap();
+            a.lea(rdi, qword_ptr(rdx + 8)).unwrap();
+            a.dec(r12d).unwrap();
+            a.jnz(top).unwrap();
+            a.hlt().unwrap();
+        });
+        own_frames(&cpu);
+        cpu
+    });
+    lockstep(&mut jit, &mut int, 50, 100_000, 3);
+    assert_eq!(jit.s.gpr[12], 0, "the loop ran to its end");
+    assert_ne!(jit.s.gpr[13], 0, "the loop summed something");
 }
 
 /// A loop's cache pairs are preloaded at its count entry from the entry
@@ -2231,29 +2295,7 @@ fn preloaded_cache_pairs_match_the_interpreter() {
             a.set_label(&mut done).unwrap();
             a.hlt().unwrap();
         });
-        // 0xc00000 and 0xa00000 get 4 KiB pages of their own, on frames
-        // elsewhere: an identity-mapped page's addend is every other's.
-        for (k, (pde, frame)) in [(6u64, 0xe0_0000u64), (5, 0xe0_1000)]
-            .into_iter()
-            .enumerate()
-        {
-            let pt = 0x10_5000 + 0x1000 * k as u64;
-            cpu.ram.write(pt, &[0u8; 4096]);
-            w64(&cpu, pt, frame | P | RW | US);
-            w64(&cpu, PD0 + 8 * pde, pt | P | RW | US);
-        }
-        for (k, base) in [0xe0_0000u64, 0x30_0000, 0xe0_1000, 0x14_0000]
-            .into_iter()
-            .enumerate()
-        {
-            for j in 0..32 {
-                w64(
-                    &cpu,
-                    base + 8 * j,
-                    ((k as u64 + 1) * 0x0101_0000_0100_0000) | (j << 8) | 0x5a,
-                );
-            }
-        }
+        own_frames(&cpu);
         cpu
     });
     lockstep(&mut jit, &mut int, 100, 100_000, 3);

@@ -758,6 +758,11 @@ struct Tx<'a> {
     /// The counter register holds the count (past the count entry's load;
     /// the stale-code exit before it must not store it).
     counter_live: bool,
+    /// The lookup being emitted may leave the addend in its cache pair's
+    /// register rather than copy it to the third scratch register; then
+    /// `pair_addend` names that register (see [`Tx::native_mem_fast`]).
+    want_pair_addend: bool,
+    pair_addend: Option<Register>,
 }
 
 /// A RIP-relative operand for absolute address `target` (the assembler
@@ -836,6 +841,8 @@ pub fn translate(
         unpark_tail: None,
         counter: None,
         counter_live: false,
+        want_pair_addend: false,
+        pair_addend: None,
     };
     (tx.parked, tx.keeper) = choose_parked(block, &mut tx.info, opts.bmi2);
     let loops = loops_on_itself(block);
@@ -933,7 +940,7 @@ pub fn translate(
     // Each pair is emptied here, in room for its preload.
     for k in 0..tx.cache.len() {
         tx.preload_at.push(tx.a.instructions().len());
-        tx.empty_pair(tx.cache[k].0)?;
+        empty_pair(&mut tx.a, tx.cache[k].0)?;
         for _ in 1..PRELOAD_LEN {
             tx.a.zero_bytes()?;
         }
@@ -1203,6 +1210,12 @@ pub fn translate(
 /// Cache pairs at most per block that loops on itself (see [`Tx::cache`]).
 const CACHE_PAIRS: usize = 2;
 
+/// Empty the cache pair whose tag register is `t`: 1 matches no masked
+/// address (see [`Tx::cache`]).
+fn empty_pair(a: &mut CodeAssembler, t: Register) -> R<()> {
+    a.add_instruction(Instruction::with2(Code::Mov_r32_imm32, sized(t, 4), 1u32)?)
+}
+
 /// The offset in a TLB entry of translated code's read or write tag.
 fn tag_field(write: bool) -> i32 {
     (if write {
@@ -1270,6 +1283,9 @@ struct ColdLookup {
     bits: usize,
     pair: (Register, Register),
     slot: i32,
+    /// The access uses the pair's addend register itself (see
+    /// [`Tx::pair_addend`]): every way back leaves the addend there.
+    in_pair: bool,
 }
 
 /// The block jumps back to its own start (a loop that stays in its
@@ -2743,15 +2759,9 @@ impl Tx<'_> {
     /// and masked addresses are below 2^40.
     fn cache_clear(&mut self) -> R<()> {
         for k in 0..self.cache.len() {
-            self.empty_pair(self.cache[k].0)?;
+            empty_pair(&mut self.a, self.cache[k].0)?;
         }
         Ok(())
-    }
-
-    /// Empty the pair whose tag register is `t` (see [`Self::cache_clear`]).
-    fn empty_pair(&mut self, t: Register) -> R<()> {
-        self.a
-            .add_instruction(Instruction::with2(Code::Mov_r32_imm32, sized(t, 4), 1u32)?)
     }
 
     /// The cache pair of the lookup being emitted (`cur_k`, `cur_lookups`)
@@ -3212,7 +3222,12 @@ impl Tx<'_> {
         x.zero_bytes()?;
         count_event(x, self.events, EV_CACHED)?;
         count_event(x, self.events, EV_HIT)?;
-        x.mov(c, ad)?;
+        let in_pair = std::mem::take(&mut self.want_pair_addend);
+        if in_pair {
+            self.pair_addend = Some(pair.1);
+        } else {
+            x.mov(c, ad)?;
+        }
         let mut back = back;
         x.set_label(&mut back)?;
         x.zero_bytes()?;
@@ -3226,6 +3241,7 @@ impl Tx<'_> {
             bits,
             pair,
             slot,
+            in_pair,
         });
         Ok(slow)
     }
@@ -3246,6 +3262,7 @@ impl Tx<'_> {
             bits,
             pair,
             slot,
+            in_pair,
         } = cold;
         let (a_, b, c) = (r64(regs.0), r64(regs.1), r64(regs.2));
         let (t, ad) = (r64(pair.0), r64(pair.1));
@@ -3286,7 +3303,14 @@ impl Tx<'_> {
             x.jmp(slow)?;
             x.set_label(&mut odd)?;
             count_event(x, self.events, EV_HIT)?;
-            x.mov(c, qword_ptr(b + offset_of!(TlbEntry, addend) as i32))?;
+            if in_pair {
+                // The addend goes where the access reads it; the pair's
+                // tag no longer goes with it.
+                x.mov(ad, qword_ptr(b + offset_of!(TlbEntry, addend) as i32))?;
+                empty_pair(x, pair.0)?;
+            } else {
+                x.mov(c, qword_ptr(b + offset_of!(TlbEntry, addend) as i32))?;
+            }
             x.jmp(back)?;
         } else {
             x.jmp(slow)?;
@@ -3524,8 +3548,16 @@ impl Tx<'_> {
         // Guest rcx may stay in the keeper past this instruction when it
         // does not name rcx (the next one restores it if it needs to).
         let keep = !self.used_full_regs(&ni).contains(&Register::RCX);
-        let lookup = self.operand_lookup_keep(i, (addr, sb, sc), size, write, align16, keep)?;
-        let Some(slow) = lookup else {
+        // A cached lookup may leave the addend in its pair's register,
+        // which the access then reads itself: one move fewer.
+        self.want_pair_addend = true;
+        let lookup = self.operand_lookup_keep(i, (addr, sb, sc), size, write, align16, keep);
+        self.want_pair_addend = false;
+        let mut ni = ni;
+        if let Some(ad) = self.pair_addend.take() {
+            ni.set_memory_index(ad);
+        }
+        let Some(slow) = lookup? else {
             return Ok(false);
         };
         self.remap_in(&remap)?;
