@@ -2221,33 +2221,40 @@ fn own_frames(cpu: &Cpu) {
 /// register and empties the pair. The loop's dword load alternates between
 /// aligned addresses in one page and unaligned ones in another, mapped
 /// with a different addend: an unaligned access read with the pair's
-/// addend reads the other frame. Compared with the interpreter.
+/// addend reads the other frame. Once as a plain access, once as a group
+/// of two loads of one location (the group's check is the cached site).
+/// Compared with the interpreter.
 #[test]
 fn unaligned_accesses_at_cached_sites_match_the_interpreter() {
-    let (mut jit, mut int) = hot_pair(|| {
-        let cpu = paging_machine(|a| {
-            let mut top = a.create_label();
-            a.mov(rsi, 0xc0_0000u64).unwrap();
-            a.mov(rdi, 0xa0_0001u64).unwrap();
-            a.mov(r12d, 64).unwrap();
-            a.set_label(&mut top).unwrap();
-            a.mov(eax, dword_ptr(rsi)).unwrap();
-            a.add(r13, rax).unwrap();
-            a.imul_3(r13, r13, 3).unwrap();
-            // Next pass the other page, 8 bytes on from this one's.
-            a.mov(rdx, rsi).unwrap();
-            a.mov(rsi, rdi).unwrap();
-            a.lea(rdi, qword_ptr(rdx + 8)).unwrap();
-            a.dec(r12d).unwrap();
-            a.jnz(top).unwrap();
-            a.hlt().unwrap();
+    for grouped in [false, true] {
+        let (mut jit, mut int) = hot_pair(|| {
+            let cpu = paging_machine(|a| {
+                let mut top = a.create_label();
+                a.mov(rsi, 0xc0_0000u64).unwrap();
+                a.mov(rdi, 0xa0_0001u64).unwrap();
+                a.mov(r12d, 64).unwrap();
+                a.set_label(&mut top).unwrap();
+                a.mov(eax, dword_ptr(rsi)).unwrap();
+                a.add(r13, rax).unwrap();
+                a.imul_3(r13, r13, 3).unwrap();
+                if grouped {
+                    a.add(r13d, dword_ptr(rsi)).unwrap();
+                }
+                // Next pass the other page, 8 bytes on from this one's.
+                a.mov(rdx, rsi).unwrap();
+                a.mov(rsi, rdi).unwrap();
+                a.lea(rdi, qword_ptr(rdx + 8)).unwrap();
+                a.dec(r12d).unwrap();
+                a.jnz(top).unwrap();
+                a.hlt().unwrap();
+            });
+            own_frames(&cpu);
+            cpu
         });
-        own_frames(&cpu);
-        cpu
-    });
-    lockstep(&mut jit, &mut int, 50, 100_000, 3);
-    assert_eq!(jit.s.gpr[12], 0, "the loop ran to its end");
-    assert_ne!(jit.s.gpr[13], 0, "the loop summed something");
+        lockstep(&mut jit, &mut int, 50, 100_000, 3);
+        assert_eq!(jit.s.gpr[12], 0, "the loop ran to its end");
+        assert_ne!(jit.s.gpr[13], 0, "the loop summed something");
+    }
 }
 
 /// A loop's cache pairs are preloaded at its count entry from the entry

@@ -3365,7 +3365,11 @@ impl Tx<'_> {
         // A range of several locations is checked at both ends: its
         // alignment to its own size is chance.
         let spread = size as i64 > g.unit;
-        let miss = self.lookup_fast((sa, sb, sc), size, g.write, one16, spread)?;
+        self.want_pair_addend = true;
+        let miss = self.lookup_fast((sa, sb, sc), size, g.write, one16, spread);
+        self.want_pair_addend = false;
+        let addend = self.pair_addend.take().unwrap_or(sc);
+        let miss = miss?;
         self.cur_k = k;
         if let (Some(d0), false) = (g.align16, one16) {
             // The aligned members' addresses: x + d0 (mod 16).
@@ -3376,7 +3380,7 @@ impl Tx<'_> {
             self.a.jmp(miss)?;
             self.a.set_label(&mut aligned)?;
         }
-        let host = qword_ptr(r64(sa) + r64(sc) - g.lo as i32);
+        let host = qword_ptr(r64(sa) + r64(addend) - g.lo as i32);
         match g.home {
             Home::Reg(r) => self.a.lea(r64(r), host)?,
             Home::Slot(k) => {
