@@ -2411,42 +2411,72 @@ fn groups_across_side_exits_match_the_interpreter() {
 /// Translated loops do not read the kick flag: an entry into translated
 /// code runs at most `KICK_INTERVAL` instructions, so the dispatcher,
 /// which does, runs at least that often. A loop that never leaves on its
-/// own (its body check, its back edge, no helper) still comes back to the
-/// dispatcher once per interval, and a kick set while it runs stops it.
+/// own still comes back to the dispatcher once per interval, and a kick
+/// set while it runs stops it. Once for a loop that checks its budget in
+/// its body (an ADD kills the flags), once for one that checks it at its
+/// back edge (INC leaves CF, so no instruction kills all the flags).
 #[test]
 fn translated_loops_leave_for_the_dispatcher_every_kick_interval() {
-    let mut cpu = machine(|a| {
-        let mut top = a.create_label();
-        a.mov(rsi, 0x30000u64).unwrap();
-        a.set_label(&mut top).unwrap();
-        a.mov(rax, qword_ptr(rsi)).unwrap();
-        a.add(rbx, rax).unwrap();
-        a.inc(r12).unwrap();
-        a.jmp(top).unwrap();
-    });
-    hot_engine(&mut cpu, mat_x86::Engine::Jit);
-    // Translated after its first pass; then 64 intervals' worth.
-    assert_eq!(cpu.run(1_000), Exit::Budget);
-    let entries = cpu.jit_stats().unwrap().entries;
-    let (n0, r0) = (cpu.stats.instructions, cpu.s.gpr[12]);
-    assert_eq!(cpu.run(64 * mat_x86::KICK_INTERVAL), Exit::Budget);
-    let ran = cpu.stats.instructions - n0;
-    assert!(ran >= 64 * mat_x86::KICK_INTERVAL, "{ran} instructions");
-    assert_eq!(cpu.s.gpr[12] - r0, ran / 4, "every 4th instruction an INC");
-    let entered = cpu.jit_stats().unwrap().entries - entries;
-    assert!(
-        entered >= 64,
-        "{entered} entries into translated code for {ran} instructions"
-    );
-    // A kick from another thread while the loop runs stops it.
-    let kick = cpu.kick.clone();
-    let kicker = std::thread::spawn(move || {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        kick.store(true, std::sync::atomic::Ordering::Relaxed);
-    });
-    assert_eq!(cpu.run(1 << 34), Exit::Kicked);
-    kicker.join().unwrap();
-    assert_eq!(cpu.s.gpr[15], SENTINEL, "no exception");
+    // A loop that misses its budget never returns from `run`: fail loudly
+    // instead of hanging the test run.
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watchdog = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            for _ in 0..600 {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                if done.load(std::sync::atomic::Ordering::Relaxed) {
+                    return;
+                }
+            }
+            eprintln!("a translated loop ran for a minute without leaving: aborting");
+            std::process::abort();
+        })
+    };
+    for body_check in [true, false] {
+        let mut cpu = machine(|a| {
+            let mut top = a.create_label();
+            a.mov(rsi, 0x30000u64).unwrap();
+            a.set_label(&mut top).unwrap();
+            a.mov(rax, qword_ptr(rsi)).unwrap();
+            if body_check {
+                a.add(rbx, rax).unwrap();
+            } else {
+                a.lea(rbx, qword_ptr(rbx + rax)).unwrap();
+            }
+            a.inc(r12).unwrap();
+            a.jmp(top).unwrap();
+        });
+        hot_engine(&mut cpu, mat_x86::Engine::Jit);
+        // Translated after its first pass; then 64 intervals' worth.
+        assert_eq!(cpu.run(1_000), Exit::Budget);
+        let entries = cpu.jit_stats().unwrap().entries;
+        let (n0, r0) = (cpu.stats.instructions, cpu.s.gpr[12]);
+        assert_eq!(cpu.run(64 * mat_x86::KICK_INTERVAL), Exit::Budget);
+        let ran = cpu.stats.instructions - n0;
+        assert!(ran >= 64 * mat_x86::KICK_INTERVAL, "{ran} instructions");
+        assert!(
+            ran < 64 * mat_x86::KICK_INTERVAL + 1000,
+            "{ran} instructions for the budget"
+        );
+        assert_eq!(cpu.s.gpr[12] - r0, ran / 4, "every 4th instruction an INC");
+        let entered = cpu.jit_stats().unwrap().entries - entries;
+        assert!(
+            entered >= 64,
+            "{entered} entries into translated code for {ran} instructions"
+        );
+        // A kick from another thread while the loop runs stops it.
+        let kick = cpu.kick.clone();
+        let kicker = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            kick.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+        assert_eq!(cpu.run(1 << 34), Exit::Kicked);
+        kicker.join().unwrap();
+        assert_eq!(cpu.s.gpr[15], SENTINEL, "no exception");
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    watchdog.join().unwrap();
 }
 
 /// A loop that jumps back to its own start checks its budget in its body,
@@ -2503,7 +2533,7 @@ fn body_checks_leave_with_the_guest_flags() {
                 }
             })
         });
-        let (mut exits, mut in_body) = (0, 0);
+        let (mut exits, mut in_body, mut looping) = (0, 0, 0);
         loop {
             let exit = jit.run(if kicks { 1 << 30 } else { 7_777 });
             if exit == Exit::Halted {
@@ -2512,6 +2542,8 @@ fn body_checks_leave_with_the_guest_flags() {
             assert!(matches!(exit, Exit::Budget | Exit::Kicked), "{exit:?}");
             exits += 1;
             in_body += (jit.s.rip == after_add) as u32;
+            // Past the first pass (interpreted) and before the loop ends.
+            looping += (0 < jit.s.gpr[12] && jit.s.gpr[12] < rounds as u64 - 1) as u32;
             let mut steps = 0;
             while (int.s.rip, int.s.gpr[12]) != (jit.s.rip, jit.s.gpr[12]) {
                 assert!(int.step().is_none());
@@ -2545,11 +2577,16 @@ fn body_checks_leave_with_the_guest_flags() {
             kicks || in_body > 0,
             "no exit from the body check ({exits} exits)"
         );
-        // The loop runs for milliseconds, kicked every 200 µs: translated
-        // code that missed the kick flag would run it to the end at once.
+        // Kicked, translated code leaves when its entry's budget (at most
+        // KICK_INTERVAL) runs out, here at the body check: every exit while
+        // the loop runs comes from there (the first, interpreted, pass and
+        // the HLT may see a kick too). Whether a kick is waiting then
+        // depends on the kicking thread's turns on the host:
+        // `translated_loops_leave_for_the_dispatcher_every_kick_interval`
+        // checks that kicks stop a loop.
         assert!(
-            !kicks || in_body > 0,
-            "{exits} exits for kicks, none at the body check"
+            !kicks || looping == in_body,
+            "{exits} exits for kicks, {looping} while looping, {in_body} at the body check"
         );
         let stats = jit.jit_stats().cloned().expect("jit stats");
         assert!(stats.translations > 0, "{stats:?}");

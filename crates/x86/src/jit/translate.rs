@@ -186,10 +186,6 @@ pub struct Stubs {
     /// Exit to the target in cpu.s.rip through the jump cache.
     pub indirect: u64,
     pub helper: u64,
-    /// The kick flag's address (`JitCtx::kick`, fixed for the life of the
-    /// translator): the stubs, and blocks whose code lands within reach,
-    /// compare it RIP-relative. 0: always through `JitCtx::kick`.
-    pub kick: u64,
 }
 
 fn m(off: i32) -> AsmMemoryOperand {
@@ -250,9 +246,8 @@ fn load_flags(a: &mut CodeAssembler) -> R<()> {
     Ok(())
 }
 
-/// Assemble the shared stubs at address `at`, for the kick flag at `kick`
-/// (see [`Stubs::kick`]).
-pub fn build_stubs(at: u64, kick: u64) -> R<(Vec<u8>, Stubs)> {
+/// Assemble the shared stubs at address `at`.
+pub fn build_stubs(at: u64) -> R<(Vec<u8>, Stubs)> {
     let mut a = CodeAssembler::new(64)?;
     let mut l_enter = a.create_label();
     let mut l_leave = a.create_label();
@@ -330,9 +325,8 @@ pub fn build_stubs(at: u64, kick: u64) -> R<(Vec<u8>, Stubs)> {
     a.mov(m(o_spill(SP_C)), rdx)?;
     a.lahf()?;
     a.seto(al)?;
-    let flag = kick_byte(&mut a, rip_reaches(at, kick).then_some(kick), Register::RCX)?;
-    a.add_instruction(Instruction::with2(Code::Cmp_rm8_imm8, flag, 0)?)?;
-    a.jne(l_miss)?;
+    // The budget (the kick flag waits for the dispatcher: see
+    // `KICK_INTERVAL`).
     a.cmp(byte_ptr(r15 + (o_ctx!(left) + 7)), 0)?;
     a.je(l_miss)?;
     a.mov(rcx, m(o_rip()))?;
@@ -380,7 +374,6 @@ pub fn build_stubs(at: u64, kick: u64) -> R<(Vec<u8>, Stubs)> {
         enter: res.label_ip(&l_enter)?,
         exit: res.label_ip(&l_exit)?,
         helper: res.label_ip(&l_helper)?,
-        kick,
     };
     Ok((res.inner.code_buffer, stubs))
 }
@@ -502,7 +495,7 @@ pub fn chain_stub(from: u64, to: u64, events: bool) -> R<Vec<u8>> {
 
 /// The guard of direct jumps to a target from other pages, valid while
 /// the TLB maps the target's page to one physical page for execution: the
-/// kick and budget checks of the jump cache, then the TLB entry's exec tag
+/// budget check of the jump cache, then the TLB entry's exec tag
 /// and page, all flag-free (jrcxz). Entered and left with the whole guest
 /// state in registers. Two `jmp rel32` for the caller to patch: to the
 /// target's translation (its full entry, which checks that the code is
@@ -538,18 +531,13 @@ impl GuardTemplate {
         const DISP: i32 = 0x1000_0000;
         const IMM: u64 = 0x1122_3344_5566_7788;
         let mut a = CodeAssembler::new(64)?;
-        let mut kick_ok = a.create_label();
         let mut tag_ok = a.create_label();
         let mut page_ok = a.create_label();
         let mut fail = a.create_label();
         let mut fail_rcx = a.create_label();
         a.mov(m(o_spill(SP_A)), rcx)?;
-        a.mov(rcx, m(o_ctx!(kick)))?;
-        a.movzx(ecx, byte_ptr(rcx))?;
-        a.jrcxz(kick_ok)?;
-        a.jmp(fail_rcx)?;
-        a.set_label(&mut kick_ok)?;
-        // `left` counts up from minus the budget: its top byte is 0 at the end.
+        // `left` counts up from minus the budget: its top byte is 0 at the
+        // end. (The kick flag waits for the dispatcher: see `KICK_INTERVAL`.)
         a.movzx(ecx, byte_ptr(r15 + (o_ctx!(left) + 7)))?;
         a.jrcxz(fail_rcx)?;
         a.mov(m(o_spill(SP_B)), rdx)?;
@@ -724,9 +712,6 @@ struct Tx<'a> {
     /// a group member (fast copy only), and for a stack group's member its
     /// access's offset from that register (see [`Group::rel`]).
     member: Option<(Home, Option<i64>)>,
-    /// The kick flag's address when a RIP-relative operand reaches it from
-    /// anywhere in this block's code (see [`Stubs::kick`]).
-    kick_rel: Option<u64>,
     /// Register pairs parked in a block that loops on itself to cache one
     /// access site's TLB entry across passes (see [`Tx::lookup_fast`]):
     /// (minus its tag, scaled like the site's check; its addend), and
@@ -763,25 +748,16 @@ struct Tx<'a> {
     /// `pair_addend` names that register (see [`Tx::native_mem_fast`]).
     want_pair_addend: bool,
     pair_addend: Option<Register>,
+    /// Back-edge checks whose budget ran out, out of line: (their label,
+    /// the exit to go on at), entered with guest rcx where `save_rcx(SP_ENTRY)`
+    /// put it.
+    budget_stops: Vec<(CodeLabel, CodeLabel)>,
 }
 
 /// A RIP-relative operand for absolute address `target` (the assembler
 /// turns it into the displacement; see [`rip_reaches`]).
 fn rip_rel(target: u64) -> MemoryOperand {
     MemoryOperand::with_base_displ(Register::RIP, target as i64)
-}
-
-/// The kick flag as a byte operand: RIP-relative when `kick_rel` holds its
-/// address (see [`rip_reaches`]), else through `scratch`, loaded here
-/// from `JitCtx::kick`.
-fn kick_byte(x: &mut CodeAssembler, kick_rel: Option<u64>, scratch: Register) -> R<MemoryOperand> {
-    match kick_rel {
-        Some(k) => Ok(rip_rel(k)),
-        None => {
-            x.mov(r64(scratch), m(o_ctx!(kick)))?;
-            Ok(MemoryOperand::with_base(scratch))
-        }
-    }
 }
 
 /// Whether a RIP-relative operand in code placed at `at` (a block is far
@@ -831,7 +807,6 @@ pub fn translate(
         cur_lookups: 0,
         groups: Vec::new(),
         member: None,
-        kick_rel: rip_reaches(at, stubs.kick).then_some(stubs.kick),
         cache: Vec::new(),
         cache_owner: Vec::new(),
         cache_slot: Vec::new(),
@@ -843,6 +818,7 @@ pub fn translate(
         counter_live: false,
         want_pair_addend: false,
         pair_addend: None,
+        budget_stops: Vec::new(),
     };
     (tx.parked, tx.keeper) = choose_parked(block, &mut tx.info, opts.bmi2);
     let loops = loops_on_itself(block);
@@ -1113,6 +1089,11 @@ pub fn translate(
     tx.counter_live = true;
     tx.no_jc = false;
     // Cold paths.
+    for (mut at, slow) in std::mem::take(&mut tx.budget_stops) {
+        tx.a.set_label(&mut at)?;
+        tx.restore_rcx(SP_ENTRY)?;
+        tx.a.jmp(slow)?;
+    }
     for (mut at, fail) in std::mem::take(&mut tx.group_fails) {
         tx.a.set_label(&mut at)?;
         tx.restore_rcx(SP_RCX)?;
@@ -1319,8 +1300,7 @@ fn choose_parked(
     bmi2: bool,
 ) -> (Vec<Register>, Option<Register>) {
     let used = named_gprs(block, info);
-    // A jump back into the block checks the kick flag and the budget
-    // through rcx.
+    // A jump back into the block checks the budget through rcx.
     let back_edge = has_back_edge(block, 0);
     let mut v = Vec::new();
     if !used[1] {
@@ -2040,8 +2020,8 @@ fn unnamed(block: &Block, info: &mut InstructionInfoFactory, taken: &[Register])
 
 /// The block has a direct jump (from its instruction `from` on) back to
 /// its own code or before it: every cycle of chained code has such a jump,
-/// so it checks the kick flag and the budget at the jump, or the budget
-/// once per pass at [`Tx::body_check`].
+/// so it checks the budget at the jump, or once per pass at
+/// [`Tx::body_check`].
 fn has_back_edge(block: &Block, from: usize) -> bool {
     block.insns[from..]
         .iter()
@@ -3008,36 +2988,25 @@ impl Tx<'_> {
             return self.exit_far(target);
         }
         let a = &mut self.a;
-        let mut go = a.create_label();
         let mut slow = a.create_label();
         let mut site = a.create_label();
-        let mut stop = a.create_label();
-        // Leave for the dispatcher when kicked (pending interrupt, timer)
-        // or when the budget ran out: `left` counts up from -budget, so its
-        // top byte becomes 0 when it reaches 0. Flag-free (jrcxz).
+        // Leave for the dispatcher when the budget ran out: `left` counts
+        // up from -budget, so its top byte becomes 0 when it reaches 0.
+        // Flag-free (jrcxz, not taken on the way on; the way out is cold).
         // Only jumps that do not go forward past this block check: chained
         // code can only run on without bound through a cycle, and every
-        // cycle has such a jump (jumps to other pages check in the
-        // indirect stub).
+        // cycle has such a jump (jumps to other pages check in their guard
+        // or the indirect stub). The kick flag waits for the dispatcher
+        // (see `KICK_INTERVAL`).
         let last_ip = self.block.insns.last().map_or(0, |d| d.insn.ip());
         if target <= last_ip && self.checked().is_none() {
             count_event(&mut self.a, self.events, EV_BACK_EDGE)?;
             self.save_rcx(SP_ENTRY)?;
             let a = &mut self.a;
-            let kick = kick_byte(a, self.kick_rel, Register::RCX)?;
-            a.add_instruction(Instruction::with2(
-                Code::Movzx_r32_rm8,
-                Register::ECX,
-                kick,
-            )?)?;
-            a.jrcxz(go)?;
-            a.set_label(&mut stop)?;
-            self.restore_rcx(SP_ENTRY)?;
-            let a = &mut self.a;
-            a.jmp(slow)?;
-            a.set_label(&mut go)?;
+            let stop = a.create_label();
             a.movzx(ecx, byte_ptr(r15 + (o_ctx!(left) + 7)))?;
             a.jrcxz(stop)?;
+            self.budget_stops.push((stop, slow));
             self.restore_rcx(SP_ENTRY)?;
         }
         let a = &mut self.a;
@@ -4778,7 +4747,6 @@ mod tests {
             exit: 0x1100,
             indirect: 0x1200,
             helper: 0x1300,
-            kick: 0,
         };
         let t = translate(
             &block,
