@@ -734,11 +734,11 @@ struct Tx<'a> {
     /// [`Tx::unpark`]), once an exit needs it.
     unpark_tail: Option<CodeLabel>,
     /// In a block that loops on itself, a parked register that holds the
-    /// instruction count (`JitCtx::left`): each pass adds to it and stores
-    /// it, so that the count's dependency chain runs through a register,
-    /// not through memory. Loaded at the count entry and after helpers;
-    /// stored only before what reads `left` (exits, helper calls, the
-    /// flag-free back-edge check), not on every pass.
+    /// instruction count (`JitCtx::left`): each pass adds to it, so that
+    /// the count's dependency chain runs through a register, not through
+    /// memory. Loaded at the count entry and after helpers; stored only
+    /// before what reads `left` (exits, helper calls, the flag-free
+    /// back-edge check: see [`Tx::count_sync`]), not on every pass.
     counter: Option<Register>,
     /// The counter register holds the count (past the count entry's load;
     /// the stale-code exit before it must not store it).
@@ -2673,6 +2673,16 @@ impl Tx<'_> {
         self.counter_load()
     }
 
+    /// Run `f`, which emits one lookup, letting a cached lookup leave the
+    /// addend in its pair's register: that register, if it did (else the
+    /// addend is in the lookup's third scratch register).
+    fn in_pair<T>(&mut self, f: impl FnOnce(&mut Self) -> R<T>) -> (R<T>, Option<Register>) {
+        self.want_pair_addend = true;
+        let r = f(self);
+        self.want_pair_addend = false;
+        (r, self.pair_addend.take())
+    }
+
     /// Store the counter register (see [`Tx::counter`]) to `left`, for
     /// what reads it there.
     fn count_sync(&mut self) -> R<()> {
@@ -2922,7 +2932,7 @@ impl Tx<'_> {
     /// In a block with a body check, also leave (out of line) when the
     /// budget ran out (`left` counts up from -budget: the sign): one
     /// untaken branch a pass instead of the back edge's flag-free check
-    /// through rcx (two taken branches). The kick flag is not read here:
+    /// (guest rcx set aside, a load, JRCXZ). The kick flag is not read here:
     /// `jit_run` gives translated code at most [`super::KICK_INTERVAL`]
     /// instructions, and the dispatcher reads the flag when they run out.
     fn count_add(&mut self, n: usize) -> R<()> {
@@ -3334,11 +3344,9 @@ impl Tx<'_> {
         // A range of several locations is checked at both ends: its
         // alignment to its own size is chance.
         let spread = size as i64 > g.unit;
-        self.want_pair_addend = true;
-        let miss = self.lookup_fast((sa, sb, sc), size, g.write, one16, spread);
-        self.want_pair_addend = false;
-        let addend = self.pair_addend.take().unwrap_or(sc);
-        let miss = miss?;
+        let (miss, addend) =
+            self.in_pair(|tx| tx.lookup_fast((sa, sb, sc), size, g.write, one16, spread));
+        let (miss, addend) = (miss?, addend.unwrap_or(sc));
         self.cur_k = k;
         if let (Some(d0), false) = (g.align16, one16) {
             // The aligned members' addresses: x + d0 (mod 16).
@@ -3523,11 +3531,10 @@ impl Tx<'_> {
         let keep = !self.used_full_regs(&ni).contains(&Register::RCX);
         // A cached lookup may leave the addend in its pair's register,
         // which the access then reads itself: one move fewer.
-        self.want_pair_addend = true;
-        let lookup = self.operand_lookup_keep(i, (addr, sb, sc), size, write, align16, keep);
-        self.want_pair_addend = false;
+        let (lookup, addend) = self
+            .in_pair(|tx| tx.operand_lookup_keep(i, (addr, sb, sc), size, write, align16, keep));
         let mut ni = ni;
-        if let Some(ad) = self.pair_addend.take() {
+        if let Some(ad) = addend {
             ni.set_memory_index(ad);
         }
         let Some(slow) = lookup? else {
