@@ -2991,12 +2991,12 @@ impl Tx<'_> {
     /// Exit to a known target; chainable when it is in the same guest page.
     fn exit_direct(&mut self, target: u64) -> R<()> {
         self.sync_rcx()?;
-        // Chained blocks, the back-edge check and the dispatcher read the
-        // count from `left`.
-        self.count_sync()?;
         if target >> 12 != self.block.lin_pc >> 12 {
             return self.exit_far(target);
         }
+        // Chained blocks, the back-edge check and the dispatcher read the
+        // count from `left` (`exit_far` stores it itself).
+        self.count_sync()?;
         let a = &mut self.a;
         let mut slow = a.create_label();
         let mut site = a.create_label();
