@@ -752,6 +752,11 @@ struct Tx<'a> {
     /// the exit to go on at), entered with guest rcx where `save_rcx(SP_ENTRY)`
     /// put it.
     budget_stops: Vec<(CodeLabel, CodeLabel)>,
+    /// A group check just stored its host address to spill slot `.0` from
+    /// register `.1`, and the assembler held `.2` instructions then: a
+    /// member right after it takes the register as it is instead of
+    /// reloading the slot (a store and a load on the access's address).
+    spilled: Option<(usize, Register, usize)>,
 }
 
 /// A RIP-relative operand for absolute address `target` (the assembler
@@ -816,6 +821,7 @@ pub fn translate(
         unpark_tail: None,
         counter: None,
         counter_live: false,
+        spilled: None,
         want_pair_addend: false,
         pair_addend: None,
         budget_stops: Vec::new(),
@@ -3371,7 +3377,11 @@ impl Tx<'_> {
             self.restore_rcx(SP_RCX)?;
         }
         self.group_fails.push((miss, fail));
-        self.a.zero_bytes()
+        self.a.zero_bytes()?;
+        if let Home::Slot(k) = g.home {
+            self.spilled = Some((k, sa, self.a.instructions().len()));
+        }
+        Ok(())
     }
 
     /// The register holding a group member's host base: the group's own,
@@ -3380,7 +3390,10 @@ impl Tx<'_> {
         match home {
             Home::Reg(r) => Ok(r),
             Home::Slot(k) => {
-                self.a.mov(r64(scratch), m(o_spill(k)))?;
+                let now = (k, scratch, self.a.instructions().len());
+                if self.spilled.take() != Some(now) {
+                    self.a.mov(r64(scratch), m(o_spill(k)))?;
+                }
                 Ok(scratch)
             }
         }
