@@ -458,13 +458,14 @@ fn print_stats(cpu: &Cpu, elapsed: Duration) {
     );
     if let Some(j) = cpu.jit_stats() {
         eprintln!(
-            "[matryoshka] jit: {} translations ({} failed, {:.1} ms, {} KiB code; {} native / {} helper insns), {} dispatcher entries, {} chain patches ({} through stubs, {} to other pages), {} helper calls ({} exits), {} flushes\r",
+            "[matryoshka] jit: {} translations ({} failed, {:.1} ms, {} KiB code; {} native / {} helper insns; {} strided groups), {} dispatcher entries, {} chain patches ({} through stubs, {} to other pages), {} helper calls ({} exits), {} flushes\r",
             j.translations,
             j.translate_failures,
             j.translate_ms,
             j.code_bytes / 1024,
             j.native_insns,
             j.helper_insns,
+            j.strided_groups,
             j.entries,
             j.chain_patches,
             j.chain_stubs,

@@ -1646,6 +1646,161 @@ fn helpers_keep_guest_rax_when_the_block_parks_it() {
     assert_eq!(m_j, m_i, "memory (jit vs interpreter)");
 }
 
+/// Strided groups (a loop's accesses that move by a constant each pass,
+/// checked once for all the passes that stay in one page): a counted
+/// loop of SSE accesses that moves up through `[rdi + rcx]` and
+/// `[rsi + rcx]` (read, and read-write) and one that moves down through
+/// `[rbx]`, round by round from different starts, so that their ranges
+/// cross from one page into the next at different passes (the pages'
+/// frames are not adjacent: a pass past its page's limit that kept the
+/// old page's addend would read the frame after it, filled with other
+/// values) or stay in one page. Compared with the interpreter; the
+/// loops must have been translated with strided groups.
+#[test]
+fn strided_groups_cross_pages_like_the_interpreter() {
+    let run = |engine: mat_x86::Engine| {
+        let mut cpu = paging_machine(|a| {
+            let (mut outer, mut up, mut down) =
+                (a.create_label(), a.create_label(), a.create_label());
+            a.mov(r12d, 48).unwrap();
+            a.set_label(&mut outer).unwrap();
+            // Starts: 64 * (r12 & 7) bytes past a point 0x180 before a
+            // page boundary (crossing for six of the eight).
+            a.mov(eax, r12d).unwrap();
+            a.and(eax, 7).unwrap();
+            a.shl(eax, 6).unwrap();
+            a.lea(rdi, qword_ptr(rax + (va(6) - 0x180) as i32)).unwrap();
+            a.lea(rsi, qword_ptr(rax + (va(9) - 0x180) as i32)).unwrap();
+            a.cvtsi2sd(xmm1, r12d).unwrap();
+            a.unpcklpd(xmm1, xmm1).unwrap();
+            a.xor(ecx, ecx).unwrap();
+            a.set_label(&mut up).unwrap();
+            a.movapd(xmm0, xmmword_ptr(rdi + rcx)).unwrap();
+            a.mulpd(xmm0, xmm1).unwrap();
+            a.addpd(xmm0, xmmword_ptr(rsi + rcx)).unwrap();
+            a.movaps(xmmword_ptr(rsi + rcx), xmm0).unwrap();
+            a.add(rcx, 16).unwrap();
+            a.cmp(rcx, 0x200).unwrap();
+            a.jne(up).unwrap();
+            // Down from va(6) + 0x80 - 8 * (r12 & 7) to 0x100 before va(6).
+            a.mov(eax, r12d).unwrap();
+            a.and(eax, 7).unwrap();
+            a.shl(eax, 3).unwrap();
+            a.mov(rbx, va(6) + 0x80).unwrap();
+            a.sub(rbx, rax).unwrap();
+            a.mov(rdx, va(6) - 0x100).unwrap();
+            a.set_label(&mut down).unwrap();
+            a.mov(rax, qword_ptr(rbx)).unwrap();
+            a.add(r13, rax).unwrap();
+            a.rol(r13, 5).unwrap();
+            a.sub(rbx, 8).unwrap();
+            a.cmp(rbx, rdx).unwrap();
+            a.jne(down).unwrap();
+            a.dec(r12d).unwrap();
+            a.jnz(outer).unwrap();
+            a.hlt().unwrap();
+        });
+        set_pte(&cpu, 6, pa(14) | P | RW | US);
+        set_pte(&cpu, 9, pa(15) | P | RW | US);
+        // Doubles in the pages the loops use; other values in the frames
+        // after their first pages (pa(6), pa(9)).
+        for k in 0..512u64 {
+            let v = |base: f64| (base + k as f64 * 0.25).to_bits();
+            w64(&cpu, pa(5) + 8 * k, v(1.0));
+            w64(&cpu, pa(14) + 8 * k, v(1000.0));
+            w64(&cpu, pa(8) + 8 * k, v(-3.0));
+            w64(&cpu, pa(15) + 8 * k, v(-5000.0));
+            w64(&cpu, pa(6) + 8 * k, 0x7ff8_dead_0000_0000 | k);
+            w64(&cpu, pa(9) + 8 * k, 0x7ff8_beef_0000_0000 | k);
+        }
+        hot_engine(&mut cpu, engine);
+        expect_clean_halt(&mut cpu);
+        let mem: Vec<u8> = [5, 14, 8, 15, 6, 9]
+            .iter()
+            .flat_map(|&i| read_bytes(&cpu, pa(i), 4096))
+            .collect();
+        (cpu.s.gpr, mem, cpu.jit_stats().cloned())
+    };
+    let (g_i, m_i, _) = run(mat_x86::Engine::Interp);
+    let (g_j, m_j, stats) = run(mat_x86::Engine::Jit);
+    let stats = ran_translated(stats);
+    assert!(stats.strided_groups >= 3, "strided groups: {stats:?}");
+    assert_eq!(g_j, g_i, "registers (jit vs interpreter)");
+    assert!(m_j == m_i, "memory (jit vs interpreter)");
+    assert_ne!(g_i[13], 0, "the downward loop summed something");
+}
+
+/// A strided group's loop that runs into a page that is not present: the
+/// pass that reaches it leaves for its check, which fails, and the plain
+/// copy raises the #PF with the same frame, registers and CR2 as the
+/// interpreter.
+#[test]
+fn strided_group_faults_where_the_interpreter_does() {
+    let make = || {
+        let cpu = paging_machine_without(
+            |a| {
+                let mut top = a.create_label();
+                a.mov(rdi, va(7) - 0x200).unwrap();
+                a.xor(ecx, ecx).unwrap();
+                a.set_label(&mut top).unwrap();
+                a.mov(rax, qword_ptr(rdi + rcx)).unwrap();
+                a.add(r13, rax).unwrap();
+                a.add(rcx, 8).unwrap();
+                a.cmp(rcx, 0x400).unwrap();
+                a.jne(top).unwrap();
+                a.hlt().unwrap();
+            },
+            Some(7),
+        );
+        for k in 0..512u64 {
+            w64(&cpu, pa(6) + 8 * k, k * 3 + 1);
+        }
+        cpu
+    };
+    let (mut jit, mut int) = hot_pair(make);
+    same_page_fault(&mut jit, &mut int);
+    assert_eq!(jit.s.cr2, va(7));
+    let stats = ran_translated(jit.jit_stats().cloned());
+    assert!(stats.strided_groups >= 1, "strided groups: {stats:?}");
+}
+
+/// A counted loop whose first instruction reads the carry its back edge's
+/// CMP left (ADC; clear, where the check's compare would set it) gets
+/// strided groups: their check each pass clobbers the flags, so it must
+/// sit where the guest flags are dead (before the ADD), not at the loop's
+/// start. Matches the interpreter.
+#[test]
+fn strided_checks_leave_the_flags_a_loop_reads() {
+    let run = |engine: mat_x86::Engine| {
+        let mut cpu = paging_machine(|a| {
+            let mut top = a.create_label();
+            a.mov(rdi, va(5) + 0x100).unwrap();
+            a.mov(r8d, 200).unwrap();
+            a.xor(ecx, ecx).unwrap();
+            a.xor(eax, eax).unwrap();
+            a.set_label(&mut top).unwrap();
+            a.adc(rax, qword_ptr(rdi + rcx * 8)).unwrap();
+            a.mov(qword_ptr(rdi + rcx * 8 + 0x400), rax).unwrap();
+            a.add(rcx, 1).unwrap();
+            // 200 - rcx: no borrow while the loop goes on (CF clear).
+            a.cmp(r8, rcx).unwrap();
+            a.jne(top).unwrap();
+            a.hlt().unwrap();
+        });
+        for k in 0..200u64 {
+            w64(&cpu, pa(5) + 0x100 + 8 * k, u64::MAX - k);
+        }
+        hot_engine(&mut cpu, engine);
+        expect_clean_halt(&mut cpu);
+        let stats = cpu.jit_stats().cloned();
+        (cpu.s.gpr, read_bytes(&cpu, pa(5), 4096), stats)
+    };
+    jit_agrees(run);
+    let (_, _, stats) = run(mat_x86::Engine::Jit);
+    let stats = stats.expect("jit stats");
+    assert!(stats.strided_groups >= 1, "strided groups: {stats:?}");
+}
+
 /// A loop with two hoisted groups (bases the loop leaves alone) and
 /// nothing to emit at its count entry (no cache pair, no count register)
 /// translates (two labels once landed on one instruction there), and

@@ -139,6 +139,9 @@ pub struct JitStats {
     /// Static counts over all translations.
     pub native_insns: u64,
     pub helper_insns: u64,
+    /// Groups whose check covers the passes of a loop while they stay in
+    /// one page (see `translate::Stride`).
+    pub strided_groups: u64,
 }
 
 pub struct Jit {
@@ -690,6 +693,7 @@ impl Jit {
         self.stats.code_bytes += t.code.len() as u64;
         self.stats.native_insns += t.native as u64;
         self.stats.helper_insns += t.helpers as u64;
+        self.stats.strided_groups += t.strided as u64;
         self.blocks.push(block.clone());
         block.jit_entry.set(t.entry);
         Some(t.entry)

@@ -402,6 +402,8 @@ pub struct Translation {
     pub far: Vec<(u64, u64)>,
     pub native: u32,
     pub helpers: u32,
+    /// Strided groups (see [`Stride`]).
+    pub strided: u32,
     /// Instructions left to helpers (diagnostics).
     #[allow(dead_code)]
     pub helper_codes: Vec<Code>,
@@ -757,6 +759,9 @@ struct Tx<'a> {
     /// member right after it takes the register as it is instead of
     /// reloading the slot (a store and a load on the access's address).
     spilled: Option<(usize, Register, usize)>,
+    /// While the first copy is emitted: the strided groups' registers and
+    /// strides (see [`Stride`]), which its back edges advance.
+    strided: Vec<(Register, Stride)>,
 }
 
 /// A RIP-relative operand for absolute address `target` (the assembler
@@ -822,6 +827,7 @@ pub fn translate(
         counter: None,
         counter_live: false,
         spilled: None,
+        strided: Vec::new(),
         want_pair_addend: false,
         pair_addend: None,
         budget_stops: Vec::new(),
@@ -862,7 +868,8 @@ pub fn translate(
             .filter(|&(k, d)| d.insn.mnemonic() != Mnemonic::Lea && !member(k))
             .filter(|(_, d)| (0..d.insn.op_count()).any(|n| d.insn.op_kind(n) == OpKind::Memory))
             .count()
-            + tx.groups.iter().filter(|g| !g.hoist).count();
+            // (A strided group's check runs again at each new page.)
+            + tx.groups.iter().filter(|g| !g.hoist || g.stride.is_some()).count();
         let free = unnamed(block, &mut tx.info, &tx.parked);
         let room = 10usize.saturating_sub(tx.parked.len()).min(free.len());
         let pairs = sites.min(CACHE_PAIRS).min(room.saturating_sub(1) / 2);
@@ -938,6 +945,7 @@ pub fn translate(
     // it while a group is live: helpers reload the parked registers, so
     // the group registers no longer hold their addends.
     let groups = std::mem::take(&mut tx.groups);
+    let strided = groups.iter().filter(|g| g.stride.is_some()).count() as u32;
     let plain: Vec<CodeLabel> = if groups.is_empty() {
         Vec::new()
     } else {
@@ -953,12 +961,28 @@ pub fn translate(
         tx.a.zero_bytes()?;
         tx.a.set_label(&mut l_hoist)?;
         tx.a.zero_bytes()?;
-        // Their own lookups (the cache pairs were just cleared).
-        let owners = std::mem::take(&mut tx.cache_owner);
+        // Their own lookups (the cache pairs were just cleared), but a
+        // strided group's check runs again whenever the loop moves to
+        // another page: its pair, preloaded at the count, often hits.
+        let mut owners = std::mem::take(&mut tx.cache_owner);
         for g in groups.iter().filter(|g| g.hoist) {
+            let own = g.stride.is_some();
+            if own {
+                std::mem::swap(&mut tx.cache_owner, &mut owners);
+            }
             tx.group_check(g, plain[0], false)?;
+            if own {
+                std::mem::swap(&mut tx.cache_owner, &mut owners);
+            }
         }
         tx.cache_owner = owners;
+        // All checked: the strided groups' limits (flag-free, as a failed
+        // check above goes on in the plain copy with the guest flags).
+        for g in groups.iter() {
+            if let (Some(st), Home::Reg(r), Some((sa, _, _))) = (g.stride, g.home, tx.free3()) {
+                stride_limit(&mut tx.a, g, st, r, sa)?;
+            }
+        }
     }
     let a = &mut tx.a;
     a.zero_bytes()?;
@@ -968,7 +992,7 @@ pub fn translate(
     tx.l_count = Some(l_loop);
     if let Some(k) = add_at.filter(|&k| has_back_edge(block, k)) {
         if !tx.parked.is_empty() {
-            tx.body_check = Some((k, a.create_label()));
+            tx.body_check = Some((k, tx.a.create_label()));
         }
     }
     if add_at.is_none() {
@@ -976,11 +1000,30 @@ pub fn translate(
     }
     let next = block.insns[n - 1].insn.next_ip();
     let mut ended = false;
+    tx.strided = groups
+        .iter()
+        .filter_map(|g| match (g.stride, g.home) {
+            (Some(st), Home::Reg(r)) => Some((r, st)),
+            _ => None,
+        })
+        .collect();
     for (k, dn) in block.insns.iter().enumerate() {
         // The count expects guest rcx in rcx (its exit runs the rest of
         // the instruction from there); a group check takes it from either.
         if add_at == Some(k) {
             tx.sync_rcx()?;
+            // Where the flags are dead: will the next pass still be in the
+            // pages the strided groups were checked for? If not, this one
+            // ends in the plain copy, whose back edge checks them again.
+            for (r, st) in tx.strided.clone() {
+                let a = &mut tx.a;
+                a.cmp(r64(r), m(o_spill(st.limit)))?;
+                if st.step > 0 {
+                    a.ja(plain[k])?;
+                } else {
+                    a.jb(plain[k])?;
+                }
+            }
         }
         // Before the count: a failed check enters the plain copy before
         // its count.
@@ -1018,6 +1061,7 @@ pub fn translate(
     if !ended {
         tx.exit_direct(next)?;
     }
+    tx.strided.clear();
     // Every path below starts with guest rcx in rcx.
     tx.rcx_out = false;
     let first = groups
@@ -1190,6 +1234,7 @@ pub fn translate(
         far,
         native: tx.native,
         helpers: tx.helpers,
+        strided,
         helper_codes: tx.helper_codes,
     })
 }
@@ -1378,6 +1423,24 @@ struct Group {
     /// were, or `base` is RIP), and the block runs no helper between its
     /// start and its back edge.
     hoist: bool,
+    /// A hoisted group whose address moves by a constant from pass to
+    /// pass of a counted loop (see [`Stride`]).
+    stride: Option<Stride>,
+}
+
+/// A hoisted group whose address moves by `step` bytes from one pass to
+/// the next (registers the loop steps by constants): its register moves
+/// with it at the back edge. Where the count goes (the guest flags are
+/// dead there: see [`flags_dead_before`]), each pass compares it with
+/// the limit in spill slot `limit`, set when the group was checked: if
+/// the next pass's range would leave that page, this pass ends in the
+/// plain copy, whose back edge checks the group again. Not at the loop's
+/// start: a fault there (when the check fails, in the plain copy) would
+/// show the guest flags the compare left.
+#[derive(Clone, Copy, Debug)]
+struct Stride {
+    step: i32,
+    limit: usize,
 }
 
 /// Where a group keeps its base plus scaled index plus host addend: a
@@ -1802,6 +1865,7 @@ fn plan_groups(
                         terms: Vec::new(),
                         x0: 0,
                         hoist: false,
+                        stride: None,
                     });
                 }
             }
@@ -1848,6 +1912,7 @@ fn plan_groups(
                     x0: a.k.wrapping_sub(disp),
                     terms: a.terms,
                     hoist: false,
+                    stride: None,
                 });
             }
         }
@@ -1887,9 +1952,61 @@ fn plan_groups(
     }
     done.append(&mut open);
     done.extend(stack);
-    if hoist_ok && !helper_before_end {
+    let hoist_ok = hoist_ok && !helper_before_end;
+    place_groups(block, done, &lin, free, hoist_ok, counted(block, &lin))
+}
+
+/// The block's back edge is a loop's count: its last two instructions
+/// compare a register the loop steps by a constant (`lin`: the registers
+/// at the back edge) with a constant or a register it leaves alone, and
+/// jump back to the start. Such loops tend to run many passes an entry;
+/// a loop that stops on the data it reads (quicksort's scans) often runs
+/// one or two, for which a strided group's setup costs more than it saves.
+fn counted(block: &Block, lin: &Regs) -> bool {
+    let [.., c, j] = &block.insns[..] else {
+        return false;
+    };
+    let (c, j) = (&c.insn, &j.insn);
+    let stepped = |r: Register| {
+        let s = gidx(r) as u32;
+        let v = &lin.r[s as usize];
+        r.is_gpr64() && v.terms[..] == [(s, 1)] && v.k != 0
+    };
+    let still = |r: Register| r.is_gpr64() && lin.r[gidx(r)] == Lin::sym(gidx(r) as u32);
+    let ops = match c.code() {
+        Code::Cmp_rm64_imm8 | Code::Cmp_rm64_imm32 if c.op0_kind() == OpKind::Register => {
+            Some((c.op0_register(), None))
+        }
+        Code::Cmp_rm64_r64 | Code::Cmp_r64_rm64
+            if c.op0_kind() == OpKind::Register && c.op1_kind() == OpKind::Register =>
+        {
+            Some((c.op0_register(), Some(c.op1_register())))
+        }
+        _ => None,
+    };
+    let Some((a, b)) = ops else {
+        return false;
+    };
+    let other_still = |o: Option<Register>| o.is_none_or(still);
+    j.flow_control() == FlowControl::ConditionalBranch
+        && direct_target(j) == Some(block.insns[0].insn.ip())
+        && (stepped(a) && other_still(b) || b.is_some_and(stepped) && still(a))
+}
+
+/// The rest of [`plan_groups`] for the groups `done` it found: hoist
+/// those that may be (strided ones only with `strided`), drop the ones
+/// that do not pay, and give each a register or a spill slot.
+fn place_groups(
+    block: &Block,
+    mut done: Vec<Group>,
+    lin: &Regs,
+    free: &[Register],
+    hoist_ok: bool,
+    strided: bool,
+) -> Vec<Group> {
+    if hoist_ok {
         for g in done.iter_mut() {
-            hoist(g, &lin);
+            hoist(g, lin, strided);
         }
     }
     // A group of one access pays when its check is hoisted.
@@ -1917,7 +2034,16 @@ fn plan_groups(
         };
         let first_free =
             |busy: &[Option<usize>]| busy.iter().position(|b| b.is_none_or(|last| last < from));
-        if let Some(r) = first_free(&busy_until) {
+        if let Some(st) = g.stride.as_mut() {
+            // A register its back edge steps, and a slot for its limit.
+            let (Some(r), Some(k)) = (first_free(&busy_until), first_free(&slot_until)) else {
+                return false;
+            };
+            busy_until[r] = Some(to);
+            slot_until[k] = Some(to);
+            g.home = Home::Reg(free[r]);
+            st.limit = SP_GROUP0 + k;
+        } else if let Some(r) = first_free(&busy_until) {
             busy_until[r] = Some(to);
             g.home = Home::Reg(free[r]);
         } else if let Some(k) = first_free(&slot_until) {
@@ -1932,13 +2058,31 @@ fn plan_groups(
     done
 }
 
+/// Store strided group `g`'s limit (see [`Stride`]): with its register
+/// `r` just set for this pass, the last value of `r` (moving up; the
+/// first, moving down) from which the next pass's range still lies in
+/// the same page. Flag-free (a failed check before it goes on in the plain
+/// copy with the guest flags), through `t`.
+fn stride_limit(x: &mut CodeAssembler, g: &Group, st: Stride, r: Register, t: Register) -> R<()> {
+    let (r, t) = (r64(r), r64(t));
+    let page = m(o_ctx!(m_page));
+    x.lea(t, qword_ptr(r + g.lo as i32))?;
+    x.pext(t, t, page)?;
+    x.pdep(t, t, page)?;
+    // Checked before the register moves on: the limit for it before.
+    let off = if st.step > 0 { 0x1000 - g.end } else { -g.lo } - st.step as i64;
+    x.lea(t, qword_ptr(t + off as i32))?;
+    x.mov(m(o_spill(st.limit)), t)
+}
+
 /// Make `g` a hoisted group (see [`Group::hoist`]) when its address is the
 /// same in every pass of a block that loops on itself: RIP-relative, or
 /// a sum of at most two registers (the second scaled by 1, 2, 4 or 8,
 /// neither rsp nor r15) that `lin`, the registers at the back edge, shows
-/// unchanged. Its base and index become those registers and its offsets
-/// count from their sum.
-fn hoist(g: &mut Group, lin: &Regs) {
+/// unchanged; with `strided`, also when they move by constants that move
+/// the address by at most 2 KiB a pass (see [`Stride`]). Its base and
+/// index become those registers and its offsets count from their sum.
+fn hoist(g: &mut Group, lin: &Regs, strided: bool) {
     if g.base == Register::RSP {
         return;
     }
@@ -1946,14 +2090,39 @@ fn hoist(g: &mut Group, lin: &Regs) {
         g.hoist = true;
         return;
     }
-    let same = g.terms.iter().all(|&(s, _)| {
+    let named = g.terms.iter().all(|&(s, _)| {
         let r = GPR64.get(s as usize).copied();
         r.is_some_and(|r| r != Register::RSP && r != Register::R15)
-            && lin.r[s as usize] == Lin::sym(s)
     });
-    if !same {
+    if !named {
         return;
     }
+    let moved: Vec<(u32, i64)> = g
+        .terms
+        .iter()
+        .copied()
+        .filter(|&(s, _)| lin.r[s as usize] != Lin::sym(s))
+        .collect();
+    // Each register that moves from pass to pass moves by a constant.
+    let mut step = 0i64;
+    for &(s, c) in moved.iter() {
+        let v = &lin.r[s as usize];
+        if v.terms[..] != [(s, 1)] {
+            return;
+        }
+        step = step.wrapping_add(c.wrapping_mul(v.k));
+    }
+    let stride = match step {
+        0 if moved.is_empty() => None,
+        _ if !strided => return,
+        // Aligned members stay aligned only if the step keeps them.
+        _ if g.align16.is_some() && step % 16 != 0 => return,
+        -2048..=2048 if step != 0 => Some(Stride {
+            step: step as i32,
+            limit: 0,
+        }),
+        _ => return,
+    };
     let reg = |s: u32| GPR64[s as usize];
     let form = match g.terms[..] {
         [(s, 1)] => Some((reg(s), Register::None, 1)),
@@ -1977,6 +2146,7 @@ fn hoist(g: &mut Group, lin: &Regs) {
         *r += x0;
     }
     (g.base, g.index, g.scale, g.x0, g.hoist) = (base, index, scale, 0, true);
+    g.stride = stride;
 }
 
 /// Instruction `k` of `block` is a branch the block goes on past: a side
@@ -2471,6 +2641,7 @@ impl Tx<'_> {
                 if let (Some(l), Some(_)) = (self.l_count, self.checked()) {
                     if i.near_branch_target() == start {
                         // A loop on itself that checks in its body.
+                        self.stride_on()?;
                         jcc(&mut self.a, i.condition_code(), l)?;
                         self.exit_direct(i.next_ip())?;
                         return Ok(true);
@@ -3029,6 +3200,8 @@ impl Tx<'_> {
         if target == self.block.insns[0].insn.ip() {
             if let Some(l) = self.l_count {
                 // A loop on itself: straight back, registers still parked.
+                self.stride_on()?;
+                let a = &mut self.a;
                 a.jmp(l)?;
                 a.set_label(&mut slow)?;
                 return self.exit_to(ExitTarget::Imm(target), None);
@@ -3380,6 +3553,15 @@ impl Tx<'_> {
         self.a.zero_bytes()?;
         if let Home::Slot(k) = g.home {
             self.spilled = Some((k, sa, self.a.instructions().len()));
+        }
+        Ok(())
+    }
+
+    /// Before a jump back to the start of the first copy: each strided
+    /// group's register moves on to the next pass (flag-free).
+    fn stride_on(&mut self) -> R<()> {
+        for &(r, st) in self.strided.iter() {
+            self.a.lea(r64(r), qword_ptr(r64(r) + st.step))?;
         }
         Ok(())
     }
