@@ -175,6 +175,8 @@ pub enum TranslateError {
     Asm(#[from] IcedError),
     #[error("a patch site or entry has no address after assembly")]
     Layout,
+    #[error("a strided group without a register, or no scratch register for its limit")]
+    Strided,
 }
 
 /// Fixed entry points shared by all blocks (assembled once at the start of
@@ -978,8 +980,14 @@ pub fn translate(
         tx.cache_owner = owners;
         // All checked: the strided groups' limits (flag-free, as a failed
         // check above goes on in the plain copy with the guest flags).
+        // (Always there: groups are planned only with the lookup's scratch
+        // registers, and strided ones only with a register; without them
+        // the block would step no register and check no limit.)
         for g in groups.iter() {
-            if let (Some(st), Home::Reg(r), Some((sa, _, _))) = (g.stride, g.home, tx.free3()) {
+            if let Some(st) = g.stride {
+                let (Home::Reg(r), Some((sa, _, _))) = (g.home, tx.free3()) else {
+                    return Err(TranslateError::Strided);
+                };
                 stride_limit(&mut tx.a, g, st, r, sa)?;
             }
         }
