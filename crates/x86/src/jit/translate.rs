@@ -404,7 +404,7 @@ pub struct Translation {
     pub far: Vec<(u64, u64)>,
     pub native: u32,
     pub helpers: u32,
-    /// Strided groups (see [`Stride`]).
+    /// Strided groups (see `Stride`).
     pub strided: u32,
     /// Instructions left to helpers (diagnostics).
     #[allow(dead_code)]
