@@ -1477,7 +1477,7 @@ fn grouped_accesses_survive_straddles_and_helpers() {
             0x0101_0101 << k
         })
     };
-    let (g_i, m_i) = jit_agrees(run);
+    let (g_i, m_i, _) = jit_agrees(run);
     // What the loop reads at 0x3000 (a page of the identity tables, the
     // same in every machine).
     let low = {
@@ -1544,7 +1544,7 @@ fn spilled_groups_match_the_interpreter() {
         let init = |k: usize| 0x0f1e_2d3c_4b5a_6978_u64.rotate_left(5 * k as u32);
         straddling_rounds(engine, 100, va(6) - 8, body, &cells, init)
     };
-    let (g_i, _) = jit_agrees(run);
+    let (g_i, _, _) = jit_agrees(run);
     assert_ne!(g_i[13], 0, "the loop summed something");
 }
 
@@ -1601,7 +1601,7 @@ fn groups_by_address_match_the_interpreter() {
         let init = |k: usize| 0x0123_4567_89ab_cdef_u64.rotate_left(8 * k as u32);
         straddling_rounds(engine, 96, va(6) - 24, body, &cells, init)
     };
-    let (g_i, _) = jit_agrees(run);
+    let (g_i, _, _) = jit_agrees(run);
     assert_ne!(g_i[13], 0, "the loop summed something");
 }
 
@@ -1721,12 +1721,8 @@ fn strided_groups_cross_pages_like_the_interpreter() {
             .collect();
         (cpu.s.gpr, mem, cpu.jit_stats().cloned())
     };
-    let (g_i, m_i, _) = run(mat_x86::Engine::Interp);
-    let (g_j, m_j, stats) = run(mat_x86::Engine::Jit);
-    let stats = ran_translated(stats);
+    let (g_i, _, stats) = jit_agrees(run);
     assert!(stats.strided_groups >= 3, "strided groups: {stats:?}");
-    assert_eq!(g_j, g_i, "registers (jit vs interpreter)");
-    assert!(m_j == m_i, "memory (jit vs interpreter)");
     assert_ne!(g_i[13], 0, "the downward loop summed something");
 }
 
@@ -1795,9 +1791,7 @@ fn strided_checks_leave_the_flags_a_loop_reads() {
         let stats = cpu.jit_stats().cloned();
         (cpu.s.gpr, read_bytes(&cpu, pa(5), 4096), stats)
     };
-    jit_agrees(run);
-    let (_, _, stats) = run(mat_x86::Engine::Jit);
-    let stats = stats.expect("jit stats");
+    let (_, _, stats) = jit_agrees(run);
     assert!(stats.strided_groups >= 1, "strided groups: {stats:?}");
 }
 
@@ -1898,7 +1892,7 @@ fn indexed_groups_with_aligned_members_match_the_interpreter() {
         let mem: Vec<u64> = (-4..4).map(|k| r64(&cpu, at(8 * k))).collect();
         (cpu.s.gpr, mem, stats)
     };
-    let (g_i, m_i) = jit_agrees(run);
+    let (g_i, m_i, _) = jit_agrees(run);
     // The model: doubles at va(6) - 32 .. va(6) + 32, in steps of 8.
     let mut m: Vec<f64> = (-4..4).map(|k| k as f64 + 10.0).collect();
     let mut sum = 0u64;
@@ -1962,16 +1956,17 @@ fn a_misaligned_group_member_faults_precisely() {
 
 /// `run` under the interpreter and under the translator: the translator
 /// ran translated code, and the two end with the same registers and the
-/// same memory (whatever `run` reads back), which are returned.
+/// same memory (whatever `run` reads back), which are returned with the
+/// translator's statistics.
 fn jit_agrees<M: PartialEq + std::fmt::Debug>(
     run: impl Fn(mat_x86::Engine) -> ([u64; 16], M, Option<mat_x86::JitStats>),
-) -> ([u64; 16], M) {
+) -> ([u64; 16], M, mat_x86::JitStats) {
     let (g_i, m_i, _) = run(mat_x86::Engine::Interp);
     let (g_j, m_j, stats) = run(mat_x86::Engine::Jit);
-    ran_translated(stats);
+    let stats = ran_translated(stats);
     assert_eq!(g_j, g_i, "registers (jit vs interpreter)");
     assert_eq!(m_j, m_i, "memory (jit vs interpreter)");
-    (g_i, m_i)
+    (g_i, m_i, stats)
 }
 
 /// The jit run's statistics, after checking that it translated code and
