@@ -1000,7 +1000,7 @@ pub fn translate(
     tx.l_count = Some(l_loop);
     if let Some(k) = add_at.filter(|&k| has_back_edge(block, k)) {
         if !tx.parked.is_empty() {
-            tx.body_check = Some((k, tx.a.create_label()));
+            tx.body_check = Some((k, a.create_label()));
         }
     }
     if add_at.is_none() {
@@ -1023,7 +1023,7 @@ pub fn translate(
             // Where the flags are dead: will the next pass still be in the
             // pages the strided groups were checked for? If not, this one
             // ends in the plain copy, whose back edge checks them again.
-            for (r, st) in tx.strided.clone() {
+            for &(r, st) in tx.strided.iter() {
                 let a = &mut tx.a;
                 a.cmp(r64(r), m(o_spill(st.limit)))?;
                 if st.step > 0 {
@@ -1734,6 +1734,13 @@ impl Regs {
         }
     }
 
+    /// How far GPR symbol `s` moved since the block's start, when it is its
+    /// start value plus a constant (0: unchanged); None otherwise.
+    fn moved(&self, s: u32) -> Option<i64> {
+        let v = self.r.get(s as usize)?;
+        (v.terms[..] == [(s, 1)]).then_some(v.k)
+    }
+
     /// Every register gets a fresh value.
     fn forget(&mut self) {
         for r in self.r.iter_mut() {
@@ -1975,12 +1982,9 @@ fn counted(block: &Block, lin: &Regs) -> bool {
         return false;
     };
     let (c, j) = (&c.insn, &j.insn);
-    let stepped = |r: Register| {
-        let s = gidx(r) as u32;
-        let v = &lin.r[s as usize];
-        r.is_gpr64() && v.terms[..] == [(s, 1)] && v.k != 0
-    };
-    let still = |r: Register| r.is_gpr64() && lin.r[gidx(r)] == Lin::sym(gidx(r) as u32);
+    let moved = |r: Register| lin.moved(gidx(r) as u32).filter(|_| r.is_gpr64());
+    let stepped = |r: Register| moved(r).is_some_and(|k| k != 0);
+    let still = |r: Register| moved(r) == Some(0);
     let ops = match c.code() {
         Code::Cmp_rm64_imm8 | Code::Cmp_rm64_imm32 if c.op0_kind() == OpKind::Register => {
             Some((c.op0_register(), None))
@@ -2105,23 +2109,17 @@ fn hoist(g: &mut Group, lin: &Regs, strided: bool) {
     if !named {
         return;
     }
-    let moved: Vec<(u32, i64)> = g
-        .terms
-        .iter()
-        .copied()
-        .filter(|&(s, _)| lin.r[s as usize] != Lin::sym(s))
-        .collect();
     // Each register that moves from pass to pass moves by a constant.
-    let mut step = 0i64;
-    for &(s, c) in moved.iter() {
-        let v = &lin.r[s as usize];
-        if v.terms[..] != [(s, 1)] {
+    let (mut step, mut moved) = (0i64, false);
+    for &(s, c) in g.terms.iter() {
+        let Some(k) = lin.moved(s) else {
             return;
-        }
-        step = step.wrapping_add(c.wrapping_mul(v.k));
+        };
+        step = step.wrapping_add(c.wrapping_mul(k));
+        moved |= k != 0;
     }
     let stride = match step {
-        0 if moved.is_empty() => None,
+        0 if !moved => None,
         _ if !strided => return,
         // Aligned members stay aligned only if the step keeps them.
         _ if g.align16.is_some() && step % 16 != 0 => return,
