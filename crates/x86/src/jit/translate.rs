@@ -761,6 +761,8 @@ struct Tx<'a> {
     /// member right after it takes the register as it is instead of
     /// reloading the slot (a store and a load on the access's address).
     spilled: Option<(usize, Register, usize)>,
+    /// The lookup being emitted gets no cache pair (a hoisted check).
+    no_pair: bool,
     /// While the first copy is emitted: the strided groups' registers and
     /// strides (see [`Stride`]), which its back edges advance.
     strided: Vec<(Register, Stride)>,
@@ -829,6 +831,7 @@ pub fn translate(
         counter: None,
         counter_live: false,
         spilled: None,
+        no_pair: false,
         strided: Vec::new(),
         want_pair_addend: false,
         pair_addend: None,
@@ -966,18 +969,11 @@ pub fn translate(
         // Their own lookups (the cache pairs were just cleared), but a
         // strided group's check runs again whenever the loop moves to
         // another page: its pair, preloaded at the count, often hits.
-        let mut owners = std::mem::take(&mut tx.cache_owner);
         for g in groups.iter().filter(|g| g.hoist) {
-            let own = g.stride.is_some();
-            if own {
-                std::mem::swap(&mut tx.cache_owner, &mut owners);
-            }
+            tx.no_pair = g.stride.is_none();
             tx.group_check(g, plain[0], false)?;
-            if own {
-                std::mem::swap(&mut tx.cache_owner, &mut owners);
-            }
         }
-        tx.cache_owner = owners;
+        tx.no_pair = false;
         // All checked: the strided groups' limits (flag-free, as a failed
         // check above goes on in the plain copy with the guest flags).
         // (Always there: groups are planned only with the lookup's scratch
@@ -2943,6 +2939,9 @@ impl Tx<'_> {
     /// instruction again), else a free one.
     /// `slot` is the lookup's entry slot, from which the pair is preloaded.
     fn cache_pair(&mut self, write: bool, k: usize, slot: i32) -> Option<(Register, Register)> {
+        if self.no_pair {
+            return None;
+        }
         let key = (self.cur_k, self.cur_lookups, write, k);
         let i = self
             .cache_owner
