@@ -1795,6 +1795,154 @@ fn strided_checks_leave_the_flags_a_loop_reads() {
     assert!(stats.strided_groups >= 1, "strided groups: {stats:?}");
 }
 
+/// Strided groups that move in step share one limit, compared once a
+/// pass: the tightest of theirs. A counted loop moves up through
+/// `[rdi + rcx]` (read) and `[rsi + rcx]` (read-write), and one moves down
+/// through `[rbx]` and `[rbp]` (read, and read-write), from starts whose
+/// page offsets differ round by round, so that either group may be the
+/// first to reach its page's end (the frames after the first pages hold
+/// other values: a pass past the other group's limit would read them).
+/// Compared with the interpreter.
+#[test]
+fn strided_groups_in_step_stop_at_the_first_page_end() {
+    let run = |engine: mat_x86::Engine| {
+        let mut cpu = paging_machine(|a| {
+            let (mut outer, mut up, mut down) =
+                (a.create_label(), a.create_label(), a.create_label());
+            a.mov(r12d, 64).unwrap();
+            a.set_label(&mut outer).unwrap();
+            // rdi: 64 * (r12 & 7) bytes past 0x180 before a page boundary;
+            // rsi: 64 * ((r12 >> 3) & 7) past it.
+            a.mov(eax, r12d).unwrap();
+            a.and(eax, 7).unwrap();
+            a.shl(eax, 6).unwrap();
+            a.lea(rdi, qword_ptr(rax + (va(6) - 0x180) as i32)).unwrap();
+            a.mov(eax, r12d).unwrap();
+            a.shr(eax, 3).unwrap();
+            a.and(eax, 7).unwrap();
+            a.shl(eax, 6).unwrap();
+            a.lea(rsi, qword_ptr(rax + (va(9) - 0x180) as i32)).unwrap();
+            a.cvtsi2sd(xmm1, r12d).unwrap();
+            a.unpcklpd(xmm1, xmm1).unwrap();
+            a.xor(ecx, ecx).unwrap();
+            a.set_label(&mut up).unwrap();
+            a.movapd(xmm0, xmmword_ptr(rdi + rcx)).unwrap();
+            a.mulpd(xmm0, xmm1).unwrap();
+            a.addpd(xmm0, xmmword_ptr(rsi + rcx)).unwrap();
+            a.movaps(xmmword_ptr(rsi + rcx), xmm0).unwrap();
+            a.add(rcx, 16).unwrap();
+            a.cmp(rcx, 0x200).unwrap();
+            a.jne(up).unwrap();
+            // Down: rbx from 8 * (r12 & 7) and rbp from 8 * ((r12 >> 3) & 7)
+            // below 0x80 past a page boundary, 0x180 bytes each.
+            a.mov(eax, r12d).unwrap();
+            a.and(eax, 7).unwrap();
+            a.shl(eax, 3).unwrap();
+            a.mov(rbx, va(6) + 0x80).unwrap();
+            a.sub(rbx, rax).unwrap();
+            a.mov(eax, r12d).unwrap();
+            a.shr(eax, 3).unwrap();
+            a.and(eax, 7).unwrap();
+            a.shl(eax, 3).unwrap();
+            a.mov(rbp, va(9) + 0x80).unwrap();
+            a.sub(rbp, rax).unwrap();
+            a.lea(rdx, qword_ptr(rbx - 0x180)).unwrap();
+            a.set_label(&mut down).unwrap();
+            a.mov(rax, qword_ptr(rbx)).unwrap();
+            a.add(r13, rax).unwrap();
+            a.rol(r13, 5).unwrap();
+            a.xor(qword_ptr(rbp), r13).unwrap();
+            a.sub(rbx, 8).unwrap();
+            a.sub(rbp, 8).unwrap();
+            a.cmp(rbx, rdx).unwrap();
+            a.jne(down).unwrap();
+            a.dec(r12d).unwrap();
+            a.jnz(outer).unwrap();
+            a.hlt().unwrap();
+        });
+        set_pte(&cpu, 6, pa(14) | P | RW | US);
+        set_pte(&cpu, 9, pa(15) | P | RW | US);
+        for k in 0..512u64 {
+            let v = |base: f64| (base + k as f64 * 0.25).to_bits();
+            w64(&cpu, pa(5) + 8 * k, v(1.0));
+            w64(&cpu, pa(14) + 8 * k, v(1000.0));
+            w64(&cpu, pa(8) + 8 * k, v(-3.0));
+            w64(&cpu, pa(15) + 8 * k, v(-5000.0));
+            w64(&cpu, pa(6) + 8 * k, 0x7ff8_dead_0000_0000 | k);
+            w64(&cpu, pa(9) + 8 * k, 0x7ff8_beef_0000_0000 | k);
+        }
+        hot_engine(&mut cpu, engine);
+        expect_clean_halt(&mut cpu);
+        let mem: Vec<u8> = [5, 14, 8, 15, 6, 9]
+            .iter()
+            .flat_map(|&i| read_bytes(&cpu, pa(i), 4096))
+            .collect();
+        (cpu.s.gpr, mem, cpu.jit_stats().cloned())
+    };
+    let (g_i, _, stats) = jit_agrees(run);
+    assert!(stats.strided_groups >= 4, "strided groups: {stats:?}");
+    assert_ne!(g_i[13], 0, "the downward loop summed something");
+}
+
+/// The first copy of a loop with strided groups checks no budget in its
+/// passes: the hoisted checks send the loop to the plain copy unless the
+/// budget has room for every pass the limits let through. Run in slices
+/// of a small budget, the loop (a pass a page's worth of times) still
+/// stops within a block of each slice's end, in step with the
+/// interpreter; and with the whole budget it goes through its pages
+/// without a stop.
+#[test]
+fn strided_loops_stop_when_the_budget_runs_out() {
+    let make = || {
+        paging_machine(|a| {
+            let (mut outer, mut top) = (a.create_label(), a.create_label());
+            a.mov(r12d, 3).unwrap();
+            a.set_label(&mut outer).unwrap();
+            a.mov(rdi, va(4) + 0x18).unwrap();
+            a.xor(ecx, ecx).unwrap();
+            a.set_label(&mut top).unwrap();
+            a.mov(rax, qword_ptr(rdi + rcx)).unwrap();
+            a.add(rbx, rax).unwrap();
+            a.mov(qword_ptr(rdi + rcx + 0x10), rbx).unwrap();
+            a.add(rcx, 8).unwrap();
+            a.cmp(rcx, 0x3000).unwrap();
+            a.jne(top).unwrap();
+            a.dec(r12d).unwrap();
+            a.jnz(outer).unwrap();
+            a.hlt().unwrap();
+        })
+    };
+    let (mut jit, mut int) = hot_pair(make);
+    let budget = 333;
+    let mut slices = 0;
+    loop {
+        let before = jit.stats.instructions;
+        let exit = jit.run(budget);
+        let ran = jit.stats.instructions - before;
+        if exit == Exit::Halted {
+            break;
+        }
+        assert_eq!(exit, Exit::Budget);
+        assert!(
+            ran < budget + 16,
+            "a slice of {budget} ran {ran} instructions"
+        );
+        slices += 1;
+        while int.stats.instructions < jit.stats.instructions {
+            assert!(int.step().is_none());
+        }
+        assert_eq!(jit.s.rip, int.s.rip, "rip after {slices} slices");
+        assert_eq!(jit.s.gpr, int.s.gpr, "registers after {slices} slices");
+    }
+    assert_eq!(int.run(1_000_000), Exit::Halted);
+    assert_eq!(jit.s.gpr, int.s.gpr, "registers at the end");
+    assert_eq!(jit.stats.instructions, int.stats.instructions);
+    same_memory(&jit, &int, pa(4), 4, "memory");
+    let stats = ran_translated(jit.jit_stats().cloned());
+    assert!(stats.strided_groups >= 1, "strided groups: {stats:?}");
+    assert!(slices > 60, "{slices} slices");
+}
+
 /// A loop with two hoisted groups (bases the loop leaves alone) and
 /// nothing to emit at its count entry (no cache pair, no count register)
 /// translates (two labels once landed on one instruction there), and

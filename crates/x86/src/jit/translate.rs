@@ -766,6 +766,15 @@ struct Tx<'a> {
     /// While the first copy is emitted: the strided groups' registers and
     /// strides (see [`Stride`]), which its back edges advance.
     strided: Vec<(Register, Stride)>,
+    /// The strided groups whose limits each pass compares: all of them,
+    /// or one when they move in step (its limit then covers the others:
+    /// see [`merge_limit`]).
+    stride_checks: Vec<(Register, Stride)>,
+    /// While the first copy of a loop with strided groups is emitted: its
+    /// passes leave out the body check's branch on the budget, as the
+    /// hoisted checks made sure that every pass the limits let through
+    /// fits in it (see [`budget_room`]).
+    budget_free: bool,
 }
 
 /// A RIP-relative operand for absolute address `target` (the assembler
@@ -833,6 +842,8 @@ pub fn translate(
         spilled: None,
         no_pair: false,
         strided: Vec::new(),
+        stride_checks: Vec::new(),
+        budget_free: false,
         want_pair_addend: false,
         pair_addend: None,
         budget_stops: Vec::new(),
@@ -961,6 +972,9 @@ pub fn translate(
     // in the first copy, which leaves their registers as they were.
     let hoisted = groups.iter().any(|g| g.hoist);
     let mut l_hoist = tx.a.create_label();
+    let body_check = add_at.is_some_and(|k| has_back_edge(block, k)) && !tx.parked.is_empty();
+    let mut stride_checks: Vec<(Register, Stride)> = Vec::new();
+    let mut budget_free = false;
     if hoisted {
         // (Keeps l_hoist off l_count.)
         tx.a.zero_bytes()?;
@@ -985,7 +999,31 @@ pub fn translate(
                     return Err(TranslateError::Strided);
                 };
                 stride_limit(&mut tx.a, g, st, r, sa)?;
+                stride_checks.push((r, st));
             }
+        }
+        // Strided groups that move in step: one limit, the tightest, in
+        // the first one's slot, and one compare a pass.
+        if let [(lead, st), rest @ ..] = &stride_checks[..] {
+            if !rest.is_empty() && rest.iter().all(|(_, s)| s.step == st.step) {
+                let t = tx.free3().ok_or(TranslateError::Strided)?;
+                for &g in rest {
+                    merge_limit(&mut tx.a, (*lead, *st), g, t)?;
+                }
+                stride_checks.truncate(1);
+            }
+        }
+        // Each strided group's limit lets through at most 4 KiB / |step|
+        // + 1 passes before the plain copy (whose back edge comes back
+        // here): with room for that many in the budget, the first copy's
+        // passes need not check it.
+        let widest = stride_checks
+            .iter()
+            .map(|(_, s)| s.step.unsigned_abs())
+            .max();
+        if let (Some(w), true) = (widest, body_check) {
+            let passes = 0x1000 / w as usize + 2;
+            budget_free = tx.budget_room(passes * n, plain[0])?;
         }
     }
     let a = &mut tx.a;
@@ -1011,6 +1049,8 @@ pub fn translate(
             _ => None,
         })
         .collect();
+    tx.stride_checks = stride_checks;
+    tx.budget_free = budget_free;
     for (k, dn) in block.insns.iter().enumerate() {
         // The count expects guest rcx in rcx (its exit runs the rest of
         // the instruction from there); a group check takes it from either.
@@ -1019,7 +1059,7 @@ pub fn translate(
             // Where the flags are dead: will the next pass still be in the
             // pages the strided groups were checked for? If not, this one
             // ends in the plain copy, whose back edge checks them again.
-            for &(r, st) in tx.strided.iter() {
+            for &(r, st) in tx.stride_checks.iter() {
                 let a = &mut tx.a;
                 a.cmp(r64(r), m(o_spill(st.limit)))?;
                 if st.step > 0 {
@@ -1066,6 +1106,8 @@ pub fn translate(
         tx.exit_direct(next)?;
     }
     tx.strided.clear();
+    tx.stride_checks.clear();
+    tx.budget_free = false;
     // Every path below starts with guest rcx in rcx.
     tx.rcx_out = false;
     let first = groups
@@ -2081,6 +2123,43 @@ fn stride_limit(x: &mut CodeAssembler, g: &Group, st: Stride, r: Register, t: Re
     let off = if st.step > 0 { 0x1000 - g.end } else { -g.lo } - st.step as i64;
     x.lea(t, qword_ptr(t + off as i32))?;
     x.mov(m(o_spill(st.limit)), t)
+}
+
+/// Fold strided group `g`'s limit into `lead`'s (both just stored by
+/// [`stride_limit`], with their registers set for the same pass; both move
+/// by the same step): the value of `lead`'s register up to which (moving
+/// up; down to which, moving down) both groups stay in their pages is the
+/// smaller (larger) of its own limit and `g`'s moved by the registers'
+/// difference. Flag-free (SARX spreads a sign, PDEP masks with it),
+/// through the three registers `t`.
+fn merge_limit(
+    x: &mut CodeAssembler,
+    lead: (Register, Stride),
+    g: (Register, Stride),
+    t: (Register, Register, Register),
+) -> R<()> {
+    let ((l, lst), (r, gst)) = ((r64(lead.0), lead.1), (r64(g.0), g.1));
+    let (t1, t2, t3) = (r64(t.0), r64(t.1), r64(t.2));
+    // v = g's limit - g's register + lead's register (NOT: -x - 1).
+    x.mov(t2, r)?;
+    x.not(t2)?;
+    x.mov(t1, m(o_spill(gst.limit)))?;
+    x.lea(t1, qword_ptr(t1 + t2 + 1))?;
+    x.lea(t1, qword_ptr(t1 + l))?;
+    // d = v - lead's limit; then min(d, 0), or max(d, 0) moving down.
+    x.mov(t3, m(o_spill(lst.limit)))?;
+    x.not(t3)?;
+    x.lea(t2, qword_ptr(t1 + t3 + 1))?;
+    x.mov(t3, 63u64)?;
+    x.sarx(t3, t2, t3)?;
+    x.pdep(t3, t2, t3)?;
+    if lst.step < 0 {
+        x.not(t3)?;
+        x.lea(t3, qword_ptr(t2 + t3 + 1))?;
+    }
+    x.mov(t2, m(o_spill(lst.limit)))?;
+    x.lea(t2, qword_ptr(t2 + t3))?;
+    x.mov(m(o_spill(lst.limit)), t2)
 }
 
 /// Make `g` a hoisted group (see [`Group::hoist`]) when its address is the
@@ -3123,11 +3202,44 @@ impl Tx<'_> {
             Some(c) => a.add(r64(c), n as i32)?,
             None => a.add(qword_ptr(r15 + o_ctx!(left)), n as i32)?,
         }
-        if let Some((_, cold)) = self.body_check {
+        if let Some((_, cold)) = self.body_check.filter(|_| !self.budget_free) {
             count_event(a, self.events, EV_BACK_EDGE)?;
             a.jns(cold)?;
         }
         Ok(())
+    }
+
+    /// Before the passes of a loop with strided groups (see
+    /// [`Tx::budget_free`]): unless the budget has room for `more`
+    /// instructions, go on in the plain copy at `plain`, which checks it
+    /// every pass. False (and nothing emitted) where `more` is too large
+    /// to be worth it. Flag-free: the guest flags may be live here.
+    fn budget_room(&mut self, more: usize, plain: CodeLabel) -> R<bool> {
+        let Some((t, _, _)) = self.free3().filter(|_| more < 1 << 24) else {
+            return Ok(false);
+        };
+        let t = r64(t);
+        let a = &mut self.a;
+        match self.counter {
+            Some(c) => a.lea(t, qword_ptr(r64(c) + more as i32))?,
+            None => {
+                a.mov(t, m(o_ctx!(left)))?;
+                a.lea(t, qword_ptr(t + more as i32))?;
+            }
+        }
+        // `left` counts up from -budget: room while it stays negative.
+        a.not(t)?;
+        self.save_rcx(SP_RCX)?;
+        let a = &mut self.a;
+        let mut room = a.create_label();
+        a.mov(rcx, 1u64 << 63)?;
+        a.pext(rcx, t, rcx)?;
+        a.jrcxz(room)?;
+        self.restore_rcx(SP_RCX)?;
+        self.a.jmp(plain)?;
+        self.a.set_label(&mut room)?;
+        self.restore_rcx(SP_RCX)?;
+        Ok(true)
     }
 
     /// The body check, when this pass through the block has passed it
