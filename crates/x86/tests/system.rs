@@ -1646,86 +1646,120 @@ fn helpers_keep_guest_rax_when_the_block_parks_it() {
     assert_eq!(m_j, m_i, "memory (jit vs interpreter)");
 }
 
+/// Run `code` with `engine` on a [`paging_machine`] whose va(6) and va(9)
+/// map frames that are not the ones after va(5)'s and va(8)'s (pa(14),
+/// pa(15)): doubles in the pages the loops use, other values in the
+/// frames after their first pages (pa(6), pa(9)), so that an access that
+/// kept the old page's addend past a page boundary reads those. Returns
+/// the registers, the six frames and the translator's statistics.
+fn run_on_split_pages(
+    engine: mat_x86::Engine,
+    code: impl FnOnce(&mut CodeAssembler),
+) -> ([u64; 16], Vec<u8>, Option<mat_x86::JitStats>) {
+    let mut cpu = paging_machine(code);
+    set_pte(&cpu, 6, pa(14) | P | RW | US);
+    set_pte(&cpu, 9, pa(15) | P | RW | US);
+    for k in 0..512u64 {
+        let v = |base: f64| (base + k as f64 * 0.25).to_bits();
+        w64(&cpu, pa(5) + 8 * k, v(1.0));
+        w64(&cpu, pa(14) + 8 * k, v(1000.0));
+        w64(&cpu, pa(8) + 8 * k, v(-3.0));
+        w64(&cpu, pa(15) + 8 * k, v(-5000.0));
+        w64(&cpu, pa(6) + 8 * k, 0x7ff8_dead_0000_0000 | k);
+        w64(&cpu, pa(9) + 8 * k, 0x7ff8_beef_0000_0000 | k);
+    }
+    hot_engine(&mut cpu, engine);
+    expect_clean_halt(&mut cpu);
+    let mem: Vec<u8> = [5, 14, 8, 15, 6, 9]
+        .iter()
+        .flat_map(|&i| read_bytes(&cpu, pa(i), 4096))
+        .collect();
+    (cpu.s.gpr, mem, cpu.jit_stats().cloned())
+}
+
+/// The loops of the strided-group tests, on [`run_on_split_pages`]'s
+/// pages, 48 rounds (r12) from starts that move round by round, so that
+/// their ranges cross from one page into the next at different passes or
+/// stay in one page:
+/// - up, a counted loop of SSE accesses through `[rdi + rcx]` (read) and
+///   `[rsi + rcx]` (read-write), 0x200 bytes from 64 * (r12 & 7) past
+///   0x180 before a page boundary; with `apart`, rsi's start is 64 *
+///   ((r12 >> 3) & 7) past that instead (64 rounds then), so that either
+///   may reach its page's end first;
+/// - down through `[rbx]` (read), from 8 * (r12 & 7) below 0x80 past a
+///   page boundary to 0x100 before it; with `apart`, also through
+///   `[rbp]` (read-write), from 8 * ((r12 >> 3) & 7) below 0x80 past
+///   another, both 0x180 bytes.
+fn split_page_loops(a: &mut CodeAssembler, apart: bool) {
+    let (mut outer, mut up, mut down) = (a.create_label(), a.create_label(), a.create_label());
+    // `(r12 >> shift) & 7` times `scale` into eax.
+    let part = |a: &mut CodeAssembler, shift: u32, scale: u32| {
+        a.mov(eax, r12d).unwrap();
+        if shift > 0 {
+            a.shr(eax, shift).unwrap();
+        }
+        a.and(eax, 7).unwrap();
+        a.shl(eax, scale).unwrap();
+    };
+    a.mov(r12d, if apart { 64 } else { 48 }).unwrap();
+    a.set_label(&mut outer).unwrap();
+    part(a, 0, 6);
+    a.lea(rdi, qword_ptr(rax + (va(6) - 0x180) as i32)).unwrap();
+    if apart {
+        part(a, 3, 6);
+    }
+    a.lea(rsi, qword_ptr(rax + (va(9) - 0x180) as i32)).unwrap();
+    a.cvtsi2sd(xmm1, r12d).unwrap();
+    a.unpcklpd(xmm1, xmm1).unwrap();
+    a.xor(ecx, ecx).unwrap();
+    a.set_label(&mut up).unwrap();
+    a.movapd(xmm0, xmmword_ptr(rdi + rcx)).unwrap();
+    a.mulpd(xmm0, xmm1).unwrap();
+    a.addpd(xmm0, xmmword_ptr(rsi + rcx)).unwrap();
+    a.movaps(xmmword_ptr(rsi + rcx), xmm0).unwrap();
+    a.add(rcx, 16).unwrap();
+    a.cmp(rcx, 0x200).unwrap();
+    a.jne(up).unwrap();
+    part(a, 0, 3);
+    a.mov(rbx, va(6) + 0x80).unwrap();
+    a.sub(rbx, rax).unwrap();
+    if apart {
+        part(a, 3, 3);
+        a.mov(rbp, va(9) + 0x80).unwrap();
+        a.sub(rbp, rax).unwrap();
+        a.lea(rdx, qword_ptr(rbx - 0x180)).unwrap();
+    } else {
+        a.mov(rdx, va(6) - 0x100).unwrap();
+    }
+    a.set_label(&mut down).unwrap();
+    a.mov(rax, qword_ptr(rbx)).unwrap();
+    a.add(r13, rax).unwrap();
+    a.rol(r13, 5).unwrap();
+    if apart {
+        a.xor(qword_ptr(rbp), r13).unwrap();
+    }
+    a.sub(rbx, 8).unwrap();
+    if apart {
+        a.sub(rbp, 8).unwrap();
+    }
+    a.cmp(rbx, rdx).unwrap();
+    a.jne(down).unwrap();
+    a.dec(r12d).unwrap();
+    a.jnz(outer).unwrap();
+    a.hlt().unwrap();
+}
+
 /// Strided groups (a loop's accesses that move by a constant each pass,
-/// checked once for all the passes that stay in one page): a counted
-/// loop of SSE accesses that moves up through `[rdi + rcx]` and
-/// `[rsi + rcx]` (read, and read-write) and one that moves down through
-/// `[rbx]`, round by round from different starts, so that their ranges
-/// cross from one page into the next at different passes (the pages'
-/// frames are not adjacent: a pass past its page's limit that kept the
-/// old page's addend would read the frame after it, filled with other
-/// values) or stay in one page. Compared with the interpreter; the
-/// loops must have been translated with strided groups.
+/// checked once for all the passes that stay in one page): the loops of
+/// [`split_page_loops`], compared with the interpreter; the loops must
+/// have been translated with strided groups.
 #[test]
 fn strided_groups_cross_pages_like_the_interpreter() {
-    let run = |engine: mat_x86::Engine| {
-        let mut cpu = paging_machine(|a| {
-            let (mut outer, mut up, mut down) =
-                (a.create_label(), a.create_label(), a.create_label());
-            a.mov(r12d, 48).unwrap();
-            a.set_label(&mut outer).unwrap();
-            // Starts: 64 * (r12 & 7) bytes past a point 0x180 before a
-            // page boundary (crossing for six of the eight).
-            a.mov(eax, r12d).unwrap();
-            a.and(eax, 7).unwrap();
-            a.shl(eax, 6).unwrap();
-            a.lea(rdi, qword_ptr(rax + (va(6) - 0x180) as i32)).unwrap();
-            a.lea(rsi, qword_ptr(rax + (va(9) - 0x180) as i32)).unwrap();
-            a.cvtsi2sd(xmm1, r12d).unwrap();
-            a.unpcklpd(xmm1, xmm1).unwrap();
-            a.xor(ecx, ecx).unwrap();
-            a.set_label(&mut up).unwrap();
-            a.movapd(xmm0, xmmword_ptr(rdi + rcx)).unwrap();
-            a.mulpd(xmm0, xmm1).unwrap();
-            a.addpd(xmm0, xmmword_ptr(rsi + rcx)).unwrap();
-            a.movaps(xmmword_ptr(rsi + rcx), xmm0).unwrap();
-            a.add(rcx, 16).unwrap();
-            a.cmp(rcx, 0x200).unwrap();
-            a.jne(up).unwrap();
-            // Down from va(6) + 0x80 - 8 * (r12 & 7) to 0x100 before va(6).
-            a.mov(eax, r12d).unwrap();
-            a.and(eax, 7).unwrap();
-            a.shl(eax, 3).unwrap();
-            a.mov(rbx, va(6) + 0x80).unwrap();
-            a.sub(rbx, rax).unwrap();
-            a.mov(rdx, va(6) - 0x100).unwrap();
-            a.set_label(&mut down).unwrap();
-            a.mov(rax, qword_ptr(rbx)).unwrap();
-            a.add(r13, rax).unwrap();
-            a.rol(r13, 5).unwrap();
-            a.sub(rbx, 8).unwrap();
-            a.cmp(rbx, rdx).unwrap();
-            a.jne(down).unwrap();
-            a.dec(r12d).unwrap();
-            a.jnz(outer).unwrap();
-            a.hlt().unwrap();
-        });
-        set_pte(&cpu, 6, pa(14) | P | RW | US);
-        set_pte(&cpu, 9, pa(15) | P | RW | US);
-        // Doubles in the pages the loops use; other values in the frames
-        // after their first pages (pa(6), pa(9)).
-        for k in 0..512u64 {
-            let v = |base: f64| (base + k as f64 * 0.25).to_bits();
-            w64(&cpu, pa(5) + 8 * k, v(1.0));
-            w64(&cpu, pa(14) + 8 * k, v(1000.0));
-            w64(&cpu, pa(8) + 8 * k, v(-3.0));
-            w64(&cpu, pa(15) + 8 * k, v(-5000.0));
-            w64(&cpu, pa(6) + 8 * k, 0x7ff8_dead_0000_0000 | k);
-            w64(&cpu, pa(9) + 8 * k, 0x7ff8_beef_0000_0000 | k);
-        }
-        hot_engine(&mut cpu, engine);
-        expect_clean_halt(&mut cpu);
-        let mem: Vec<u8> = [5, 14, 8, 15, 6, 9]
-            .iter()
-            .flat_map(|&i| read_bytes(&cpu, pa(i), 4096))
-            .collect();
-        (cpu.s.gpr, mem, cpu.jit_stats().cloned())
-    };
+    let run = |engine| run_on_split_pages(engine, |a| split_page_loops(a, false));
     let (g_i, _, stats) = jit_agrees(run);
     assert!(stats.strided_groups >= 3, "strided groups: {stats:?}");
     assert_ne!(g_i[13], 0, "the downward loop summed something");
 }
-
 /// A strided group's loop that runs into a page that is not present: the
 /// pass that reaches it leaves for its check, which fails, and the plain
 /// copy raises the #PF with the same frame, registers and CR2 as the
@@ -1796,94 +1830,17 @@ fn strided_checks_leave_the_flags_a_loop_reads() {
 }
 
 /// Strided groups that move in step share one limit, compared once a
-/// pass: the tightest of theirs. A counted loop moves up through
-/// `[rdi + rcx]` (read) and `[rsi + rcx]` (read-write), and one moves down
-/// through `[rbx]` and `[rbp]` (read, and read-write), from starts whose
-/// page offsets differ round by round, so that either group may be the
-/// first to reach its page's end (the frames after the first pages hold
-/// other values: a pass past the other group's limit would read them).
-/// Compared with the interpreter.
+/// pass: the tightest of theirs. The loops of [`split_page_loops`] with
+/// groups that start at different page offsets, so that either may be the
+/// first to reach its page's end (a pass past the other group's limit
+/// would read the other frame's values). Compared with the interpreter.
 #[test]
 fn strided_groups_in_step_stop_at_the_first_page_end() {
-    let run = |engine: mat_x86::Engine| {
-        let mut cpu = paging_machine(|a| {
-            let (mut outer, mut up, mut down) =
-                (a.create_label(), a.create_label(), a.create_label());
-            a.mov(r12d, 64).unwrap();
-            a.set_label(&mut outer).unwrap();
-            // rdi: 64 * (r12 & 7) bytes past 0x180 before a page boundary;
-            // rsi: 64 * ((r12 >> 3) & 7) past it.
-            a.mov(eax, r12d).unwrap();
-            a.and(eax, 7).unwrap();
-            a.shl(eax, 6).unwrap();
-            a.lea(rdi, qword_ptr(rax + (va(6) - 0x180) as i32)).unwrap();
-            a.mov(eax, r12d).unwrap();
-            a.shr(eax, 3).unwrap();
-            a.and(eax, 7).unwrap();
-            a.shl(eax, 6).unwrap();
-            a.lea(rsi, qword_ptr(rax + (va(9) - 0x180) as i32)).unwrap();
-            a.cvtsi2sd(xmm1, r12d).unwrap();
-            a.unpcklpd(xmm1, xmm1).unwrap();
-            a.xor(ecx, ecx).unwrap();
-            a.set_label(&mut up).unwrap();
-            a.movapd(xmm0, xmmword_ptr(rdi + rcx)).unwrap();
-            a.mulpd(xmm0, xmm1).unwrap();
-            a.addpd(xmm0, xmmword_ptr(rsi + rcx)).unwrap();
-            a.movaps(xmmword_ptr(rsi + rcx), xmm0).unwrap();
-            a.add(rcx, 16).unwrap();
-            a.cmp(rcx, 0x200).unwrap();
-            a.jne(up).unwrap();
-            // Down: rbx from 8 * (r12 & 7) and rbp from 8 * ((r12 >> 3) & 7)
-            // below 0x80 past a page boundary, 0x180 bytes each.
-            a.mov(eax, r12d).unwrap();
-            a.and(eax, 7).unwrap();
-            a.shl(eax, 3).unwrap();
-            a.mov(rbx, va(6) + 0x80).unwrap();
-            a.sub(rbx, rax).unwrap();
-            a.mov(eax, r12d).unwrap();
-            a.shr(eax, 3).unwrap();
-            a.and(eax, 7).unwrap();
-            a.shl(eax, 3).unwrap();
-            a.mov(rbp, va(9) + 0x80).unwrap();
-            a.sub(rbp, rax).unwrap();
-            a.lea(rdx, qword_ptr(rbx - 0x180)).unwrap();
-            a.set_label(&mut down).unwrap();
-            a.mov(rax, qword_ptr(rbx)).unwrap();
-            a.add(r13, rax).unwrap();
-            a.rol(r13, 5).unwrap();
-            a.xor(qword_ptr(rbp), r13).unwrap();
-            a.sub(rbx, 8).unwrap();
-            a.sub(rbp, 8).unwrap();
-            a.cmp(rbx, rdx).unwrap();
-            a.jne(down).unwrap();
-            a.dec(r12d).unwrap();
-            a.jnz(outer).unwrap();
-            a.hlt().unwrap();
-        });
-        set_pte(&cpu, 6, pa(14) | P | RW | US);
-        set_pte(&cpu, 9, pa(15) | P | RW | US);
-        for k in 0..512u64 {
-            let v = |base: f64| (base + k as f64 * 0.25).to_bits();
-            w64(&cpu, pa(5) + 8 * k, v(1.0));
-            w64(&cpu, pa(14) + 8 * k, v(1000.0));
-            w64(&cpu, pa(8) + 8 * k, v(-3.0));
-            w64(&cpu, pa(15) + 8 * k, v(-5000.0));
-            w64(&cpu, pa(6) + 8 * k, 0x7ff8_dead_0000_0000 | k);
-            w64(&cpu, pa(9) + 8 * k, 0x7ff8_beef_0000_0000 | k);
-        }
-        hot_engine(&mut cpu, engine);
-        expect_clean_halt(&mut cpu);
-        let mem: Vec<u8> = [5, 14, 8, 15, 6, 9]
-            .iter()
-            .flat_map(|&i| read_bytes(&cpu, pa(i), 4096))
-            .collect();
-        (cpu.s.gpr, mem, cpu.jit_stats().cloned())
-    };
+    let run = |engine| run_on_split_pages(engine, |a| split_page_loops(a, true));
     let (g_i, _, stats) = jit_agrees(run);
     assert!(stats.strided_groups >= 4, "strided groups: {stats:?}");
     assert_ne!(g_i[13], 0, "the downward loop summed something");
 }
-
 /// The first copy of a loop with strided groups checks no budget in its
 /// passes: the hoisted checks send the loop to the plain copy unless the
 /// budget has room for every pass the limits let through. Run in slices
