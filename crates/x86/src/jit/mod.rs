@@ -265,7 +265,7 @@ impl Jit {
             .map_err(|e| std::io::Error::other(format!("assembling JIT stubs: {e}")))?;
         buf.push(&code)
             .ok_or_else(|| std::io::Error::other("JIT code buffer too small"))?;
-        Ok(Jit {
+        let mut jit = Jit {
             stub_len: buf.used(),
             code: Arc::new(std::sync::Mutex::new(worker::Code { buf, epoch: 0 })),
             epoch: 0,
@@ -302,7 +302,22 @@ impl Jit {
                     .ok()
                     .map(std::io::BufWriter::new)
             }),
-        })
+        };
+        // The shared stubs, each up to the next one's start.
+        let mut named = [
+            (stubs.enter, "jit_enter"),
+            (stubs.exit, "jit_exit"),
+            (stubs.indirect, "jit_indirect"),
+            (stubs.helper, "jit_helper_stub"),
+        ];
+        named.sort();
+        let end = at + code.len() as u64;
+        for (k, &(from, name)) in named.iter().enumerate() {
+            let to = named.get(k + 1).map_or(end, |n| n.0);
+            let len = to.saturating_sub(from) as usize;
+            perf_name(&mut jit.perf_map, from, len, format_args!("{name}"));
+        }
+        Ok(jit)
     }
 
     /// Drop every translation (buffer full, or guest memory replaced).
@@ -527,6 +542,12 @@ impl Cpu {
                                     c.buf.patch_jmp(s + len as u64 - 5, ce);
                                     c.buf.patch_jmp(fast_site, s);
                                     jit.stats.chain_stubs += 1;
+                                    perf_name(
+                                        &mut jit.perf_map,
+                                        s,
+                                        len,
+                                        format_args!("chain_stub_{target:x}"),
+                                    );
                                 }
                                 None => c.buf.patch_jmp(site, entry),
                             }
@@ -670,16 +691,13 @@ impl Jit {
                 eprintln!("{:x} {out}", i.ip());
             }
         }
-        if let Some(f) = self.perf_map.as_mut() {
-            use std::io::Write;
-            let _ = writeln!(
-                f,
-                "{:x} {:x} guest_{:x}",
-                t.entry,
-                t.code.len(),
-                block.lin_pc
-            );
-        }
+        let (at, len) = (t.entry, t.code.len());
+        perf_name(
+            &mut self.perf_map,
+            at,
+            len,
+            format_args!("guest_{:x}", block.lin_pc),
+        );
         let src_ppn = block.phys_pc >> 12;
         for c in t.chains.iter() {
             self.chains
@@ -697,6 +715,20 @@ impl Jit {
         self.blocks.push(block.clone());
         block.jit_entry.set(t.entry);
         Some(t.entry)
+    }
+}
+
+/// Name `len` bytes of code at `at` in the `perf` symbol map, if one is
+/// being written (see [`Jit::perf_map`]).
+fn perf_name(
+    map: &mut Option<std::io::BufWriter<std::fs::File>>,
+    at: u64,
+    len: usize,
+    name: std::fmt::Arguments,
+) {
+    if let Some(f) = map.as_mut() {
+        use std::io::Write;
+        let _ = writeln!(f, "{at:x} {len:x} {name}");
     }
 }
 
@@ -751,6 +783,12 @@ impl Jit {
         let t = self.guard.as_ref()?;
         let (code, to_entry, to_jc) = (t.instance(target, p), t.to_entry as u64, t.to_jc as u64);
         let g = c.buf.push_high(&code)?;
+        perf_name(
+            &mut self.perf_map,
+            g,
+            code.len(),
+            format_args!("guard_{target:x}"),
+        );
         c.buf.patch_jmp(g + to_entry, entry);
         c.buf.patch_jmp(g + to_jc, self.stubs.indirect);
         self.far_guards.insert((target, ppn), (g, g + to_entry));
