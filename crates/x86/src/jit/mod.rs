@@ -691,11 +691,10 @@ impl Jit {
                 eprintln!("{:x} {out}", i.ip());
             }
         }
-        let (at, len) = (t.entry, t.code.len());
         perf_name(
             &mut self.perf_map,
-            at,
-            len,
+            t.entry,
+            t.code.len(),
             format_args!("guest_{:x}", block.lin_pc),
         );
         let src_ppn = block.phys_pc >> 12;
