@@ -1760,6 +1760,7 @@ fn strided_groups_cross_pages_like_the_interpreter() {
     assert!(stats.strided_groups >= 3, "strided groups: {stats:?}");
     assert_ne!(g_i[13], 0, "the downward loop summed something");
 }
+
 /// A strided group's loop that runs into a page that is not present: the
 /// pass that reaches it leaves for its check, which fails, and the plain
 /// copy raises the #PF with the same frame, registers and CR2 as the
@@ -1841,6 +1842,7 @@ fn strided_groups_in_step_stop_at_the_first_page_end() {
     assert!(stats.strided_groups >= 4, "strided groups: {stats:?}");
     assert_ne!(g_i[13], 0, "the downward loop summed something");
 }
+
 /// The first copy of a loop with strided groups checks no budget in its
 /// passes: the hoisted checks send the loop to the plain copy unless the
 /// budget has room for every pass the limits let through. Run in slices

@@ -766,10 +766,10 @@ struct Tx<'a> {
     /// While the first copy is emitted: the strided groups' registers and
     /// strides (see [`Stride`]), which its back edges advance.
     strided: Vec<(Register, Stride)>,
-    /// The strided groups whose limits each pass compares: all of them,
-    /// or one when they move in step (its limit then covers the others:
-    /// see [`merge_limit`]).
-    stride_checks: Vec<(Register, Stride)>,
+    /// How many of `strided` (from the first) each pass compares with its
+    /// limit: all, or the first when they move in step (its limit then
+    /// covers the others: see [`merge_limit`]).
+    stride_checks: usize,
     /// While the first copy of a loop with strided groups is emitted: its
     /// passes leave out the body check's branch on the budget, as the
     /// hoisted checks made sure that every pass the limits let through
@@ -842,7 +842,7 @@ pub fn translate(
         spilled: None,
         no_pair: false,
         strided: Vec::new(),
-        stride_checks: Vec::new(),
+        stride_checks: 0,
         budget_free: false,
         want_pair_addend: false,
         pair_addend: None,
@@ -961,7 +961,6 @@ pub fn translate(
     // it while a group is live: helpers reload the parked registers, so
     // the group registers no longer hold their addends.
     let groups = std::mem::take(&mut tx.groups);
-    let strided = groups.iter().filter(|g| g.stride.is_some()).count() as u32;
     let plain: Vec<CodeLabel> = if groups.is_empty() {
         Vec::new()
     } else {
@@ -973,7 +972,8 @@ pub fn translate(
     let hoisted = groups.iter().any(|g| g.hoist);
     let mut l_hoist = tx.a.create_label();
     let body_check = add_at.is_some_and(|k| has_back_edge(block, k)) && !tx.parked.is_empty();
-    let mut stride_checks: Vec<(Register, Stride)> = Vec::new();
+    // (Strided groups are hoisted: both are set below or stay empty.)
+    let mut strided: Vec<(Register, Stride)> = Vec::new();
     let mut budget_free = false;
     if hoisted {
         // (Keeps l_hoist off l_count.)
@@ -999,28 +999,26 @@ pub fn translate(
                     return Err(TranslateError::Strided);
                 };
                 stride_limit(&mut tx.a, g, st, r, sa)?;
-                stride_checks.push((r, st));
+                strided.push((r, st));
             }
         }
+        tx.stride_checks = strided.len();
         // Strided groups that move in step: one limit, the tightest, in
         // the first one's slot, and one compare a pass.
-        if let [(lead, st), rest @ ..] = &stride_checks[..] {
+        if let [(lead, st), rest @ ..] = &strided[..] {
             if !rest.is_empty() && rest.iter().all(|(_, s)| s.step == st.step) {
                 let t = tx.free3().ok_or(TranslateError::Strided)?;
                 for &g in rest {
                     merge_limit(&mut tx.a, (*lead, *st), g, t)?;
                 }
-                stride_checks.truncate(1);
+                tx.stride_checks = 1;
             }
         }
         // Each strided group's limit lets through at most 4 KiB / |step|
         // + 1 passes before the plain copy (whose back edge comes back
         // here): with room for that many in the budget, the first copy's
         // passes need not check it.
-        let widest = stride_checks
-            .iter()
-            .map(|(_, s)| s.step.unsigned_abs())
-            .max();
+        let widest = strided.iter().map(|(_, s)| s.step.unsigned_abs()).max();
         if let (Some(w), true) = (widest, body_check) {
             let passes = 0x1000 / w as usize + 2;
             budget_free = tx.budget_room(passes * n, plain[0])?;
@@ -1042,14 +1040,8 @@ pub fn translate(
     }
     let next = block.insns[n - 1].insn.next_ip();
     let mut ended = false;
-    tx.strided = groups
-        .iter()
-        .filter_map(|g| match (g.stride, g.home) {
-            (Some(st), Home::Reg(r)) => Some((r, st)),
-            _ => None,
-        })
-        .collect();
-    tx.stride_checks = stride_checks;
+    let strided_groups = strided.len() as u32;
+    tx.strided = strided;
     tx.budget_free = budget_free;
     for (k, dn) in block.insns.iter().enumerate() {
         // The count expects guest rcx in rcx (its exit runs the rest of
@@ -1059,7 +1051,7 @@ pub fn translate(
             // Where the flags are dead: will the next pass still be in the
             // pages the strided groups were checked for? If not, this one
             // ends in the plain copy, whose back edge checks them again.
-            for &(r, st) in tx.stride_checks.iter() {
+            for &(r, st) in tx.strided[..tx.stride_checks].iter() {
                 let a = &mut tx.a;
                 a.cmp(r64(r), m(o_spill(st.limit)))?;
                 if st.step > 0 {
@@ -1106,7 +1098,7 @@ pub fn translate(
         tx.exit_direct(next)?;
     }
     tx.strided.clear();
-    tx.stride_checks.clear();
+    tx.stride_checks = 0;
     tx.budget_free = false;
     // Every path below starts with guest rcx in rcx.
     tx.rcx_out = false;
@@ -1280,7 +1272,7 @@ pub fn translate(
         far,
         native: tx.native,
         helpers: tx.helpers,
-        strided,
+        strided: strided_groups,
         helper_codes: tx.helper_codes,
     })
 }
