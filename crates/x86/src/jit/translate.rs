@@ -692,6 +692,17 @@ struct Tx<'a> {
     /// Join points (the plain copy's labels, a slow path's return) and
     /// everything that is not such an instruction restore it first.
     rcx_out: bool,
+    /// The instruction being translated names rcx, which its host form
+    /// names as the keeper (see [`Tx::host_form`]).
+    rcx_ren: bool,
+    /// The first copy's loop head (`l_count` while it is `l_loop`) has
+    /// guest rcx in the keeper: a loop that keeps a value in rcx (a
+    /// scan's bound, a sort's pivot) sets it aside once an entry, not
+    /// around every lookup of every pass. Its back edges put it there.
+    head_out: bool,
+    /// Guest rcx was in the keeper at the body check (its exit puts it
+    /// back).
+    body_rcx_out: bool,
     /// The block's entry after parking (target of jumps to its own start).
     l_count: Option<CodeLabel>,
     /// Where a block that jumps back into its own page checks its budget
@@ -703,8 +714,8 @@ struct Tx<'a> {
     /// Index of the instruction being translated.
     cur_k: usize,
     /// Taken side exits, emitted after the body: (their label, the index
-    /// of the branch, its target).
-    side_exits: Vec<(CodeLabel, usize, u64)>,
+    /// of the branch, its target, whether guest rcx is in the keeper).
+    side_exits: Vec<(CodeLabel, usize, u64, bool)>,
     /// Guest address of the instruction being translated, and how many
     /// fast lookups it has emitted (they key the entry slots).
     cur_rip: u64,
@@ -808,6 +819,9 @@ pub fn translate(
         parked: Vec::new(),
         keeper: None,
         rcx_out: false,
+        rcx_ren: false,
+        head_out: false,
+        body_rcx_out: false,
         l_count: None,
         body_check: None,
         cur_k: 0,
@@ -1024,11 +1038,19 @@ pub fn translate(
             budget_free = tx.budget_room(passes * n, plain[0])?;
         }
     }
+    // Loops that check their budget in the body keep guest rcx in the
+    // keeper from pass to pass (strided ones compare their limits with
+    // it in rcx, for the plain copy).
+    tx.head_out = body_check && strided.is_empty() && tx.keeper.is_some() && !tx.rcx_parked();
+    if tx.head_out {
+        tx.save_rcx(SP_RCX)?;
+    }
     let a = &mut tx.a;
     a.zero_bytes()?;
     let mut l_loop = a.create_label();
     a.set_label(&mut l_loop)?;
     count_event(a, tx.events, EV_BLOCK)?;
+    tx.rcx_out = tx.head_out;
     tx.l_count = Some(l_loop);
     if let Some(k) = add_at.filter(|&k| has_back_edge(block, k)) {
         if !tx.parked.is_empty() {
@@ -1046,8 +1068,11 @@ pub fn translate(
     for (k, dn) in block.insns.iter().enumerate() {
         // The count expects guest rcx in rcx (its exit runs the rest of
         // the instruction from there); a group check takes it from either.
-        if add_at == Some(k) {
+        if add_at == Some(k) && tx.stride_checks > 0 {
             tx.sync_rcx()?;
+        }
+        if add_at == Some(k) {
+            tx.body_rcx_out = tx.rcx_out;
             // Where the flags are dead: will the next pass still be in the
             // pages the strided groups were checked for? If not, this one
             // ends in the plain copy, whose back edge checks them again.
@@ -1111,6 +1136,7 @@ pub fn translate(
         // The plain copy's back edge checks the hoisted groups again.
         if hoisted {
             tx.l_count = Some(l_hoist);
+            tx.head_out = false;
         }
         tx.uncounted(|tx| {
             let mut ended = false;
@@ -1140,8 +1166,9 @@ pub fn translate(
         })?;
     }
     // Taken side exits: the count covers the instructions run so far.
-    for (mut l, k, target) in std::mem::take(&mut tx.side_exits) {
+    for (mut l, k, target, out) in std::mem::take(&mut tx.side_exits) {
         tx.a.set_label(&mut l)?;
+        tx.rcx_out = out;
         count_event(&mut tx.a, tx.events, EV_SIDE_EXIT)?;
         let delta = match add_at {
             Some(a) if k < a => k as i32 + 1,
@@ -1157,6 +1184,7 @@ pub fn translate(
     if let Some((k, mut cold)) = tx.body_check.take() {
         tx.a.set_label(&mut cold)?;
         let dn = &block.insns[k];
+        tx.rcx_out = tx.body_rcx_out;
         tx.uncounted(|tx| {
             tx.cur_k = k;
             if !tx.insn(dn)? {
@@ -1170,6 +1198,7 @@ pub fn translate(
     }
     // Stale code: leave with rip at the block start (before the counter's
     // load).
+    tx.rcx_out = false;
     tx.a.set_label(&mut l_stale)?;
     tx.no_jc = true;
     tx.counter_live = false;
@@ -2681,7 +2710,7 @@ impl Tx<'_> {
         let i = &dn.insn;
         self.cur_rip = i.ip();
         self.cur_lookups = 0;
-        if !self.lazy_rcx_ok(i) {
+        if !self.lazy_rcx_ok(i) && !self.branch_keeps_rcx(i) {
             self.sync_rcx()?;
         }
         // Control flow.
@@ -2707,7 +2736,7 @@ impl Tx<'_> {
                     let taken = self.a.create_label();
                     jcc(&mut self.a, i.condition_code(), taken)?;
                     self.side_exits
-                        .push((taken, self.cur_k, i.near_branch_target()));
+                        .push((taken, self.cur_k, i.near_branch_target(), self.rcx_out));
                     return Ok(false);
                 }
                 let start = self.block.insns[0].insn.ip();
@@ -2715,6 +2744,11 @@ impl Tx<'_> {
                     if i.near_branch_target() == start {
                         // A loop on itself that checks in its body.
                         self.stride_on()?;
+                        if self.head_out {
+                            // Guest rcx goes round in the keeper.
+                            self.save_rcx(SP_RCX)?;
+                            self.rcx_out = true;
+                        }
                         jcc(&mut self.a, i.condition_code(), l)?;
                         self.exit_direct(i.next_ip())?;
                         return Ok(true);
@@ -2874,21 +2908,103 @@ impl Tx<'_> {
     /// address from the keeper (`ea_fast`); any other path they fall back
     /// to restores rcx first (`sync_rcx`).
     fn lazy_rcx_ok(&mut self, i: &Instruction) -> bool {
+        self.rcx_ren = false;
+        let lea = i.mnemonic() == Mnemonic::Lea;
         if !(self.rcx_out
-            && native_ok(i, self.sse, self.fp)
-            && i.mnemonic() != Mnemonic::Lea
+            && (native_ok(i, self.sse, self.fp) || lea)
             && (is64addr(i) || (0..i.op_count()).all(|n| i.op_kind(n) != OpKind::Memory)))
         {
             return false;
         }
         let mut ni = *i;
+        // (LEA computes its address from the keeper too: see `host_form`.)
         if ni.memory_base() == Register::RCX {
-            ni.set_memory_base(Register::RAX);
+            ni.set_memory_base(if lea { Register::R8 } else { Register::RAX });
         }
         if ni.memory_index() == Register::RCX {
-            ni.set_memory_index(Register::RAX);
+            ni.set_memory_index(if lea { Register::R8 } else { Register::RAX });
         }
-        !self.used_full_regs(&ni).contains(&Register::RCX)
+        if !self.used_full_regs(&ni).contains(&Register::RCX) {
+            // Nothing to rename but a LEA's address.
+            self.rcx_ren = lea;
+            return true;
+        }
+        // Explicit operands naming rcx name the keeper instead, in the
+        // forms that go through `native_insn` or `lea` (PUSH and POP have
+        // their own paths; BT with a memory operand reads its bit offset).
+        let plain = i.flow_control() == FlowControl::Next
+            && !matches!(i.code(), Code::Push_r64 | Code::Pop_r64 | Code::Push_rm64)
+            && !matches!(
+                i.mnemonic(),
+                Mnemonic::Bt | Mnemonic::Bts | Mnemonic::Btr | Mnemonic::Btc
+            );
+        let Some(k) = self.keeper.filter(|_| plain) else {
+            return false;
+        };
+        for n in 0..ni.op_count() {
+            if ni.op_kind(n) != OpKind::Register {
+                continue;
+            }
+            let r = ni.op_register(n);
+            if r.full_register() != Register::RCX {
+                continue;
+            }
+            // No host form for CH; CL as a shift count is fixed.
+            if r == Register::CH || r == Register::CL && shifts_by_cl(i) {
+                return false;
+            }
+            ni.set_op_register(n, sized(k, r.size()));
+        }
+        if self.used_full_regs(&ni).contains(&Register::RCX) || !encodable(&ni) {
+            return false;
+        }
+        self.rcx_ren = true;
+        true
+    }
+
+    /// May branch `i` be taken with guest rcx still in the keeper? Side
+    /// exits (their out-of-line exits put it back), and the back edge of
+    /// a loop whose head expects it there ([`Tx::head_out`]).
+    fn branch_keeps_rcx(&self, i: &Instruction) -> bool {
+        if !(self.rcx_out
+            && i.flow_control() == FlowControl::ConditionalBranch
+            && crate::exec::side_exit(i))
+        {
+            return false;
+        }
+        let start = self.block.insns[0].insn.ip();
+        self.cur_k + 1 < self.block.insns.len()
+            || self.head_out
+                && self.l_count.is_some()
+                && self.checked().is_some()
+                && i.near_branch_target() == start
+    }
+
+    /// The instruction to emit for guest instruction `i`: with
+    /// [`Tx::rcx_ren`], its explicit rcx operands (and a LEA's rcx
+    /// address registers) renamed to the keeper, which holds guest rcx.
+    fn host_form(&self, i: &Instruction) -> Instruction {
+        let mut ni = *i;
+        let Some(k) = self.keeper.filter(|_| self.rcx_ren && self.rcx_out) else {
+            return ni;
+        };
+        for n in 0..ni.op_count() {
+            if ni.op_kind(n) == OpKind::Register {
+                let r = ni.op_register(n);
+                if r.full_register() == Register::RCX {
+                    ni.set_op_register(n, sized(k, r.size()));
+                }
+            }
+        }
+        if ni.mnemonic() == Mnemonic::Lea {
+            let addr = |r: Register| match r.full_register() == Register::RCX {
+                true => sized(k, r.size()),
+                false => r,
+            };
+            ni.set_memory_base(addr(ni.memory_base()));
+            ni.set_memory_index(addr(ni.memory_index()));
+        }
+        ni
     }
 
     fn call_helper(&mut self, dn: *const DInsn) -> R<()> {
@@ -3310,6 +3426,9 @@ impl Tx<'_> {
             if let Some(l) = self.l_count {
                 // A loop on itself: straight back, registers still parked.
                 self.stride_on()?;
+                if self.head_out {
+                    self.save_rcx(SP_RCX)?;
+                }
                 let a = &mut self.a;
                 a.jmp(l)?;
                 a.set_label(&mut slow)?;
@@ -3773,7 +3892,7 @@ impl Tx<'_> {
         let Some((sa, sb, sc)) = self.free3() else {
             return Ok(false);
         };
-        let i = &dn.insn;
+        let i = &self.host_form(&dn.insn);
         if !is64addr(i) {
             return Ok(false);
         }
@@ -4525,6 +4644,7 @@ impl Tx<'_> {
 
     /// LEA: no memory access; rewrite RIP-relative forms and remap rsp/r15.
     fn lea(&mut self, i: &Instruction) -> R<bool> {
+        let i = &self.host_form(i);
         let dst = i.op0_register();
         let size = dst.size();
         if i.memory_base() == Register::RIP || i.memory_base() == Register::EIP {
@@ -4693,6 +4813,7 @@ impl Tx<'_> {
     /// Register-only instruction (or LEA without RIP): run as is, with
     /// guest rsp/r15 loaded into free host registers around it.
     fn remapped_plain(&mut self, i: &Instruction) -> R<bool> {
+        let i = &self.host_form(i);
         let used = self.used_full_regs(i);
         let uses_rsp = used.contains(&Register::RSP);
         let uses_r15 = used.contains(&Register::R15);
@@ -4953,6 +5074,23 @@ fn save_flags_only(a: &mut CodeAssembler) -> R<()> {
     a.lahf()?;
     a.seto(al)?;
     Ok(())
+}
+
+/// Shifts and rotates, whose CL count operand is fixed.
+fn shifts_by_cl(i: &Instruction) -> bool {
+    matches!(
+        i.mnemonic(),
+        Mnemonic::Shl
+            | Mnemonic::Sal
+            | Mnemonic::Shr
+            | Mnemonic::Sar
+            | Mnemonic::Rol
+            | Mnemonic::Ror
+            | Mnemonic::Rcl
+            | Mnemonic::Rcr
+            | Mnemonic::Shld
+            | Mnemonic::Shrd
+    )
 }
 
 fn encodable(i: &Instruction) -> bool {
