@@ -655,6 +655,20 @@ impl Cpu {
                 && matches!(insn.code(), Code::Jmp_rel8_64 | Code::Jmp_rel32_64)
                 && target > insn.ip()
                 && target.wrapping_sub(ip0) < page_left as u64;
+            // A side exit back into the block closes a loop inside it. One
+            // that counts runs many passes, best in a block of its own
+            // (which loops on itself: checks hoisted, registers kept from
+            // pass to pass); this one ends before the loop's head, so that
+            // its first pass is not a copy that runs slower than the rest.
+            // (A loop that stops on the data it reads, such as a sort's
+            // scan, often runs one pass or two: it stays.)
+            if side_exit && target < insn.ip() && target > ip0 {
+                let head = insns.iter().position(|d| d.insn.ip() == target);
+                if let Some(j) = head.filter(|&j| counted_loop(&insns[j..])) {
+                    insns.truncate(j);
+                    break;
+                }
+            }
             let stop = insn.is_invalid()
                 || insn.flow_control() != FlowControl::Next && !side_exit && !follow
                 || exec::ends_block(&insn)
@@ -798,5 +812,181 @@ impl Cpu {
                 self.deliver_interrupt(v, None, true);
             }
         }
+    }
+}
+
+/// Does the loop whose body is `body` (from its head up to, not
+/// including, its back edge) count: does its back edge follow a compare
+/// of a register the body only steps by constants (ADD/SUB/INC/DEC with
+/// an immediate, LEA of itself plus a displacement) with a constant or
+/// with a register the body leaves alone, or such a step itself?
+fn counted_loop(body: &[DInsn]) -> bool {
+    use iced_x86::{InstructionInfoFactory, Mnemonic, OpAccess, OpKind, Register};
+    let Some((c, before)) = body.split_last() else {
+        return false;
+    };
+    // A step that sets the flags is one of the steps.
+    let rest = if matches!(c.insn.mnemonic(), Mnemonic::Cmp) {
+        before
+    } else {
+        body
+    };
+    let c = &c.insn;
+    let reg = |n: u32| (c.op_kind(n) == OpKind::Register).then(|| c.op_register(n).full_register());
+    let imm = |n: u32| {
+        matches!(
+            c.op_kind(n),
+            OpKind::Immediate8to64
+                | OpKind::Immediate32to64
+                | OpKind::Immediate8to32
+                | OpKind::Immediate32
+                | OpKind::Immediate8
+        )
+    };
+    let (a, b) = match c.mnemonic() {
+        Mnemonic::Cmp if imm(1) => (reg(0), None),
+        // The step itself sets the flags (DEC and JNZ).
+        Mnemonic::Add | Mnemonic::Sub if imm(1) => (reg(0), None),
+        Mnemonic::Inc | Mnemonic::Dec => (reg(0), None),
+        Mnemonic::Cmp => match (reg(0), reg(1)) {
+            (Some(x), Some(y)) => (Some(x), Some(y)),
+            _ => return false,
+        },
+        _ => return false,
+    };
+    let Some(a) = a else {
+        return false;
+    };
+    let mut info = InstructionInfoFactory::new();
+    // How each register is written: None (never), Some(true) (only
+    // stepped), Some(false) (otherwise).
+    let how = |r: Register, info: &mut InstructionInfoFactory| -> Option<bool> {
+        let mut w = None;
+        for d in rest {
+            let i = &d.insn;
+            let writes = info.info(i).used_registers().iter().any(|u| {
+                u.register().full_register() == r
+                    && !matches!(
+                        u.access(),
+                        OpAccess::Read | OpAccess::CondRead | OpAccess::NoMemAccess
+                    )
+            });
+            if !writes {
+                continue;
+            }
+            let own = i.op_count() >= 1
+                && i.op_kind(0) == OpKind::Register
+                && i.op0_register().full_register() == r;
+            let step = own
+                && match i.mnemonic() {
+                    Mnemonic::Add | Mnemonic::Sub => {
+                        i.op_count() == 2
+                            && i.op_kind(1) != OpKind::Register
+                            && i.op_kind(1) != OpKind::Memory
+                    }
+                    Mnemonic::Inc | Mnemonic::Dec => true,
+                    Mnemonic::Lea => {
+                        i.memory_base().full_register() == r && i.memory_index() == Register::None
+                    }
+                    _ => false,
+                };
+            w = Some(w.unwrap_or(true) && step);
+        }
+        w
+    };
+    let ha = how(a, &mut info);
+    match b {
+        None => ha == Some(true),
+        Some(b) => {
+            let hb = how(b, &mut info);
+            ha == Some(true) && hb.is_none() || hb == Some(true) && ha.is_none()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::testutil::{asm64, cpu64};
+    use iced_x86::code_asm::*;
+
+    /// The instructions of the block decoded at the start of the code
+    /// `f` assembles: two set-up instructions, then whatever `f` adds.
+    fn first_block(f: impl FnOnce(&mut CodeAssembler)) -> Vec<iced_x86::Mnemonic> {
+        let code = asm64(0x10000, |a| {
+            a.mov(esi, 0x20000).unwrap();
+            a.lea(rdi, qword_ptr(rsi + 0x800)).unwrap();
+            f(a);
+        });
+        let mut cpu = cpu64(16 << 20, &code, 0x10000);
+        let block = cpu.fetch_block().expect("decodes");
+        block.insns.iter().map(|d| d.insn.mnemonic()).collect()
+    }
+
+    /// A loop `body` (with its back edge) after the set-up, then HLT.
+    fn with_loop(body: impl FnOnce(&mut CodeAssembler, &mut CodeLabel)) -> Vec<iced_x86::Mnemonic> {
+        first_block(|a| {
+            let mut top = a.create_label();
+            a.set_label(&mut top).unwrap();
+            body(a, &mut top);
+            a.hlt().unwrap();
+        })
+    }
+
+    /// A block ends before the head of a loop that counts (by a compare
+    /// of a stepped register with one the loop leaves alone, or with a
+    /// constant, or by the step itself), so that the loop gets a block
+    /// of its own.
+    #[test]
+    fn blocks_end_before_the_head_of_a_counted_loop() {
+        use iced_x86::Mnemonic::{Lea, Mov};
+        let by_register = with_loop(|a, top| {
+            a.add(rax, qword_ptr(rsi)).unwrap();
+            a.add(rsi, 8).unwrap();
+            a.cmp(rsi, rdi).unwrap();
+            a.jne(*top).unwrap();
+        });
+        assert_eq!(by_register, [Mov, Lea]);
+        let by_constant = with_loop(|a, top| {
+            a.add(rax, qword_ptr(rsi + rcx)).unwrap();
+            a.lea(rcx, qword_ptr(rcx + 8)).unwrap();
+            a.cmp(rcx, 0x300).unwrap();
+            a.jne(*top).unwrap();
+        });
+        assert_eq!(by_constant, [Mov, Lea]);
+        let by_step = with_loop(|a, top| {
+            a.add(rax, qword_ptr(rsi)).unwrap();
+            a.add(rsi, 8).unwrap();
+            a.dec(ecx).unwrap();
+            a.jnz(*top).unwrap();
+        });
+        assert_eq!(by_step, [Mov, Lea]);
+    }
+
+    /// Loops that stop on the data they read (a sort's scan), or whose
+    /// bound moves, or whose register moves by other than a constant,
+    /// stay in the block: they often run a pass or two.
+    #[test]
+    fn blocks_keep_loops_that_do_not_count() {
+        use iced_x86::Mnemonic::{Add, Cmp, Hlt, Jb, Jne, Lea, Mov};
+        let scan = with_loop(|a, top| {
+            a.mov(edx, dword_ptr(rsi)).unwrap();
+            a.add(rsi, 4).unwrap();
+            a.cmp(edx, ecx).unwrap();
+            a.jb(*top).unwrap();
+        });
+        assert_eq!(scan, [Mov, Lea, Mov, Add, Cmp, Jb, Hlt]);
+        let moving_bound = with_loop(|a, top| {
+            a.add(rsi, 8).unwrap();
+            a.add(rdi, rax).unwrap();
+            a.cmp(rsi, rdi).unwrap();
+            a.jne(*top).unwrap();
+        });
+        assert_eq!(moving_bound, [Mov, Lea, Add, Add, Cmp, Jne, Hlt]);
+        let loaded_step = with_loop(|a, top| {
+            a.add(rsi, qword_ptr(rsi)).unwrap();
+            a.cmp(rsi, 0x300).unwrap();
+            a.jne(*top).unwrap();
+        });
+        assert_eq!(loaded_step, [Mov, Lea, Add, Cmp, Jne, Hlt]);
     }
 }
