@@ -1041,7 +1041,11 @@ pub fn translate(
     // Loops that check their budget in the body keep guest rcx in the
     // keeper from pass to pass (strided ones compare their limits with
     // it in rcx, for the plain copy).
-    tx.head_out = body_check && strided.is_empty() && tx.keeper.is_some() && !tx.rcx_parked();
+    tx.head_out = body_check
+        && strided.is_empty()
+        && tx.keeper.is_some()
+        && !tx.rcx_parked()
+        && tx.rcx_stays_out();
     if tx.head_out {
         tx.save_rcx(SP_RCX)?;
     }
@@ -2863,19 +2867,7 @@ impl Tx<'_> {
             self.native += 1;
             return Ok(false);
         }
-        if matches!(
-            i.mnemonic(),
-            Mnemonic::Nop
-                | Mnemonic::Endbr64
-                | Mnemonic::Pause
-                | Mnemonic::Prefetcht0
-                | Mnemonic::Prefetcht1
-                | Mnemonic::Prefetcht2
-                | Mnemonic::Prefetchnta
-                | Mnemonic::Prefetchw
-        ) {
-            // Multi-byte NOPs have a memory operand that is never accessed;
-            // prefetches are hints that never fault.
+        if hint_only(i) {
             self.native += 1;
             return Ok(false);
         }
@@ -2909,12 +2901,32 @@ impl Tx<'_> {
     /// to restores rcx first (`sync_rcx`).
     fn lazy_rcx_ok(&mut self, i: &Instruction) -> bool {
         self.rcx_ren = false;
+        if !self.rcx_out {
+            return false;
+        }
+        match self.rcx_form(i) {
+            Some(ren) => {
+                self.rcx_ren = ren;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Can `i` run with guest rcx in the keeper (see [`Tx::lazy_rcx_ok`])?
+    /// Some(true) when its host form names the keeper instead of rcx
+    /// ([`Tx::host_form`]), Some(false) when it does not name rcx (but
+    /// perhaps in its address), None when it needs guest rcx in rcx.
+    fn rcx_form(&mut self, i: &Instruction) -> Option<bool> {
+        if hint_only(i) {
+            // Translated to nothing.
+            return Some(false);
+        }
         let lea = i.mnemonic() == Mnemonic::Lea;
-        if !(self.rcx_out
-            && (native_ok(i, self.sse, self.fp) || lea)
+        if !((native_ok(i, self.sse, self.fp) || lea)
             && (is64addr(i) || (0..i.op_count()).all(|n| i.op_kind(n) != OpKind::Memory)))
         {
-            return false;
+            return None;
         }
         let mut ni = *i;
         // (LEA computes its address from the keeper too: see `host_form`.)
@@ -2926,8 +2938,7 @@ impl Tx<'_> {
         }
         if !self.used_full_regs(&ni).contains(&Register::RCX) {
             // Nothing to rename but a LEA's address.
-            self.rcx_ren = lea;
-            return true;
+            return Some(lea);
         }
         // Explicit operands naming rcx name the keeper instead, in the
         // forms that go through `native_insn` or `lea` (PUSH and POP have
@@ -2938,9 +2949,7 @@ impl Tx<'_> {
                 i.mnemonic(),
                 Mnemonic::Bt | Mnemonic::Bts | Mnemonic::Btr | Mnemonic::Btc
             );
-        let Some(k) = self.keeper.filter(|_| plain) else {
-            return false;
-        };
+        let k = self.keeper.filter(|_| plain)?;
         for n in 0..ni.op_count() {
             if ni.op_kind(n) != OpKind::Register {
                 continue;
@@ -2951,28 +2960,49 @@ impl Tx<'_> {
             }
             // No host form for CH; CL as a shift count is fixed.
             if r == Register::CH || r == Register::CL && shifts_by_cl(i) {
-                return false;
+                return None;
             }
             ni.set_op_register(n, sized(k, r.size()));
         }
         if self.used_full_regs(&ni).contains(&Register::RCX) || !encodable(&ni) {
-            return false;
+            return None;
         }
-        self.rcx_ren = true;
-        true
+        Some(true)
+    }
+
+    /// Does every instruction of the block run with guest rcx in the
+    /// keeper: instructions [`Tx::rcx_form`] allows, NOPs, branches that
+    /// keep it there ([`Tx::branch_keeps_rcx`], and the back edge)? A
+    /// loop whose head expects it there ([`Tx::head_out`]) would
+    /// otherwise put it back and set it aside again every pass.
+    fn rcx_stays_out(&mut self) -> bool {
+        let block = self.block;
+        block.insns.iter().enumerate().all(|(k, d)| {
+            let i = &d.insn;
+            match i.flow_control() {
+                FlowControl::ConditionalBranch => crate::exec::side_exit(i),
+                FlowControl::UnconditionalBranch => passes_through(block, k),
+                _ => self.rcx_form(i).is_some(),
+            }
+        })
     }
 
     /// May branch `i` be taken with guest rcx still in the keeper? Side
     /// exits (their out-of-line exits put it back), and the back edge of
     /// a loop whose head expects it there ([`Tx::head_out`]).
     fn branch_keeps_rcx(&self, i: &Instruction) -> bool {
+        let followed = i.flow_control() == FlowControl::UnconditionalBranch;
         if !(self.rcx_out
-            && i.flow_control() == FlowControl::ConditionalBranch
-            && crate::exec::side_exit(i))
+            && (i.flow_control() == FlowControl::ConditionalBranch && crate::exec::side_exit(i)
+                || followed))
         {
             return false;
         }
         let start = self.block.insns[0].insn.ip();
+        if i.flow_control() == FlowControl::UnconditionalBranch {
+            // Followed by the decoder: nothing emitted.
+            return passes_through(self.block, self.cur_k);
+        }
         self.cur_k + 1 < self.block.insns.len()
             || self.head_out
                 && self.l_count.is_some()
@@ -5074,6 +5104,22 @@ fn save_flags_only(a: &mut CodeAssembler) -> R<()> {
     a.lahf()?;
     a.seto(al)?;
     Ok(())
+}
+
+/// NOPs and hints, translated to nothing: multi-byte NOPs have a memory
+/// operand that is never accessed; prefetches are hints that never fault.
+fn hint_only(i: &Instruction) -> bool {
+    matches!(
+        i.mnemonic(),
+        Mnemonic::Nop
+            | Mnemonic::Endbr64
+            | Mnemonic::Pause
+            | Mnemonic::Prefetcht0
+            | Mnemonic::Prefetcht1
+            | Mnemonic::Prefetcht2
+            | Mnemonic::Prefetchnta
+            | Mnemonic::Prefetchw
+    )
 }
 
 /// Shifts and rotates, whose CL count operand is fixed.
