@@ -1076,7 +1076,6 @@ pub fn translate(
             tx.sync_rcx()?;
         }
         if add_at == Some(k) {
-            tx.body_rcx_out = tx.rcx_out;
             // Where the flags are dead: will the next pass still be in the
             // pages the strided groups were checked for? If not, this one
             // ends in the plain copy, whose back edge checks them again.
@@ -1096,6 +1095,8 @@ pub fn translate(
             tx.group_check(g, plain[k], add_at != Some(k))?;
         }
         if add_at == Some(k) {
+            // (Where guest rcx is when the body check leaves.)
+            tx.body_rcx_out = tx.rcx_out;
             tx.count_add(n)?;
         }
         tx.member = groups.iter().find_map(|g| {
