@@ -1056,10 +1056,8 @@ pub fn translate(
     count_event(a, tx.events, EV_BLOCK)?;
     tx.rcx_out = tx.head_out;
     tx.l_count = Some(l_loop);
-    if let Some(k) = add_at.filter(|&k| has_back_edge(block, k)) {
-        if !tx.parked.is_empty() {
-            tx.body_check = Some((k, a.create_label()));
-        }
+    if let Some(k) = add_at.filter(|_| body_check) {
+        tx.body_check = Some((k, a.create_label()));
     }
     if add_at.is_none() {
         tx.count_fix(n as i32)?;
@@ -2929,46 +2927,31 @@ impl Tx<'_> {
         {
             return None;
         }
+        // An access's address may name rcx: its lookup takes it from the
+        // keeper (`ea_fast`). A LEA's is renamed with its operands.
         let mut ni = *i;
-        // (LEA computes its address from the keeper too: see `host_form`.)
-        if ni.memory_base() == Register::RCX {
-            ni.set_memory_base(if lea { Register::R8 } else { Register::RAX });
-        }
-        if ni.memory_index() == Register::RCX {
-            ni.set_memory_index(if lea { Register::R8 } else { Register::RAX });
+        if !lea {
+            if ni.memory_base() == Register::RCX {
+                ni.set_memory_base(Register::RAX);
+            }
+            if ni.memory_index() == Register::RCX {
+                ni.set_memory_index(Register::RAX);
+            }
         }
         if !self.used_full_regs(&ni).contains(&Register::RCX) {
-            // Nothing to rename but a LEA's address.
-            return Some(lea);
+            return Some(false);
         }
-        // Explicit operands naming rcx name the keeper instead, in the
-        // forms that go through `native_insn` or `lea` (PUSH and POP have
-        // their own paths; BT with a memory operand reads its bit offset).
+        // Instructions naming rcx name the keeper instead, in the forms
+        // that go through `native_insn` or `lea` (PUSH and POP have their
+        // own paths; BT with a memory operand reads its bit offset).
         let plain = i.flow_control() == FlowControl::Next
             && !matches!(i.code(), Code::Push_r64 | Code::Pop_r64 | Code::Push_rm64)
             && !matches!(
                 i.mnemonic(),
                 Mnemonic::Bt | Mnemonic::Bts | Mnemonic::Btr | Mnemonic::Btc
             );
-        let k = self.keeper.filter(|_| plain)?;
-        for n in 0..ni.op_count() {
-            if ni.op_kind(n) != OpKind::Register {
-                continue;
-            }
-            let r = ni.op_register(n);
-            if r.full_register() != Register::RCX {
-                continue;
-            }
-            // No host form for CH; CL as a shift count is fixed.
-            if r == Register::CH || r == Register::CL && shifts_by_cl(i) {
-                return None;
-            }
-            ni.set_op_register(n, sized(k, r.size()));
-        }
-        if self.used_full_regs(&ni).contains(&Register::RCX) || !encodable(&ni) {
-            return None;
-        }
-        Some(true)
+        let ni = rcx_renamed(&ni, self.keeper.filter(|_| plain)?)?;
+        (!self.used_full_regs(&ni).contains(&Register::RCX) && encodable(&ni)).then_some(true)
     }
 
     /// Does every instruction of the block run with guest rcx in the
@@ -2992,50 +2975,24 @@ impl Tx<'_> {
     /// exits (their out-of-line exits put it back), and the back edge of
     /// a loop whose head expects it there ([`Tx::head_out`]).
     fn branch_keeps_rcx(&self, i: &Instruction) -> bool {
-        let followed = i.flow_control() == FlowControl::UnconditionalBranch;
-        if !(self.rcx_out
-            && (i.flow_control() == FlowControl::ConditionalBranch && crate::exec::side_exit(i)
-                || followed))
-        {
-            return false;
-        }
-        let start = self.block.insns[0].insn.ip();
-        if i.flow_control() == FlowControl::UnconditionalBranch {
-            // Followed by the decoder: nothing emitted.
-            return passes_through(self.block, self.cur_k);
-        }
-        self.cur_k + 1 < self.block.insns.len()
-            || self.head_out
+        // A side exit, or a JMP the decoder followed (nothing emitted).
+        let back_edge = || {
+            self.head_out
                 && self.l_count.is_some()
                 && self.checked().is_some()
-                && i.near_branch_target() == start
+                && i.flow_control() == FlowControl::ConditionalBranch
+                && crate::exec::side_exit(i)
+                && i.near_branch_target() == self.block.insns[0].insn.ip()
+        };
+        self.rcx_out && (passes_through(self.block, self.cur_k) || back_edge())
     }
 
     /// The instruction to emit for guest instruction `i`: with
     /// [`Tx::rcx_ren`], its explicit rcx operands (and a LEA's rcx
     /// address registers) renamed to the keeper, which holds guest rcx.
     fn host_form(&self, i: &Instruction) -> Instruction {
-        let mut ni = *i;
-        let Some(k) = self.keeper.filter(|_| self.rcx_ren && self.rcx_out) else {
-            return ni;
-        };
-        for n in 0..ni.op_count() {
-            if ni.op_kind(n) == OpKind::Register {
-                let r = ni.op_register(n);
-                if r.full_register() == Register::RCX {
-                    ni.set_op_register(n, sized(k, r.size()));
-                }
-            }
-        }
-        if ni.mnemonic() == Mnemonic::Lea {
-            let addr = |r: Register| match r.full_register() == Register::RCX {
-                true => sized(k, r.size()),
-                false => r,
-            };
-            ni.set_memory_base(addr(ni.memory_base()));
-            ni.set_memory_index(addr(ni.memory_index()));
-        }
-        ni
+        let k = self.keeper.filter(|_| self.rcx_ren && self.rcx_out);
+        k.and_then(|k| rcx_renamed(i, k)).unwrap_or(*i)
     }
 
     fn call_helper(&mut self, dn: *const DInsn) -> R<()> {
@@ -5121,6 +5078,31 @@ fn hint_only(i: &Instruction) -> bool {
             | Mnemonic::Prefetchnta
             | Mnemonic::Prefetchw
     )
+}
+
+/// `i` with the keeper `k` for every rcx among its register operands (and
+/// in a LEA's address), where it has such a form: not CH, not CL as a
+/// shift count.
+fn rcx_renamed(i: &Instruction, k: Register) -> Option<Instruction> {
+    let mut ni = *i;
+    let to_k = |r: Register| match r.full_register() == Register::RCX {
+        true => sized(k, r.size()),
+        false => r,
+    };
+    for n in 0..ni.op_count() {
+        if ni.op_kind(n) == OpKind::Register {
+            let r = ni.op_register(n);
+            if r == Register::CH || r == Register::CL && shifts_by_cl(i) {
+                return None;
+            }
+            ni.set_op_register(n, to_k(r));
+        }
+    }
+    if ni.mnemonic() == Mnemonic::Lea {
+        ni.set_memory_base(to_k(ni.memory_base()));
+        ni.set_memory_index(to_k(ni.memory_index()));
+    }
+    Some(ni)
 }
 
 /// Shifts and rotates, whose CL count operand is fixed.
