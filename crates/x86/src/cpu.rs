@@ -833,16 +833,7 @@ fn counted_loop(body: &[DInsn]) -> bool {
     };
     let c = &c.insn;
     let reg = |n: u32| (c.op_kind(n) == OpKind::Register).then(|| c.op_register(n).full_register());
-    let imm = |n: u32| {
-        matches!(
-            c.op_kind(n),
-            OpKind::Immediate8to64
-                | OpKind::Immediate32to64
-                | OpKind::Immediate8to32
-                | OpKind::Immediate32
-                | OpKind::Immediate8
-        )
-    };
+    let imm = |n: u32| exec::is_immediate(c.op_kind(n));
     let (a, b) = match c.mnemonic() {
         Mnemonic::Cmp if imm(1) => (reg(0), None),
         // The step itself sets the flags (DEC and JNZ).
@@ -879,11 +870,7 @@ fn counted_loop(body: &[DInsn]) -> bool {
                 && i.op0_register().full_register() == r;
             let step = own
                 && match i.mnemonic() {
-                    Mnemonic::Add | Mnemonic::Sub => {
-                        i.op_count() == 2
-                            && i.op_kind(1) != OpKind::Register
-                            && i.op_kind(1) != OpKind::Memory
-                    }
+                    Mnemonic::Add | Mnemonic::Sub => exec::is_immediate(i.op1_kind()),
                     Mnemonic::Inc | Mnemonic::Dec => true,
                     Mnemonic::Lea => {
                         i.memory_base().full_register() == r && i.memory_index() == Register::None

@@ -104,6 +104,21 @@ pub fn side_exit(i: &Instruction) -> bool {
         )
 }
 
+/// An immediate operand, of any width.
+pub fn is_immediate(k: OpKind) -> bool {
+    matches!(
+        k,
+        OpKind::Immediate8
+            | OpKind::Immediate16
+            | OpKind::Immediate32
+            | OpKind::Immediate64
+            | OpKind::Immediate8to16
+            | OpKind::Immediate8to32
+            | OpKind::Immediate8to64
+            | OpKind::Immediate32to64
+    )
+}
+
 /// The general registers an instruction names explicitly (operands and
 /// address registers), as a mask of their numbers.
 pub fn named_gprs(i: &Instruction) -> u16 {

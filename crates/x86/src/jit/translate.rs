@@ -1573,7 +1573,7 @@ fn group_access(
                     return None;
                 }
             }
-            k if is_immediate(k) => {}
+            k if crate::exec::is_immediate(k) => {}
             _ => return None,
         }
     }
@@ -1617,20 +1617,6 @@ fn group_access(
         write,
         align16: size == 16 && !unaligned16,
     })
-}
-
-fn is_immediate(k: OpKind) -> bool {
-    matches!(
-        k,
-        OpKind::Immediate8
-            | OpKind::Immediate16
-            | OpKind::Immediate32
-            | OpKind::Immediate64
-            | OpKind::Immediate8to16
-            | OpKind::Immediate8to32
-            | OpKind::Immediate8to64
-            | OpKind::Immediate32to64
-    )
 }
 
 /// A stack access that a stack group may cover (see [`stack_access`]).
@@ -4670,7 +4656,7 @@ impl Tx<'_> {
                     }
                 }
                 OpKind::Memory => mem = Some(n),
-                k if is_immediate(k) => {}
+                k if crate::exec::is_immediate(k) => {}
                 _ => return Ok(false),
             }
         }
