@@ -139,11 +139,8 @@ fn start(disk: &str, extra: &[&str]) -> Vm {
             .args(["--memory", "1G"])
             .args(["--disk", disk])
             .args(["--cmdline", &cmdline])
-            .args(extra);
-        // e.g. MATRYOSHKA_TEST_ARGS="--cpu-engine interp"
-        if let Ok(more) = std::env::var("MATRYOSHKA_TEST_ARGS") {
-            c.args(more.split_whitespace());
-        }
+            .args(extra)
+            .args(common::test_args());
         c
     };
     Vm::spawn(&mut cmd).with_begin_marker("BEGIN\r\n")

@@ -28,14 +28,11 @@ fn start(net: &str) -> Vm {
     let out_dir = ensure_guest();
     let base = std::fs::read_to_string(out_dir.join("cmdline")).unwrap();
     let cmdline = format!("{} matryoshka.modules=virtio_pci,virtio_net", base.trim());
-    Vm::spawn(Command::new(env!("CARGO_BIN_EXE_matryoshka")).args([
-        "run",
-        "--no-reboot",
-        "--net",
-        net,
-        "--cmdline",
-        &cmdline,
-    ]))
+    Vm::spawn(
+        Command::new(env!("CARGO_BIN_EXE_matryoshka"))
+            .args(["run", "--no-reboot", "--net", net, "--cmdline", &cmdline])
+            .args(common::test_args()),
+    )
 }
 
 /// The default guest's shell and poweroff.

@@ -51,12 +51,7 @@ fn run_until(args: &[String], marker: &str, timeout: Duration) -> String {
         .arg("run")
         .arg("--no-reboot")
         .args(args)
-        // e.g. MATRYOSHKA_TEST_ARGS="--cpu-engine interp"
-        .args(
-            std::env::var("MATRYOSHKA_TEST_ARGS")
-                .unwrap_or_default()
-                .split_whitespace(),
-        )
+        .args(common::test_args())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -13,6 +13,17 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// Extra `run` arguments for every VM a test boots, from
+/// MATRYOSHKA_TEST_ARGS (e.g. "--cpu-engine interp": `.ci/run` runs the
+/// guest tests once more that way, so that both engines pass them).
+pub fn test_args() -> Vec<String> {
+    std::env::var("MATRYOSHKA_TEST_ARGS")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(String::from)
+        .collect()
+}
+
 /// guest/out with the default guest, built by guest/build.sh if missing.
 pub fn ensure_guest() -> PathBuf {
     let out = root().join("guest/out");
