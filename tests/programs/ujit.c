@@ -35,6 +35,19 @@ static void fail(const char *part, int round, uint32_t got, uint32_t want)
     exit(1);
 }
 
+static uint8_t *map(int prot, int flags, int fd, const char *what)
+{
+    void *p = mmap(NULL, 4096, prot, flags, fd, 0);
+    if (p == MAP_FAILED) {
+        printf("UJIT-FAIL mmap %s\n", what);
+        exit(1);
+    }
+    return p;
+}
+
+#define RWX (PROT_READ | PROT_WRITE | PROT_EXEC)
+#define ANON (MAP_PRIVATE | MAP_ANONYMOUS)
+
 /* mov eax, imm32; add eax, edi; ret */
 static size_t emit_add_imm(uint8_t *p, uint32_t imm)
 {
@@ -59,12 +72,7 @@ static void check(const char *part, int round, fn_t f, uint32_t imm)
 
 static void part_rwx(void)
 {
-    uint8_t *page = mmap(NULL, 4096, PROT_READ | PROT_WRITE | PROT_EXEC,
-                         MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (page == MAP_FAILED) {
-        perror("UJIT-FAIL mmap rwx");
-        exit(1);
-    }
+    uint8_t *page = map(RWX, ANON, -1, "rwx");
     for (int r = 0; r < ROUNDS; r++) {
         uint32_t imm = 0x1000u * (uint32_t)r + 7;
         emit_add_imm(page, imm);
@@ -77,15 +85,11 @@ static void part_alias(void)
 {
     int fd = memfd_create("ujit", 0);
     if (fd < 0 || ftruncate(fd, 4096) != 0) {
-        perror("UJIT-FAIL memfd");
+        printf("UJIT-FAIL memfd\n");
         exit(1);
     }
-    uint8_t *rw = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    uint8_t *rx = mmap(NULL, 4096, PROT_READ | PROT_EXEC, MAP_SHARED, fd, 0);
-    if (rw == MAP_FAILED || rx == MAP_FAILED) {
-        perror("UJIT-FAIL mmap alias");
-        exit(1);
-    }
+    uint8_t *rw = map(PROT_READ | PROT_WRITE, MAP_SHARED, fd, "alias rw");
+    uint8_t *rx = map(PROT_READ | PROT_EXEC, MAP_SHARED, fd, "alias rx");
     for (int r = 0; r < ROUNDS; r++) {
         uint32_t imm = 0xa0000u + 0x111u * (uint32_t)r;
         emit_add_imm(rw + 64, imm);
@@ -98,12 +102,7 @@ static void part_alias(void)
 
 static void part_self(void)
 {
-    uint8_t *page = mmap(NULL, 4096, PROT_READ | PROT_WRITE | PROT_EXEC,
-                         MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (page == MAP_FAILED) {
-        perror("UJIT-FAIL mmap self");
-        exit(1);
-    }
+    uint8_t *page = map(RWX, ANON, -1, "self");
     /* mov [rip+1], edi   (89 3D 01 00 00 00: the next instruction's imm32)
      * mov eax, 0         (B8 00 00 00 00)
      * ret                (C3)                                            */
@@ -125,11 +124,7 @@ static void part_self(void)
 
 static void part_wx(void)
 {
-    uint8_t *page = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (page == MAP_FAILED) {
-        perror("UJIT-FAIL mmap wx");
-        exit(1);
-    }
+    uint8_t *page = map(PROT_READ | PROT_WRITE, ANON, -1, "wx");
     for (int r = 0; r < ROUNDS; r++) {
         uint32_t imm = 0x300000u + 3u * (uint32_t)r;
         if (mprotect(page, 4096, PROT_READ | PROT_WRITE) != 0)
@@ -144,12 +139,7 @@ static void part_wx(void)
 
 static void part_grow(void)
 {
-    uint8_t *page = mmap(NULL, 4096, PROT_READ | PROT_WRITE | PROT_EXEC,
-                         MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (page == MAP_FAILED) {
-        perror("UJIT-FAIL mmap grow");
-        exit(1);
-    }
+    uint8_t *page = map(RWX, ANON, -1, "grow");
     enum { N = 64 };
     fn_t fns[N];
     for (int k = 0; k < N; k++) {
