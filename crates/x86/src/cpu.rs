@@ -821,7 +821,7 @@ impl Cpu {
 /// an immediate, LEA of itself plus a displacement) with a constant or
 /// with a register the body leaves alone, or such a step itself?
 fn counted_loop(body: &[DInsn]) -> bool {
-    use iced_x86::{InstructionInfoFactory, Mnemonic, OpAccess, OpKind, Register};
+    use iced_x86::{InstructionInfoFactory, Mnemonic, OpKind, Register};
     let Some((c, before)) = body.split_last() else {
         return false;
     };
@@ -855,13 +855,11 @@ fn counted_loop(body: &[DInsn]) -> bool {
         let mut w = None;
         for d in rest {
             let i = &d.insn;
-            let writes = info.info(i).used_registers().iter().any(|u| {
-                u.register().full_register() == r
-                    && !matches!(
-                        u.access(),
-                        OpAccess::Read | OpAccess::CondRead | OpAccess::NoMemAccess
-                    )
-            });
+            let writes = info
+                .info(i)
+                .used_registers()
+                .iter()
+                .any(|u| u.register().full_register() == r && exec::is_write(u.access()));
             if !writes {
                 continue;
             }

@@ -104,6 +104,15 @@ pub fn side_exit(i: &Instruction) -> bool {
         )
 }
 
+/// An access that may write (a register or memory operand).
+pub fn is_write(a: iced_x86::OpAccess) -> bool {
+    use iced_x86::OpAccess;
+    matches!(
+        a,
+        OpAccess::Write | OpAccess::CondWrite | OpAccess::ReadWrite | OpAccess::ReadCondWrite
+    )
+}
+
 /// An immediate operand, of any width.
 pub fn is_immediate(k: OpKind) -> bool {
     matches!(

@@ -1604,10 +1604,7 @@ fn group_access(
     if info.used_memory().len() != 1 {
         return None;
     }
-    let write = matches!(
-        info.used_memory()[0].access(),
-        OpAccess::Write | OpAccess::ReadWrite | OpAccess::CondWrite | OpAccess::ReadCondWrite
-    );
+    let write = crate::exec::is_write(info.used_memory()[0].access());
     Some(GroupAccess {
         base,
         index,
@@ -1890,15 +1887,7 @@ fn plan_groups(
             .info(i)
             .used_registers()
             .iter()
-            .filter(|u| {
-                matches!(
-                    u.access(),
-                    OpAccess::Write
-                        | OpAccess::CondWrite
-                        | OpAccess::ReadWrite
-                        | OpAccess::ReadCondWrite
-                )
-            })
+            .filter(|u| crate::exec::is_write(u.access()))
             .map(|u| u.register().full_register())
             .collect();
         let ga = group_access(i, info, sse, fp);
@@ -4690,10 +4679,7 @@ impl Tx<'_> {
             return Ok(false);
         }
         let access = info.used_memory()[0].access();
-        let write = matches!(
-            access,
-            OpAccess::Write | OpAccess::ReadWrite | OpAccess::CondWrite | OpAccess::ReadCondWrite
-        );
+        let write = crate::exec::is_write(access);
         let _ = n;
         if self.native_mem_fast(dn, size, write, self.align16)? {
             self.align16 = false;
