@@ -370,14 +370,14 @@ def main():
     drift = {}
     if second is not None:
         first = results["native"]
-        first["problems"] = first.get("problems", []) + second.get("problems", [])
+        first["problems"] += second.get("problems", [])
         if second["status"] == "failed":
             first["status"] = "failed"
         for n, w in first.get("workloads", {}).items():
             w2 = second.get("workloads", {}).get(n)
             if not w2:
                 continue
-            a, b = stat(w["seconds"], args.stat), stat(w2["seconds"], args.stat)
+            a, b = w["time_s"], w2["time_s"]
             if a and b:
                 drift[n] = b / a - 1
             w["seconds"] = w["seconds"] + w2["seconds"]
