@@ -110,10 +110,7 @@ fn boots_default_guest_to_shell(engine: &str) {
     // the block to the interpreter: correct, but a translator bug).
     if engine == "jit" {
         let text = vm.text();
-        let stats = text
-            .lines()
-            .find(|l| l.contains("[matryoshka] jit:"))
-            .unwrap_or_else(|| panic!("no jit statistics; console:\n{text}"));
+        let stats = common::stats_line(&text, "jit:");
         assert!(stats.contains("(0 failed,"), "{stats}");
     }
 }

@@ -113,14 +113,8 @@ fn user_space_jit_in_the_guest_runs_its_rewritten_code() {
                 .unwrap_or_else(|| panic!("no {what:?}: {line}"))];
             head.split_whitespace().last().unwrap().parse().unwrap()
         };
-        let cpu = text
-            .lines()
-            .find(|l| l.contains("[matryoshka]") && l.contains("invalidations"))
-            .unwrap_or_else(|| panic!("no CPU statistics:\n{text}"));
-        let jit = text
-            .lines()
-            .find(|l| l.contains("[matryoshka] jit:"))
-            .unwrap_or_else(|| panic!("no jit statistics:\n{text}"));
+        let cpu = common::stats_line(&text, " invalidations");
+        let jit = common::stats_line(&text, "jit:");
         assert!(number_before(cpu, " invalidations") > 0, "{cpu}");
         assert!(number_before(jit, " translations") > 0, "{jit}");
     }

@@ -24,6 +24,14 @@ pub fn test_args() -> Vec<String> {
         .collect()
 }
 
+/// The VMM's `--stats` line (a `[matryoshka]` line) that contains `what`,
+/// e.g. "jit:" for the translator's; panics with the console otherwise.
+pub fn stats_line<'a>(text: &'a str, what: &str) -> &'a str {
+    text.lines()
+        .find(|l| l.contains("[matryoshka]") && l.contains(what))
+        .unwrap_or_else(|| panic!("no statistics with {what:?}; console:\n{text}"))
+}
+
 /// guest/out with the default guest, built by guest/build.sh if missing.
 pub fn ensure_guest() -> PathBuf {
     let out = root().join("guest/out");
