@@ -59,6 +59,14 @@ fn boots_default_guest_to_shell(engine: &str) {
     let pci = vm.sh("ls /sys/bus/pci/devices", Duration::from_secs(30));
     assert!(pci.contains("0000:00:00.0"), "PCI devices: {pci:?}");
 
+    // The i8042's keyboard answers atkbd's probe (each byte of a reply
+    // its own interrupt).
+    let input = vm.sh("cat /proc/bus/input/devices", Duration::from_secs(30));
+    assert!(
+        input.contains("AT Translated Set 2 keyboard"),
+        "input devices: {input:?}"
+    );
+
     // `sleep 2` against the host clock.
     vm.send("echo S''TART; sleep 2; echo S''TOP");
     vm.wait_for("START", Duration::from_secs(30));

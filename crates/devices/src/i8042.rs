@@ -7,7 +7,8 @@
 //!
 //! Map the `I8042` at 0x60 (len 1) and a [`PioAlias`](crate::bus::PioAlias)
 //! at 0x64 (len 1) with extra offset [`I8042_CMD_ALIAS_OFFSET`]. IRQ lines
-//! are level: asserted while a byte for that port waits in the buffer.
+//! are level: asserted while a byte for that port waits in the buffer, and
+//! dropped for a moment by a read that leaves more (a new edge per byte).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -120,6 +121,15 @@ impl I8042 {
     fn read_data(&mut self) -> u8 {
         if let Some(b) = self.out.pop_front() {
             self.last = b.data;
+            if !self.out.is_empty() {
+                // The 8042 holds one byte: the next one is loaded after
+                // this read and interrupts anew. Without the new edge an
+                // edge-triggered pin (the ISA default) never reports the
+                // bytes queued behind the first (atkbd's GETID reply then
+                // timed out, and the keyboard probe took 0.7 s).
+                self.irq1.set_level(false);
+                self.irq12.set_level(false);
+            }
         }
         self.update_irq();
         self.last
@@ -304,5 +314,23 @@ mod tests {
         let mut junk = [0u8; 4];
         k.pio_read(1, &mut junk);
         k.pio_write(2, &junk);
+    }
+
+    /// Each byte of a multi-byte reply interrupts on its own: Linux's
+    /// i8042 driver reads one byte per interrupt, and the IOAPIC and PIC
+    /// pins of ISA IRQs are edge-triggered.
+    #[test]
+    fn every_queued_byte_is_a_new_edge() {
+        let (_, h) = recorder();
+        let irq1 = Arc::new(RecordingIrq::default());
+        let mut k = I8042::new(irq1.clone(), Arc::new(NullIrq), h);
+        k.pio_write(0, &[0xf2]); // GETID: ACK, 0xab, id
+        assert_eq!(irq1.take_edges(), 1);
+        for (n, want) in [0xfa, 0xab, 0x41].into_iter().enumerate() {
+            assert_eq!(rd(&mut k, 0), want);
+            let more = n < 2;
+            assert_eq!(irq1.take_edges(), more as u32, "after byte {n}");
+            assert_eq!(irq1.level(), more);
+        }
     }
 }
