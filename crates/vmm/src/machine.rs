@@ -333,11 +333,11 @@ fn run_once(
             .context("spawning the timer thread")?
     };
     let started = Instant::now();
-    let outcome = vcpu_loop(&mut cpu, &plat, &lapics[0], &clock, &event, waker, input);
+    let (outcome, halted) = vcpu_loop(&mut cpu, &plat, &lapics[0], &clock, &event, waker, input);
     ticker_stop.store(true, Ordering::Relaxed);
     let _ = ticker.join();
     if cfg.stats {
-        print_stats(&cpu, started.elapsed());
+        print_stats(&cpu, started.elapsed(), halted);
     }
     drop(mem);
     Ok(outcome)
@@ -351,7 +351,9 @@ fn vcpu_loop(
     event: &AtomicU8,
     waker: &Waker,
     input: &console::ConsoleInput,
-) -> Outcome {
+) -> (Outcome, Duration) {
+    // Time spent waiting for an interrupt (`--stats`).
+    let mut halted = Duration::ZERO;
     // Upper bound on instructions per slice; the ticker usually ends it first.
     const SLICE: u64 = 2_000_000;
     loop {
@@ -365,11 +367,11 @@ fn vcpu_loop(
             }
         }
         if input.quit.load(Ordering::SeqCst) {
-            return Outcome::Quit;
+            return (Outcome::Quit, halted);
         }
         match event.swap(EV_NONE, Ordering::SeqCst) {
-            EV_POWEROFF => return Outcome::Poweroff,
-            EV_RESET => return Outcome::Reset,
+            EV_POWEROFF => return (Outcome::Poweroff, halted),
+            EV_RESET => return (Outcome::Reset, halted),
             _ => {}
         }
         // Timers.
@@ -399,12 +401,14 @@ fn vcpu_loop(
                 if cpu.bus.irq_pending() && cpu.s.rflags & x86::state::flags::IF != 0 {
                     continue;
                 }
+                let t0 = Instant::now();
                 waker.wait(wait);
+                halted += t0.elapsed();
             }
             Exit::Shutdown(why) => {
                 eprintln!("\n[matryoshka] {why}");
                 eprintln!("{}", dump_state(cpu));
-                return Outcome::Crashed(why);
+                return (Outcome::Crashed(why), halted);
             }
         }
     }
@@ -441,12 +445,13 @@ pub fn dump_state(cpu: &Cpu) -> String {
     out
 }
 
-fn print_stats(cpu: &Cpu, elapsed: Duration) {
+fn print_stats(cpu: &Cpu, elapsed: Duration, halted: Duration) {
     let st = &cpu.stats;
     let secs = elapsed.as_secs_f64().max(1e-9);
     eprintln!(
-        "\r\n[matryoshka] {:.2}s, {} instructions ({:.1} M/s; {} interpreted), {} blocks decoded, {} invalidations, {} exceptions, {} interrupts, {} unimplemented\r",
+        "\r\n[matryoshka] {:.2}s ({:.2}s halted), {} instructions ({:.1} M/s; {} interpreted), {} blocks decoded, {} invalidations, {} exceptions, {} interrupts, {} unimplemented\r",
         secs,
+        halted.as_secs_f64(),
         st.instructions,
         st.instructions as f64 / secs / 1e6,
         st.instructions - st.translated,
