@@ -108,7 +108,7 @@ fn boots_default_guest_to_shell(engine: &str) {
 
     // The kernel log must be free of warnings caused by the platform.
     let bad = vm.sh(
-        "dmesg | grep -E 'WARNING|BUG|Call Trace|timed out|Oops' ; true",
+        "dmesg | grep -E 'WARNING|BUG|Call Trace|timed out|Oops|Unable to init' ; true",
         Duration::from_secs(30),
     );
     assert!(

@@ -27,11 +27,17 @@ pub mod edx1 {
     pub const TSC: u32 = 1 << 4;
     pub const MSR: u32 = 1 << 5;
     pub const PAE: u32 = 1 << 6;
+    /// Machine-check exception and architecture, with no banks
+    /// (IA32_MCG_CAP reads 0): Linux then sets up machine checks
+    /// quietly instead of logging "Unable to init MCE device" at every
+    /// boot.
+    pub const MCE: u32 = 1 << 7;
     pub const CX8: u32 = 1 << 8;
     pub const APIC: u32 = 1 << 9;
     pub const SEP: u32 = 1 << 11;
     pub const MTRR: u32 = 1 << 12;
     pub const PGE: u32 = 1 << 13;
+    pub const MCA: u32 = 1 << 14;
     pub const CMOV: u32 = 1 << 15;
     pub const PAT: u32 = 1 << 16;
     pub const PSE36: u32 = 1 << 17;
@@ -55,11 +61,13 @@ pub const FEATURES_EDX1: u32 = edx1::FPU
     | edx1::TSC
     | edx1::MSR
     | edx1::PAE
+    | edx1::MCE
     | edx1::CX8
     | edx1::APIC
     | edx1::SEP
     | edx1::MTRR
     | edx1::PGE
+    | edx1::MCA
     | edx1::CMOV
     | edx1::PAT
     | edx1::PSE36
