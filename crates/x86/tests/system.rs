@@ -2982,7 +2982,8 @@ fn body_checks_leave_with_the_guest_flags() {
         // KICK_INTERVAL) runs out, here at the body check: every exit while
         // the loop runs comes from there (the first, interpreted, pass and
         // the HLT may see a kick too), except where a kick landed outside
-        // translated code (`tails`: 3 of 37 full-suite runs here saw one):
+        // translated code (`tails`; before they were counted, 3 of 37
+        // full-suite runs here failed on one):
         // - at the loop's head, while the dispatcher interpreted the rest
         //   of the pass from the previous exit (a block not yet hot), with
         //   no translated pass in between;
