@@ -360,19 +360,28 @@ impl State {
             off += it.final_len();
         }
 
-        // Copy out and patch.
+        // Copy out (the long forms between two short ones in one piece),
+        // then patch.
         let scratch = self.enc.take_buffer();
         let mut code = Vec::with_capacity(off as usize);
+        let mut run = 0;
+        for it in self.items.iter().filter(|it| it.short) {
+            let s = it.start as usize;
+            code.extend_from_slice(&scratch[run..s + it.pfx as usize]);
+            code.push(it.short_op);
+            code.push(0);
+            run = s + it.len as usize;
+        }
+        code.extend_from_slice(&scratch[run..]);
+        debug_assert_eq!(code.len(), off as usize);
         let mut err = None;
         for (i, it) in self.items.iter().enumerate() {
-            let s = it.start as usize;
+            if it.fix == Fix::None {
+                continue;
+            }
             let (fo, fs) = if it.short {
-                code.extend_from_slice(&scratch[s..s + it.pfx as usize]);
-                code.push(it.short_op);
-                code.push(0);
                 (it.pfx + 1, 1)
             } else {
-                code.extend_from_slice(&scratch[s..s + it.len as usize]);
                 (it.fix_off, it.fix_size)
             };
             let target = match it.fix {
@@ -390,7 +399,7 @@ impl State {
                 err = Some((i, target, at.wrapping_add(it.off as u64)));
                 break;
             }
-            let p = code.len() - flen as usize + fo as usize;
+            let p = (it.off + fo as u32) as usize;
             code[p..p + fs as usize].copy_from_slice(&diff.to_le_bytes()[..fs as usize]);
         }
         self.enc.set_buffer(scratch);

@@ -644,6 +644,13 @@ fn count_event(a: &mut CodeAssembler, on: bool, k: usize) -> R<()> {
     Ok(())
 }
 
+thread_local! {
+    /// The last translation's assembler and instruction list, whose
+    /// buffers keep their size for the next one on this thread.
+    static SPARE: std::cell::Cell<Option<(CodeAssembler, Vec<Instruction>)>> =
+        const { std::cell::Cell::new(None) };
+}
+
 struct Tx<'a> {
     /// SSE instructions may run natively (CR0.TS/EM clear, CR4.OSFXSR set).
     sse: bool,
@@ -653,6 +660,8 @@ struct Tx<'a> {
     /// exception and is the host MXCSR while translated code runs.
     fp: bool,
     a: CodeAssembler,
+    /// `a`'s instructions with the cache pairs' preloads filled in.
+    list: Vec<Instruction>,
     stubs: Stubs,
     block: &'a Block,
     tlb_entry: usize,
@@ -788,6 +797,16 @@ struct Tx<'a> {
     budget_free: bool,
 }
 
+impl Drop for Tx<'_> {
+    fn drop(&mut self) {
+        // The buffers go to the next translation (iced's `reset` keeps them).
+        if let Ok(fresh) = CodeAssembler::new(64) {
+            let a = std::mem::replace(&mut self.a, fresh);
+            SPARE.set(Some((a, std::mem::take(&mut self.list))));
+        }
+    }
+}
+
 /// A RIP-relative operand for absolute address `target` (the assembler
 /// turns it into the displacement; see [`rip_reaches`]).
 fn rip_rel(target: u64) -> MemoryOperand {
@@ -811,6 +830,13 @@ pub fn translate(
     at: u64,
     opts: Opts,
 ) -> Result<Translation, TranslateError> {
+    let (a, list) = match SPARE.take() {
+        Some((mut a, list)) => {
+            a.reset();
+            (a, list)
+        }
+        None => (CodeAssembler::new(64)?, Vec::new()),
+    };
     let mut tx = Tx {
         sse: opts.sse,
         events: opts.events,
@@ -826,7 +852,8 @@ pub fn translate(
         body_check: None,
         cur_k: 0,
         side_exits: Vec::new(),
-        a: CodeAssembler::new(64)?,
+        a,
+        list,
         stubs,
         block,
         tlb_entry: size_of::<TlbEntry>(),
@@ -1263,8 +1290,8 @@ pub fn translate(
     }
     // The block's own assembler; iced's BlockEncoder for what it refuses
     // (a JRCXZ out of rel8 range, say; its code leaves the pairs empty).
-    let list = tx.preload_pairs()?;
-    let (code, offsets) = match emit::assemble(&list, at) {
+    tx.preload_pairs()?;
+    let (code, offsets) = match emit::assemble(&tx.list, at) {
         Ok(r) => (r.code, r.offsets),
         Err(_) => {
             let r =
@@ -1305,7 +1332,7 @@ pub fn translate(
         native: tx.native,
         helpers: tx.helpers,
         strided: strided_groups,
-        helper_codes: tx.helper_codes,
+        helper_codes: std::mem::take(&mut tx.helper_codes),
     })
 }
 
@@ -1485,7 +1512,7 @@ struct Group {
     /// head's base plus scaled index; for a group of RIP-relative
     /// accesses (`base` is RIP), the head's address, from which `lo`,
     /// `end` and `rel` count.
-    terms: Vec<(u32, i64)>,
+    terms: Terms,
     x0: i64,
     /// Checked once before the passes of a block that loops on itself,
     /// not at its head: its address does not change from pass to pass
@@ -1705,33 +1732,81 @@ fn base_step(i: &Instruction, r: Register) -> Option<i64> {
 /// Symbols 0 to 15 are the GPRs' values at the block's start; later ones
 /// are values the planner does not follow. Two addresses with the same
 /// terms differ by the difference of their `k`s.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Lin {
-    terms: Vec<(u32, i64)>,
+    terms: Terms,
     k: i64,
 }
 
 /// The longest sum a [`Lin`] keeps: longer ones become fresh values.
 const LIN_TERMS: usize = 3;
 
+/// A [`Lin`]'s terms, held inline (the planner makes a few per guest
+/// instruction): room for the sum of two kept ones before it is cut.
+#[derive(Clone, Copy, Debug)]
+struct Terms {
+    n: u8,
+    t: [(u32, i64); 2 * LIN_TERMS],
+}
+
+impl Terms {
+    const EMPTY: Terms = Terms {
+        n: 0,
+        t: [(0, 0); 2 * LIN_TERMS],
+    };
+
+    fn insert(&mut self, at: usize, v: (u32, i64)) {
+        let n = self.n as usize;
+        self.t.copy_within(at..n, at + 1);
+        self.t[at] = v;
+        self.n += 1;
+    }
+
+    fn remove(&mut self, at: usize) {
+        let n = self.n as usize;
+        self.t.copy_within(at + 1..n, at);
+        self.n -= 1;
+    }
+}
+
+impl std::ops::Deref for Terms {
+    type Target = [(u32, i64)];
+    fn deref(&self) -> &[(u32, i64)] {
+        &self.t[..self.n as usize]
+    }
+}
+
+impl std::ops::DerefMut for Terms {
+    fn deref_mut(&mut self) -> &mut [(u32, i64)] {
+        &mut self.t[..self.n as usize]
+    }
+}
+
+impl PartialEq for Terms {
+    fn eq(&self, o: &Terms) -> bool {
+        self[..] == o[..]
+    }
+}
+
+impl Eq for Terms {}
+
 impl Lin {
     fn sym(s: u32) -> Lin {
-        Lin {
-            terms: vec![(s, 1)],
-            k: 0,
-        }
+        let mut terms = Terms::EMPTY;
+        terms.insert(0, (s, 1));
+        Lin { terms, k: 0 }
     }
 
     fn konst(k: i64) -> Lin {
         Lin {
-            terms: Vec::new(),
+            terms: Terms::EMPTY,
             k,
         }
     }
 
     /// `self + c * o` (wrapping, as the CPU adds), None when too long.
     fn plus(&self, o: &Lin, c: i64) -> Option<Lin> {
-        let mut terms = self.terms.clone();
+        let mut terms = self.terms;
         for &(s, a) in o.terms.iter() {
             let a = a.wrapping_mul(c);
             match terms.binary_search_by_key(&s, |t| t.0) {
@@ -1753,14 +1828,14 @@ impl Lin {
 /// The GPRs as [`Lin`]s, by guest index, while [`plan_groups`] walks a
 /// block.
 struct Regs {
-    r: Vec<Lin>,
+    r: [Lin; 16],
     fresh: u32,
 }
 
 impl Regs {
     fn new() -> Regs {
         Regs {
-            r: (0..16).map(Lin::sym).collect(),
+            r: std::array::from_fn(|s| Lin::sym(s as u32)),
             fresh: 16,
         }
     }
@@ -1770,7 +1845,7 @@ impl Regs {
     fn addr(&self, base: Register, index: Register, scale: u32, disp: i64) -> Option<Lin> {
         let b = match base {
             Register::None | Register::RIP => Lin::konst(0),
-            b => self.r[gidx(b)].clone(),
+            b => self.r[gidx(b)],
         };
         let b = b.plus(&Lin::konst(disp), 1)?;
         match index {
@@ -1806,7 +1881,7 @@ impl Regs {
             let v = &self.r[gidx(d)];
             let src = || reg(1).filter(|s| s.is_gpr64()).map(|s| &self.r[gidx(s)]);
             let nv = match i.code() {
-                Code::Mov_r64_rm64 | Code::Mov_rm64_r64 => src().cloned(),
+                Code::Mov_r64_rm64 | Code::Mov_rm64_r64 => src().copied(),
                 Code::Add_r64_rm64 | Code::Add_rm64_r64 => v.plus(src()?, 1),
                 Code::Sub_r64_rm64 | Code::Sub_rm64_r64 => v.plus(src()?, -1),
                 Code::Shl_rm64_imm8 => {
@@ -1914,7 +1989,7 @@ fn plan_groups(
                         unit: x.size,
                         home: Home::Reg(Register::None),
                         rel: vec![x.off],
-                        terms: Vec::new(),
+                        terms: Terms::EMPTY,
                         x0: 0,
                         hoist: false,
                         stride: None,
@@ -3036,11 +3111,13 @@ impl Tx<'_> {
     /// hits on its first pass instead of taking the miss path. Any entry
     /// of the current TLB array is a valid pair (the check compares the
     /// tag), so a slot that points elsewhere only costs that miss.
-    fn preload_pairs(&self) -> R<Vec<Instruction>> {
-        let mut list = self.a.instructions().to_vec();
+    fn preload_pairs(&mut self) -> R<()> {
+        self.list.clear();
+        self.list.extend_from_slice(self.a.instructions());
         let Some((_, b, _)) = self.free3() else {
-            return Ok(list);
+            return Ok(());
         };
+        let list = &mut self.list;
         let b = r64(b);
         for (k, &at) in self.preload_at.iter().enumerate() {
             let (Some((_, _, write, bits)), Some(&(t, ad))) =
@@ -3070,7 +3147,7 @@ impl Tx<'_> {
                 d.set_ip(ip);
             }
         }
-        Ok(list)
+        Ok(())
     }
 
     /// Empty every cached TLB entry (see [`Tx::cache`]): a tag of 1 never
@@ -3135,13 +3212,9 @@ impl Tx<'_> {
 
     /// Parked registers other than rcx (scratch for the fast TLB path).
     fn free3(&self) -> Option<(Register, Register, Register)> {
-        let v: Vec<Register> = self
-            .parked
-            .iter()
-            .copied()
-            .filter(|&r| r != Register::RCX)
-            .collect();
-        (self.bmi2 && v.len() >= 3).then(|| (v[0], v[1], v[2]))
+        let mut v = self.parked.iter().copied().filter(|&r| r != Register::RCX);
+        let three = (v.next()?, v.next()?, v.next()?);
+        self.bmi2.then_some(three)
     }
 
     fn park_spill(&mut self) -> R<()> {
@@ -5353,7 +5426,13 @@ mod tests {
         }
         let sym = |r: Register| gidx(r) as u32;
         let lin = |terms: &[(Register, i64)], k: i64| Lin {
-            terms: terms.iter().map(|&(r, c)| (sym(r), c)).collect(),
+            terms: terms
+                .iter()
+                .enumerate()
+                .fold(Terms::EMPTY, |mut t, (j, &(r, c))| {
+                    t.insert(j, (sym(r), c));
+                    t
+                }),
             k,
         };
         assert_eq!(regs.r[gidx(Register::RAX)], lin(&[(Register::RDI, 1)], 16));
