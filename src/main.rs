@@ -344,12 +344,13 @@ fn bench_translate(elf: Option<PathBuf>, blocks: usize, rounds: usize) -> anyhow
     }
     let r = x86::jit::bench_translate(text, vaddr, blocks, rounds);
     println!(
-        "{} blocks ({} refused), {:.1} guest instructions and {:.0} bytes of host code per block, {:.1} us per block",
+        "{} blocks ({} refused), {:.1} guest instructions and {:.0} bytes of host code per block, {:.1} us per block (code hash {:016x})",
         r.blocks,
         r.failed,
         r.guest_insns as f64 / r.blocks.max(1) as f64,
         r.code_bytes as f64 / r.blocks.max(1) as f64,
-        r.ns_per_block / 1e3
+        r.ns_per_block / 1e3,
+        r.code_hash
     );
     Ok(0)
 }

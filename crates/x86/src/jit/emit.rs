@@ -223,13 +223,20 @@ impl State {
                     None => (Fix::BrAbs, t),
                 };
                 let near = ins.code().as_near_branch();
-                let mut x = *ins;
-                x.set_code(near);
-                x.set_near_branch64(0);
-                len = self.enc.encode(&x, 0)?;
-                let co = self.enc.get_constant_offsets();
-                it.fix_off = co.immediate_offset() as u8;
-                it.fix_size = co.immediate_size() as u8;
+                let mut buf = self.enc.take_buffer();
+                let direct = encode_branch(near, ins, &mut buf);
+                self.enc.set_buffer(buf);
+                if let Some((n, fo)) = direct {
+                    (len, it.fix_off, it.fix_size) = (n, fo, 4);
+                } else {
+                    let mut x = *ins;
+                    x.set_code(near);
+                    x.set_near_branch64(0);
+                    len = self.enc.encode(&x, 0)?;
+                    let co = self.enc.get_constant_offsets();
+                    it.fix_off = co.immediate_offset() as u8;
+                    it.fix_size = co.immediate_size() as u8;
+                }
                 if it.fix_size == 1 && it.fix_off as usize + 1 == len {
                     // A rel8-only branch (JRCXZ, LOOP): its long form
                     // branches over a short JMP to a JMP rel32, as
@@ -276,12 +283,19 @@ impl State {
                     Some(k) => (Fix::RipLabel, k as u64),
                     None => (Fix::RipAbs, t),
                 };
-                let mut x = *ins;
-                x.set_memory_displacement64(0);
-                len = self.enc.encode(&x, 0)?;
-                let co = self.enc.get_constant_offsets();
-                it.fix_off = co.displacement_offset() as u8;
-                it.fix_size = co.displacement_size() as u8;
+                let mut buf = self.enc.take_buffer();
+                let direct = encode_lea_rip(ins, &mut buf);
+                self.enc.set_buffer(buf);
+                if let Some((n, fo)) = direct {
+                    (len, it.fix_off, it.fix_size) = (n, fo, 4);
+                } else {
+                    let mut x = *ins;
+                    x.set_memory_displacement64(0);
+                    len = self.enc.encode(&x, 0)?;
+                    let co = self.enc.get_constant_offsets();
+                    it.fix_off = co.displacement_offset() as u8;
+                    it.fix_size = co.displacement_size() as u8;
+                }
             } else if ins.memory_base() == Register::EIP {
                 // 32-bit RIP-relative addressing: never emitted by the
                 // translator, left to BlockEncoder.
@@ -434,20 +448,22 @@ impl State {
     }
 }
 
-/// Direct encodings of the few forms that make up most of the glue
-/// (register moves, loads and stores of the context block, LEA, 64-bit
-/// immediates): the bytes iced's encoder would produce, without its
-/// generic operand handling. None for anything else.
+/// Direct encodings of the forms that make up most of the glue (register
+/// moves, loads and stores of the context block, LEA, immediates, PEXT,
+/// data): the bytes iced's encoder would produce, without its generic
+/// operand handling. None for anything else.
 fn encode_glue(ins: &Instruction, out: &mut Vec<u8>) -> Option<usize> {
-    if ins.has_lock_prefix()
-        || ins.has_rep_prefix()
-        || ins.has_repne_prefix()
-        || ins.segment_prefix() != Register::None
-    {
+    if !plain(ins) {
         return None;
     }
     let start = out.len();
     match ins.code() {
+        Code::Zero_bytes => {}
+        Code::DeclareByte => {
+            for k in 0..ins.declare_data_len() {
+                out.push(ins.get_declare_byte_value(k));
+            }
+        }
         Code::Mov_r64_imm64 => {
             let r = gpr64(ins.op0_register())?;
             out.push(0x48 | (r >> 3));
@@ -471,7 +487,56 @@ fn encode_glue(ins: &Instruction, out: &mut Vec<u8>) -> Option<usize> {
                 out.push(opcode);
                 out.push(0xc0 | ((reg & 7) << 3) | (dst & 7));
             } else {
-                modrm_mem(ins, 0x48, opcode, reg, out)?;
+                let m = Mem::of(ins)?;
+                out.push(0x48 | ((reg >> 3) << 2) | m.xb());
+                out.push(opcode);
+                m.write(reg, out);
+            }
+        }
+        Code::Mov_r32_rm32 | Code::Lea_r32_m if ins.op_kind(1) == OpKind::Memory => {
+            // 32-bit destination, 64-bit address: REX only when needed.
+            let reg = gpr32(ins.op0_register())?;
+            let m = Mem::of(ins)?;
+            let rex = ((reg >> 3) << 2) | m.xb();
+            if rex != 0 {
+                out.push(0x40 | rex);
+            }
+            out.push(if ins.code() == Code::Lea_r32_m {
+                0x8d
+            } else {
+                0x8b
+            });
+            m.write(reg, out);
+        }
+        Code::Mov_rm64_imm32 => {
+            if ins.op0_kind() == OpKind::Register {
+                let r = gpr64(ins.op0_register())?;
+                out.extend_from_slice(&[0x48 | (r >> 3), 0xc7, 0xc0 | (r & 7)]);
+            } else {
+                let m = Mem::of(ins)?;
+                out.push(0x48 | m.xb());
+                out.push(0xc7);
+                m.write(0, out);
+            }
+            out.extend_from_slice(&ins.immediate32().to_le_bytes());
+        }
+        Code::VEX_Pext_r64_r64_rm64 => {
+            // VEX.LZ.F3.0F38.W1 F5 /r (the three-byte form: map 0F38).
+            let reg = gpr64(ins.op0_register())?;
+            let v = gpr64(ins.op1_register())?;
+            let (xb, m) = if ins.op2_kind() == OpKind::Register {
+                (gpr64(ins.op2_register())? >> 3, None)
+            } else {
+                let m = Mem::of(ins)?;
+                (m.xb(), Some(m))
+            };
+            out.push(0xc4);
+            out.push(((!(((reg >> 3) << 2) | xb) & 7) << 5) | 0x02);
+            out.push(0x80 | ((!v & 15) << 3) | 0x02);
+            out.push(0xf5);
+            match m {
+                Some(m) => m.write(reg, out),
+                None => out.push(0xc0 | ((reg & 7) << 3) | (gpr64(ins.op2_register())? & 7)),
             }
         }
         _ => return None,
@@ -479,60 +544,148 @@ fn encode_glue(ins: &Instruction, out: &mut Vec<u8>) -> Option<usize> {
     Some(out.len() - start)
 }
 
+/// No prefixes beyond those the code implies.
+fn plain(ins: &Instruction) -> bool {
+    !(ins.has_lock_prefix()
+        || ins.has_rep_prefix()
+        || ins.has_repne_prefix()
+        || ins.segment_prefix() != Register::None)
+}
+
+/// A label JMP, CALL or Jcc in its rel32 form, with a zero displacement:
+/// (length, offset of the displacement). None for other branches.
+fn encode_branch(near: Code, ins: &Instruction, out: &mut Vec<u8>) -> Option<(usize, u8)> {
+    if !plain(ins) {
+        return None;
+    }
+    match near {
+        Code::Jmp_rel32_64 | Code::Call_rel32_64 => {
+            out.push(if near == Code::Jmp_rel32_64 {
+                0xe9
+            } else {
+                0xe8
+            });
+            out.extend_from_slice(&[0; 4]);
+            Some((5, 1))
+        }
+        _ if near.is_jcc_near() => {
+            let cc = (near.condition_code() as u8).wrapping_sub(1) & 0xf;
+            out.extend_from_slice(&[0x0f, 0x80 | cc, 0, 0, 0, 0]);
+            Some((6, 2))
+        }
+        _ => None,
+    }
+}
+
+/// `lea r64, [rip + disp32]` with a zero displacement: (length, offset of
+/// the displacement). None for other RIP-relative forms.
+fn encode_lea_rip(ins: &Instruction, out: &mut Vec<u8>) -> Option<(usize, u8)> {
+    if ins.code() != Code::Lea_r64_m || !plain(ins) || ins.memory_index() != Register::None {
+        return None;
+    }
+    let reg = gpr64(ins.op0_register())?;
+    out.extend_from_slice(&[
+        0x48 | ((reg >> 3) << 2),
+        0x8d,
+        ((reg & 7) << 3) | 5,
+        0,
+        0,
+        0,
+        0,
+    ]);
+    Some((7, 3))
+}
+
 /// Number (0-15) of a 64-bit general register.
 fn gpr64(r: Register) -> Option<u8> {
     r.is_gpr64().then(|| r.number() as u8)
 }
 
-/// REX + opcode + ModRM (+ SIB) + displacement for a memory operand
-/// `[base + index*scale + disp]` with 64-bit registers (no RIP, no
-/// absolute address). Leaves `out` untouched and returns None for other
-/// forms.
-fn modrm_mem(ins: &Instruction, rex: u8, opcode: u8, reg: u8, out: &mut Vec<u8>) -> Option<()> {
-    let base = gpr64(ins.memory_base())?;
-    let index = match ins.memory_index() {
-        Register::None => None,
-        r => Some(gpr64(r).filter(|&n| n != 4)?),
-    };
-    let scale = match ins.memory_index_scale() {
-        1 => 0u8,
-        2 => 1,
-        4 => 2,
-        8 => 3,
-        _ => return None,
-    };
-    let disp = ins.memory_displacement64() as i64;
-    if i32::try_from(disp).is_err() {
-        return None;
+/// Number (0-15) of a 32-bit general register.
+fn gpr32(r: Register) -> Option<u8> {
+    r.is_gpr32().then(|| r.number() as u8)
+}
+
+/// A memory operand `[base + index*scale + disp]` with 64-bit registers,
+/// or `[index*scale + disp32]` (no RIP, no absolute address), as iced
+/// encodes it.
+struct Mem {
+    base: Option<u8>,
+    index: Option<u8>,
+    scale: u8,
+    /// ModRM mod: 0 (no displacement), 1 (disp8) or 2 (disp32).
+    md: u8,
+    disp: i32,
+}
+
+impl Mem {
+    fn of(ins: &Instruction) -> Option<Mem> {
+        let index = match ins.memory_index() {
+            Register::None => None,
+            r => Some(gpr64(r).filter(|&n| n != 4)?),
+        };
+        let base = match ins.memory_base() {
+            // No base: an index is required (else the form is absolute).
+            Register::None if index.is_some() => None,
+            r => Some(gpr64(r)?),
+        };
+        let scale = match ins.memory_index_scale() {
+            1 => 0u8,
+            2 => 1,
+            4 => 2,
+            8 => 3,
+            _ => return None,
+        };
+        let disp = i32::try_from(ins.memory_displacement64() as i64).ok()?;
+        if index.is_none() && scale != 0 {
+            return None;
+        }
+        // The displacement size as iced picks it: the operand's size hint
+        // (0: none, 1: disp8 if it fits, 8: disp32); rbp/r13 as a base
+        // always take one (mod 00 would mean no base). Without a base it
+        // is always a disp32 (mod 00, SIB base 101).
+        let md: u8 = match (base, ins.memory_displ_size(), disp) {
+            (None, 0 | 1 | 8, _) => 0,
+            (Some(b), 0, 0) if b & 7 == 5 => 1,
+            (_, 0, 0) => 0,
+            (_, 1, d) if i8::try_from(d).is_ok() => 1,
+            (_, 1 | 8, _) => 2,
+            _ => return None,
+        };
+        Some(Mem {
+            base,
+            index,
+            scale,
+            md,
+            disp,
+        })
     }
-    if index.is_none() && scale != 0 {
-        return None;
+
+    /// REX.X and REX.B (bits 1 and 0).
+    fn xb(&self) -> u8 {
+        ((self.index.unwrap_or(0) >> 3) << 1) | (self.base.unwrap_or(0) >> 3)
     }
-    // The displacement size as iced picks it: the operand's size hint
-    // (0: none, 1: disp8 if it fits, 8: disp32); rbp/r13 as a base always
-    // take one (mod 00 would mean no base).
-    let md: u8 = match (ins.memory_displ_size(), disp) {
-        (0, 0) if base & 7 == 5 => 1,
-        (0, 0) => 0,
-        (1, d) if i8::try_from(d).is_ok() => 1,
-        (1 | 8, _) => 2,
-        _ => return None,
-    };
-    let x = index.unwrap_or(0) >> 3;
-    out.push(rex | ((reg >> 3) << 2) | (x << 1) | (base >> 3));
-    out.push(opcode);
-    if index.is_some() || base & 7 == 4 {
-        out.push((md << 6) | ((reg & 7) << 3) | 4);
-        out.push((scale << 6) | ((index.unwrap_or(4) & 7) << 3) | (base & 7));
-    } else {
-        out.push((md << 6) | ((reg & 7) << 3) | (base & 7));
+
+    /// ModRM (+ SIB) + displacement, with `reg` in ModRM.reg.
+    fn write(&self, reg: u8, out: &mut Vec<u8>) {
+        let Some(base) = self.base else {
+            out.push(((reg & 7) << 3) | 4);
+            out.push((self.scale << 6) | ((self.index.unwrap_or(4) & 7) << 3) | 5);
+            out.extend_from_slice(&self.disp.to_le_bytes());
+            return;
+        };
+        if self.index.is_some() || base & 7 == 4 {
+            out.push((self.md << 6) | ((reg & 7) << 3) | 4);
+            out.push((self.scale << 6) | ((self.index.unwrap_or(4) & 7) << 3) | (base & 7));
+        } else {
+            out.push((self.md << 6) | ((reg & 7) << 3) | (base & 7));
+        }
+        match self.md {
+            1 => out.push(self.disp as i8 as u8),
+            2 => out.extend_from_slice(&self.disp.to_le_bytes()),
+            _ => {}
+        }
     }
-    match md {
-        1 => out.push(disp as i8 as u8),
-        2 => out.extend_from_slice(&(disp as i32).to_le_bytes()),
-        _ => {}
-    }
-    Some(())
 }
 
 #[cfg(test)]
@@ -1052,6 +1205,7 @@ mod tests {
     fn glue_encodings_match_iced() {
         use iced_x86::MemoryOperand;
         let regs: Vec<Register> = (0..16u32).map(|n| Register::RAX + n).collect();
+        let r32 = |r: Register| Register::EAX + r.number() as u32;
         let disps = [
             0i64,
             1,
@@ -1082,6 +1236,9 @@ mod tests {
         for &r in &regs {
             for &b in &regs {
                 check(Instruction::with2(Code::Mov_rm64_r64, b, r).unwrap());
+                check(Instruction::with2(Code::Mov_rm64_imm32, b, -5i32).unwrap());
+                check(Instruction::with3(Code::VEX_Pext_r64_r64_rm64, r, b, regs[3]).unwrap());
+                check(Instruction::with3(Code::VEX_Pext_r64_r64_rm64, b, regs[9], r).unwrap());
                 check(
                     Instruction::with2(
                         Code::Mov_r64_imm64,
@@ -1096,20 +1253,48 @@ mod tests {
                     check(Instruction::with2(Code::Mov_rm64_r64, mo, r).unwrap());
                     check(Instruction::with2(Code::Mov_r64_rm64, r, mo).unwrap());
                     check(Instruction::with2(Code::Lea_r64_m, r, mo).unwrap());
+                    check(Instruction::with2(Code::Mov_r32_rm32, r32(r), mo).unwrap());
+                    check(Instruction::with2(Code::Lea_r32_m, r32(r), mo).unwrap());
+                    check(Instruction::with2(Code::Mov_rm64_imm32, mo, d as i32).unwrap());
+                    check(Instruction::with3(Code::VEX_Pext_r64_r64_rm64, r, b, mo).unwrap());
                     for &x in &regs {
                         if x == Register::RSP {
                             continue;
                         }
                         for sc in [1u32, 2, 4, 8] {
+                            for base in [b, Register::None] {
+                                let mo =
+                                    MemoryOperand::new(base, x, sc, d, dsz, false, Register::None);
+                                check(Instruction::with2(Code::Lea_r64_m, r, mo).unwrap());
+                                check(Instruction::with2(Code::Mov_r64_rm64, r, mo).unwrap());
+                                check(Instruction::with2(Code::Lea_r32_m, r32(r), mo).unwrap());
+                            }
                             let mo = MemoryOperand::new(b, x, sc, d, dsz, false, Register::None);
-                            check(Instruction::with2(Code::Lea_r64_m, r, mo).unwrap());
-                            check(Instruction::with2(Code::Mov_r64_rm64, r, mo).unwrap());
+                            check(
+                                Instruction::with3(Code::VEX_Pext_r64_r64_rm64, r, x, mo).unwrap(),
+                            );
                         }
                     }
                 }
             }
         }
+        check(Instruction::with(Code::Zero_bytes));
+        check(Instruction::with_declare_byte(&[0xe9, 1, 2, 3, 4]).unwrap());
         assert!(n > 100_000, "only {n} forms checked");
+        // Each form is encoded directly (not left to iced).
+        let mo = |b, x| MemoryOperand::new(b, x, 8, -0x7de9, 8, false, Register::None);
+        let (g9, g13) = (Register::R9, Register::R13);
+        for ins in [
+            Instruction::with2(Code::Lea_r64_m, g9, mo(Register::None, g13)),
+            Instruction::with2(Code::Mov_r32_rm32, Register::R10D, mo(g13, g9)),
+            Instruction::with2(Code::Lea_r32_m, Register::EAX, mo(Register::None, g9)),
+            Instruction::with2(Code::Mov_rm64_imm32, mo(g9, g13), 7),
+            Instruction::with3(Code::VEX_Pext_r64_r64_rm64, g9, g13, mo(g13, g9)),
+            Instruction::with3(Code::VEX_Pext_r64_r64_rm64, g9, g13, Register::RAX),
+        ] {
+            let ins = ins.unwrap();
+            assert!(encode_glue(&ins, &mut Vec::new()).is_some(), "{ins}");
+        }
         // Forms left to iced.
         let mut out = Vec::new();
         let seg = Instruction::with2(

@@ -1110,6 +1110,9 @@ pub struct TranslateBench {
     pub code_bytes: usize,
     /// The fastest round's time per block.
     pub ns_per_block: f64,
+    /// A hash of the code one round produced: equal before and after a
+    /// change that should only make the translator faster.
+    pub code_hash: u64,
 }
 
 /// Translation throughput (`matryoshka bench translate`): up to `max`
@@ -1160,12 +1163,14 @@ pub fn bench_translate(code: &[u8], base: u64, max: usize, rounds: usize) -> Tra
     };
     for _ in 0..rounds.max(1) {
         let (mut failed, mut insns, mut bytes) = (0, 0, 0);
+        let mut hash = std::hash::DefaultHasher::new();
         let t = std::time::Instant::now();
         for (b, gens) in blocks.iter() {
             match translate::translate(b, gens, stubs, 0x100_0000, opts) {
                 Ok(t) => {
                     insns += b.insns.len();
                     bytes += t.code.len();
+                    std::hash::Hash::hash(&t.code, &mut hash);
                 }
                 Err(_) => failed += 1,
             }
@@ -1173,6 +1178,7 @@ pub fn bench_translate(code: &[u8], base: u64, max: usize, rounds: usize) -> Tra
         let ns = t.elapsed().as_nanos() as f64 / blocks.len().max(1) as f64;
         out.ns_per_block = out.ns_per_block.min(ns);
         (out.failed, out.guest_insns, out.code_bytes) = (failed, insns, bytes);
+        out.code_hash = std::hash::Hasher::finish(&hash);
     }
     out
 }
