@@ -1138,6 +1138,13 @@ pub fn bench_translate(code: &[u8], base: u64, max: usize, rounds: usize) -> Tra
         cpu.s.rip = rip;
         let Ok(b) = cpu.fetch_block() else { continue };
         if let Some(gens) = cpu.page_gens(&b) {
+            // Generation addresses are only embedded in the code: fixed
+            // ones (by page) keep the code hash independent of the heap.
+            let gens = gens
+                .iter()
+                .zip(b.pages)
+                .map(|(&(_, g), (ppn, _))| ((0x200_0000_0000 + ppn * 4) as *const u32, g))
+                .collect::<Vec<_>>();
             blocks.push((b, gens));
         }
     }
