@@ -68,18 +68,18 @@ pub struct DInsn {
     pub handler: Handler,
 }
 
-/// Ask for the cache lines of a block's decoded instructions at once: the
-/// interpreter mostly runs cold blocks (hot ones are translated), and
-/// their lines would otherwise miss one after another.
+/// Ask for the cache lines of a block's decoded instructions at once, from
+/// byte `from` on: the interpreter mostly runs cold blocks (hot ones are
+/// translated), and their lines would otherwise miss one after another.
 #[inline]
-fn prefetch(insns: &[DInsn]) {
+fn prefetch(insns: &[DInsn], from: usize) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
         let p = insns.as_ptr().cast::<i8>();
-        // The first line is loaded right away; at most 16 lines.
+        // At most 16 lines.
         let end = std::mem::size_of_val(insns).min(16 * 64);
-        for off in (64..end).step_by(64) {
+        for off in (from..end).step_by(64) {
             // SAFETY: a prefetch is a hint that never faults, and the
             // address stays inside the slice.
             unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(off)) };
@@ -478,17 +478,22 @@ impl Cpu {
         };
         let slot = ((lin_pc ^ (lin_pc >> 12)) as usize) & (FAST_CACHE - 1);
         if let Some(b) = &self.fast[slot] {
-            if b.lin_pc == lin_pc
-                && b.phys_pc == phys_pc
-                && b.bitness == bitness
-                && self.block_valid(b)
-            {
-                return Ok(b.clone());
+            if b.lin_pc == lin_pc && b.phys_pc == phys_pc && b.bitness == bitness {
+                if b.jit_entry.get() == 0 {
+                    // Likely interpreted: its lines load while the checks run.
+                    prefetch(&b.insns, 0);
+                }
+                if self.block_valid(b) {
+                    return Ok(b.clone());
+                }
             }
         }
         let key = (phys_pc, lin_pc, bitness);
         let mut stale = None;
         if let Some(b) = self.blocks.get(&key) {
+            if b.jit_entry.get() == 0 {
+                prefetch(&b.insns, 0);
+            }
             if self.block_valid(b) {
                 let b = b.clone();
                 self.fast[slot] = Some(b.clone());
@@ -768,7 +773,6 @@ impl Cpu {
                     continue;
                 }
             }
-            prefetch(&block.insns);
             for (k, di) in block.insns.iter().enumerate() {
                 self.next_rip = di.insn.next_ip();
                 match (di.handler)(self, &di.insn) {
