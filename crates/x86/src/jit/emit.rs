@@ -226,8 +226,8 @@ impl State {
                 let mut buf = self.enc.take_buffer();
                 let direct = encode_branch(near, ins, &mut buf);
                 self.enc.set_buffer(buf);
-                if let Some((n, fo)) = direct {
-                    (len, it.fix_off, it.fix_size) = (n, fo, 4);
+                if let Some((n, fo, fs)) = direct {
+                    (len, it.fix_off, it.fix_size) = (n, fo, fs);
                 } else {
                     let mut x = *ins;
                     x.set_code(near);
@@ -552,9 +552,10 @@ fn plain(ins: &Instruction) -> bool {
         || ins.segment_prefix() != Register::None)
 }
 
-/// A label JMP, CALL or Jcc in its rel32 form, with a zero displacement:
-/// (length, offset of the displacement). None for other branches.
-fn encode_branch(near: Code, ins: &Instruction, out: &mut Vec<u8>) -> Option<(usize, u8)> {
+/// A JMP, CALL or Jcc in its rel32 form, or a JRCXZ, with a zero
+/// displacement: (length, offset and size of the displacement). None for
+/// other branches.
+fn encode_branch(near: Code, ins: &Instruction, out: &mut Vec<u8>) -> Option<(usize, u8, u8)> {
     if !plain(ins) {
         return None;
     }
@@ -566,12 +567,16 @@ fn encode_branch(near: Code, ins: &Instruction, out: &mut Vec<u8>) -> Option<(us
                 0xe8
             });
             out.extend_from_slice(&[0; 4]);
-            Some((5, 1))
+            Some((5, 1, 4))
+        }
+        Code::Jrcxz_rel8_64 => {
+            out.extend_from_slice(&[0xe3, 0]);
+            Some((2, 1, 1))
         }
         _ if near.is_jcc_near() => {
             let cc = (near.condition_code() as u8).wrapping_sub(1) & 0xf;
             out.extend_from_slice(&[0x0f, 0x80 | cc, 0, 0, 0, 0]);
-            Some((6, 2))
+            Some((6, 2, 4))
         }
         _ => None,
     }
