@@ -340,7 +340,7 @@ fn bench_translate(elf: Option<PathBuf>, blocks: usize, rounds: usize) -> anyhow
         vaddr
     };
     if vaddr + text.len() as u64 > 1 << 30 {
-        anyhow::bail!("{}: code larger than 1 GiB", path.display());
+        anyhow::bail!("{}: code does not fit below 1 GiB", path.display());
     }
     let r = x86::jit::bench_translate(text, vaddr, blocks, rounds);
     println!(

@@ -68,18 +68,18 @@ pub struct DInsn {
     pub handler: Handler,
 }
 
-/// Ask for the cache lines of a block's decoded instructions at once, from
-/// byte `from` on: the interpreter mostly runs cold blocks (hot ones are
-/// translated), and their lines would otherwise miss one after another.
+/// Ask for the cache lines of a block's decoded instructions at once: the
+/// interpreter mostly runs cold blocks (hot ones are translated), and
+/// their lines would otherwise miss one after another.
 #[inline]
-fn prefetch(insns: &[DInsn], from: usize) {
+fn prefetch(insns: &[DInsn]) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
         let p = insns.as_ptr().cast::<i8>();
         // At most 16 lines.
         let end = std::mem::size_of_val(insns).min(16 * 64);
-        for off in (from..end).step_by(64) {
+        for off in (0..end).step_by(64) {
             // SAFETY: a prefetch is a hint that never faults, and the
             // address stays inside the slice.
             unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(off)) };
@@ -481,7 +481,7 @@ impl Cpu {
             if b.lin_pc == lin_pc && b.phys_pc == phys_pc && b.bitness == bitness {
                 if b.jit_entry.get() == 0 {
                     // Likely interpreted: its lines load while the checks run.
-                    prefetch(&b.insns, 0);
+                    prefetch(&b.insns);
                 }
                 if self.block_valid(b) {
                     return Ok(b.clone());
@@ -492,7 +492,7 @@ impl Cpu {
         let mut stale = None;
         if let Some(b) = self.blocks.get(&key) {
             if b.jit_entry.get() == 0 {
-                prefetch(&b.insns, 0);
+                prefetch(&b.insns);
             }
             if self.block_valid(b) {
                 let b = b.clone();

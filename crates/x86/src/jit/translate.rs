@@ -3104,8 +3104,8 @@ impl Tx<'_> {
         }
     }
 
-    /// The block's instructions, with each cache pair's placeholders at
-    /// the count entry replaced by a load of the entry its owner's slot
+    /// Set `list` to the block's instructions, with each cache pair's
+    /// placeholders at the count entry replaced by a load of the entry its owner's slot
     /// points to (minus its tag scaled like the owner's check, and its
     /// addend): a loop entered for a pass or two (quicksort's scans) then
     /// hits on its first pass instead of taking the miss path. Any entry
