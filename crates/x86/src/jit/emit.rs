@@ -157,6 +157,15 @@ impl State {
         })
     }
 
+    /// `f` on the scratch buffer the encoder writes into (the direct
+    /// encodings append to the same bytes).
+    fn with_scratch<T>(&mut self, f: impl FnOnce(&mut Vec<u8>) -> T) -> T {
+        let mut b = self.enc.take_buffer();
+        let r = f(&mut b);
+        self.enc.set_buffer(b);
+        r
+    }
+
     fn label(&self, id: u64) -> Option<u32> {
         if id == 0 {
             return None;
@@ -203,9 +212,7 @@ impl State {
             // BlockEncoder reports the duplicate.
             return via_block_encoder(instrs, at);
         }
-        let mut scratch = self.enc.take_buffer();
-        scratch.clear();
-        self.enc.set_buffer(scratch);
+        self.with_scratch(|b| b.clear());
         self.items.clear();
 
         // Long layout: encode each instruction once.
@@ -223,9 +230,7 @@ impl State {
                     None => (Fix::BrAbs, t),
                 };
                 let near = ins.code().as_near_branch();
-                let mut buf = self.enc.take_buffer();
-                let direct = encode_branch(near, ins, &mut buf);
-                self.enc.set_buffer(buf);
+                let direct = self.with_scratch(|b| encode_branch(near, ins, b));
                 if let Some((n, fo, fs)) = direct {
                     (len, it.fix_off, it.fix_size) = (n, fo, fs);
                 } else {
@@ -242,11 +247,12 @@ impl State {
                     // branches over a short JMP to a JMP rel32, as
                     // BlockEncoder writes it. Short when it reaches.
                     let pfx = it.fix_off - 1;
-                    let mut buf = self.enc.take_buffer();
-                    let op = buf[it.start as usize + pfx as usize];
-                    buf.truncate(it.start as usize + pfx as usize + 1);
-                    buf.extend_from_slice(&[0x02, 0xeb, 0x05, 0xe9, 0, 0, 0, 0]);
-                    self.enc.set_buffer(buf);
+                    let op = self.with_scratch(|b| {
+                        let op = b[it.start as usize + pfx as usize];
+                        b.truncate(it.start as usize + pfx as usize + 1);
+                        b.extend_from_slice(&[0x02, 0xeb, 0x05, 0xe9, 0, 0, 0, 0]);
+                        op
+                    });
                     (it.fix_off, it.fix_size, it.pfx) = (pfx + 5, 4, pfx);
                     if it.fix == Fix::BrLabel {
                         it.short_op = op;
@@ -283,9 +289,7 @@ impl State {
                     Some(k) => (Fix::RipLabel, k as u64),
                     None => (Fix::RipAbs, t),
                 };
-                let mut buf = self.enc.take_buffer();
-                let direct = encode_lea_rip(ins, &mut buf);
-                self.enc.set_buffer(buf);
+                let direct = self.with_scratch(|b| encode_lea_rip(ins, b));
                 if let Some((n, fo)) = direct {
                     (len, it.fix_off, it.fix_size) = (n, fo, 4);
                 } else {
@@ -301,9 +305,7 @@ impl State {
                 // translator, left to BlockEncoder.
                 return via_block_encoder(instrs, at);
             } else {
-                let mut buf = self.enc.take_buffer();
-                let fast = encode_glue(ins, &mut buf);
-                self.enc.set_buffer(buf);
+                let fast = self.with_scratch(|b| encode_glue(ins, b));
                 len = match fast {
                     Some(n) => n,
                     None => self.enc.encode(ins, 0)?,
@@ -390,14 +392,6 @@ impl State {
         debug_assert_eq!(code.len(), off as usize);
         let mut err = None;
         for (i, it) in self.items.iter().enumerate() {
-            if it.fix == Fix::None {
-                continue;
-            }
-            let (fo, fs) = if it.short {
-                (it.pfx + 1, 1)
-            } else {
-                (it.fix_off, it.fix_size)
-            };
             let target = match it.fix {
                 Fix::None => continue,
                 Fix::BrLabel | Fix::RipLabel => match self.items.get(it.target as usize) {
@@ -405,6 +399,11 @@ impl State {
                     None => 0,
                 },
                 Fix::BrAbs | Fix::RipAbs => it.target,
+            };
+            let (fo, fs) = if it.short {
+                (it.pfx + 1, 1)
+            } else {
+                (it.fix_off, it.fix_size)
             };
             let flen = it.final_len();
             let next = at.wrapping_add((it.off + flen) as u64);
