@@ -1290,8 +1290,11 @@ pub fn translate(
     }
     // The block's own assembler; iced's BlockEncoder for what it refuses
     // (a JRCXZ out of rel8 range, say; its code leaves the pairs empty).
-    tx.preload_pairs()?;
-    let (code, offsets) = match emit::assemble(&tx.list, at) {
+    let list = match tx.preload_pairs()? {
+        true => &tx.list[..],
+        false => tx.a.instructions(),
+    };
+    let (code, offsets) = match emit::assemble(list, at) {
         Ok(r) => (r.code, r.offsets),
         Err(_) => {
             let r =
@@ -3104,19 +3107,20 @@ impl Tx<'_> {
         }
     }
 
-    /// Set `list` to the block's instructions, with each cache pair's
+    /// Set `list` to the block's instructions (true; false when there is
+    /// nothing to preload and they are `a`'s as they are), with each cache pair's
     /// placeholders at the count entry replaced by a load of the entry its owner's slot
     /// points to (minus its tag scaled like the owner's check, and its
     /// addend): a loop entered for a pass or two (quicksort's scans) then
     /// hits on its first pass instead of taking the miss path. Any entry
     /// of the current TLB array is a valid pair (the check compares the
     /// tag), so a slot that points elsewhere only costs that miss.
-    fn preload_pairs(&mut self) -> R<()> {
+    fn preload_pairs(&mut self) -> R<bool> {
+        let Some((_, b, _)) = self.free3().filter(|_| !self.preload_at.is_empty()) else {
+            return Ok(false);
+        };
         self.list.clear();
         self.list.extend_from_slice(self.a.instructions());
-        let Some((_, b, _)) = self.free3() else {
-            return Ok(());
-        };
         let list = &mut self.list;
         let b = r64(b);
         for (k, &at) in self.preload_at.iter().enumerate() {
@@ -3147,7 +3151,7 @@ impl Tx<'_> {
                 d.set_ip(ip);
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Empty every cached TLB entry (see [`Tx::cache`]): a tag of 1 never
