@@ -68,25 +68,6 @@ pub struct DInsn {
     pub handler: Handler,
 }
 
-/// Ask for the cache lines of a block's decoded instructions at once: the
-/// interpreter mostly runs cold blocks (hot ones are translated), and
-/// their lines would otherwise miss one after another.
-#[inline]
-fn prefetch(insns: &[DInsn]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let p = insns.as_ptr().cast::<i8>();
-        // At most 16 lines.
-        let end = std::mem::size_of_val(insns).min(16 * 64);
-        for off in (0..end).step_by(64) {
-            // SAFETY: a prefetch is a hint that never faults, and the
-            // address stays inside the slice.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(off)) };
-        }
-    }
-}
-
 /// A run of decoded instructions that ends at a control transfer, a
 /// system instruction, or the end of a guest page.
 pub struct Block {
@@ -105,6 +86,26 @@ pub struct Block {
 }
 
 impl Block {
+    /// If no translation runs it, ask for the cache lines of its decoded
+    /// instructions at once: the interpreter mostly runs cold blocks (hot
+    /// ones are translated), and their lines would otherwise miss one
+    /// after another.
+    #[inline]
+    fn prefetch_if_interpreted(&self) {
+        #[cfg(target_arch = "x86_64")]
+        if self.jit_entry.get() == 0 {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            let p = self.insns.as_ptr().cast::<i8>();
+            // At most 16 lines.
+            let end = std::mem::size_of_val(&*self.insns).min(16 * 64);
+            for off in (0..end).step_by(64) {
+                // SAFETY: a prefetch is a hint that never faults, and the
+                // address stays inside the slice.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(off)) };
+            }
+        }
+    }
+
     /// One more interpreted execution; the new heat (saturating). Only the
     /// vCPU thread writes it: a load and a store, no atomic add.
     pub(crate) fn heat_up(&self) -> u32 {
@@ -479,10 +480,8 @@ impl Cpu {
         let slot = ((lin_pc ^ (lin_pc >> 12)) as usize) & (FAST_CACHE - 1);
         if let Some(b) = &self.fast[slot] {
             if b.lin_pc == lin_pc && b.phys_pc == phys_pc && b.bitness == bitness {
-                if b.jit_entry.get() == 0 {
-                    // Likely interpreted: its lines load while the checks run.
-                    prefetch(&b.insns);
-                }
+                // Its lines load while the checks run.
+                b.prefetch_if_interpreted();
                 if self.block_valid(b) {
                     return Ok(b.clone());
                 }
@@ -491,9 +490,7 @@ impl Cpu {
         let key = (phys_pc, lin_pc, bitness);
         let mut stale = None;
         if let Some(b) = self.blocks.get(&key) {
-            if b.jit_entry.get() == 0 {
-                prefetch(&b.insns);
-            }
+            b.prefetch_if_interpreted();
             if self.block_valid(b) {
                 let b = b.clone();
                 self.fast[slot] = Some(b.clone());
