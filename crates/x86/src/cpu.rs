@@ -83,6 +83,52 @@ pub struct Block {
     /// translator, which reads it to translate the hottest queued block
     /// first (atomic for that reader; relaxed loads and stores only).
     pub(crate) heat: std::sync::atomic::AtomicU32,
+    /// Which taken conditional branch its interpreted runs mostly leave
+    /// by (see [`ExitProfile`]); the vCPU thread's alone.
+    pub(crate) exits: ExitProfile,
+}
+
+/// The conditional branch (by index in the block) that a block's
+/// interpreted runs mostly leave by, taken, and a majority vote's margin
+/// (Boyer-Moore) over its runs: each run that leaves by it adds one, each
+/// that ends otherwise (another branch, the block's end, a fault) takes
+/// one away. A margin of at least half the runs means that branch was
+/// taken in at least three quarters of them; the translator may then
+/// follow it (see `Cpu::jit_trace`).
+#[derive(Debug, Default)]
+pub(crate) struct ExitProfile {
+    k: std::cell::Cell<u8>,
+    margin: std::cell::Cell<u32>,
+}
+
+impl ExitProfile {
+    /// A run ended, taking conditional branch `k` (None: otherwise).
+    #[inline]
+    fn vote(&self, k: Option<usize>) {
+        // (u8::MAX: the run's other ends, all one candidate.)
+        let k = k.map_or(u8::MAX, |k| k.min(u8::MAX as usize - 1) as u8);
+        let m = self.margin.get();
+        if m == 0 {
+            self.k.set(k);
+            self.margin.set(1);
+        } else if self.k.get() == k {
+            self.margin.set(m.saturating_add(1));
+        } else {
+            self.margin.set(m - 1);
+        }
+    }
+
+    /// Start from `old`'s vote, for a block that keeps `runs` of its runs.
+    fn inherit(&self, old: &ExitProfile, runs: u32) {
+        self.k.set(old.k.get());
+        self.margin.set(old.margin.get().min(runs));
+    }
+
+    /// The branch taken in at least three quarters of `runs` runs.
+    pub(crate) fn hot(&self, runs: u32) -> Option<usize> {
+        let (k, m) = (self.k.get(), self.margin.get() as u64);
+        (k != u8::MAX && m > 0 && m * 2 >= runs as u64).then_some(k as usize)
+    }
 }
 
 impl Block {
@@ -116,13 +162,13 @@ impl Block {
 }
 
 const FAST_CACHE: usize = 4096;
-const MAX_BLOCK_INSNS: usize = 64;
+pub(crate) const MAX_BLOCK_INSNS: usize = 64;
 /// A block goes on past a side exit while it names at most this many
 /// general registers: the translator needs a few it does not name as
 /// scratch, or its memory accesses spill (10 of 16 kept the spilling
 /// lookups of `int` and `fp` at their count with blocks that end at
 /// every branch; 11 multiplied them by 2.5 to 9).
-const SIDE_EXIT_REGS: u32 = 10;
+pub(crate) const SIDE_EXIT_REGS: u32 = 10;
 
 pub struct Cpu {
     pub s: CpuState,
@@ -133,7 +179,7 @@ pub struct Cpu {
     /// Set from any thread to make `run` return `Exit::Kicked` soon.
     pub kick: Arc<AtomicBool>,
     pub(crate) tlb: Box<Tlb>,
-    blocks: FastMap<(u64, u64, u32), Rc<Block>>,
+    pub(crate) blocks: FastMap<(u64, u64, u32), Rc<Block>>,
     fast: Vec<Option<Rc<Block>>>,
     /// Scratch for `decode_block`: the code bytes read so far and the
     /// instructions decoded (kept to spare an allocation per block).
@@ -517,7 +563,11 @@ impl Cpu {
             {
                 let hot = if old.jit_entry.get() > 1 { u32::MAX } else { 0 };
                 let h = old.heat.load(Ordering::Relaxed).max(hot);
-                b.heat.store(h.min(self.warm_heat()), Ordering::Relaxed);
+                let h = h.min(self.warm_heat());
+                b.heat.store(h, Ordering::Relaxed);
+                // And the branch its runs mostly left by (see
+                // `Cpu::jit_trace`), for the runs it keeps.
+                b.exits.inherit(&old.exits, h);
             }
         }
         if b.pages[0].1 != u32::MAX {
@@ -550,6 +600,7 @@ impl Cpu {
             insns: Box::from(&insns[..]),
             jit_entry: Default::default(),
             heat: Default::default(),
+            exits: Default::default(),
         });
         insns.clear();
         self.code_insns = insns;
@@ -770,6 +821,9 @@ impl Cpu {
                     continue;
                 }
             }
+            // The taken conditional branch the run leaves by, if any (a
+            // vote in the block's `exits`).
+            let mut exit = None;
             for (k, di) in block.insns.iter().enumerate() {
                 self.next_rip = di.insn.next_ip();
                 match (di.handler)(self, &di.insn) {
@@ -791,10 +845,14 @@ impl Cpu {
                         .get(k + 1)
                         .is_none_or(|n| n.insn.ip() != self.s.rip);
                 if self.end_block || shadow || branched {
+                    if branched && exec::side_exit(&di.insn) {
+                        exit = Some(k);
+                    }
                     self.end_block = false;
                     break;
                 }
             }
+            block.exits.vote(exit);
         }
     }
 
@@ -912,6 +970,7 @@ fn counted_loop(body: &[DInsn]) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use super::ExitProfile;
     use crate::testutil::{asm64, cpu64};
     use iced_x86::code_asm::*;
 
@@ -994,5 +1053,40 @@ mod tests {
             a.jne(*top).unwrap();
         });
         assert_eq!(loaded_step, [Mov, Lea, Add, Cmp, Jne, Hlt]);
+    }
+
+    /// A block's exit vote names a branch only when it was taken in at
+    /// least three quarters of the runs, counting runs that ended any
+    /// other way against it; a re-decoded block keeps the vote for the
+    /// runs it keeps.
+    #[test]
+    fn exit_profile_names_a_branch_taken_in_three_quarters_of_the_runs() {
+        let runs = |votes: &[Option<usize>]| {
+            let p = ExitProfile::default();
+            for &v in votes {
+                p.vote(v);
+            }
+            p.hot(votes.len() as u32)
+        };
+        let mostly = [Some(2), Some(2), Some(2), None].repeat(8);
+        assert_eq!(runs(&mostly), Some(2));
+        let two_thirds = [Some(2), Some(2), None].repeat(8);
+        assert_eq!(runs(&two_thirds), None, "2/3 of the runs is not enough");
+        let other_branch = [Some(2), Some(2), Some(5)].repeat(8);
+        assert_eq!(runs(&other_branch), None);
+        assert_eq!(runs(&[None; 32]), None, "no branch was taken");
+        assert_eq!(runs(&[Some(4); 32]), Some(4));
+        let old = ExitProfile::default();
+        for _ in 0..32 {
+            old.vote(Some(1));
+        }
+        let new = ExitProfile::default();
+        new.inherit(&old, 16);
+        assert_eq!(new.hot(16), Some(1));
+        assert_eq!(
+            new.hot(33),
+            None,
+            "the margin kept is at most the runs kept"
+        );
     }
 }

@@ -2209,6 +2209,78 @@ fn side_exits_match_the_interpreter() {
     }
 }
 
+/// A loop whose hot path skips two rare cases (`if` without `else`): the
+/// decoder's blocks follow each branch's fall-through (the rare case), so
+/// every pass would leave them by the taken branches. Once the interpreter
+/// has seen the branches taken in most runs, the loop's block is
+/// translated as a trace that follows them to their targets and on to the
+/// back edge: one block that loops on itself. With `fault`, a load on the followed path walks into
+/// a page that is not present; the #PF frame and registers match the
+/// interpreter's. Otherwise the state matches at every budget exit and
+/// the memory the rare case writes matches at the end.
+#[test]
+fn traces_that_follow_a_hot_branch_match_the_interpreter() {
+    let prog = |a: &mut CodeAssembler| {
+        let mut top = a.create_label();
+        let mut skip = a.create_label();
+        a.mov(rsi, va(0)).unwrap();
+        a.mov(r14, va(4)).unwrap();
+        a.mov(r12d, 3000).unwrap();
+        a.set_label(&mut top).unwrap();
+        a.mov(rax, qword_ptr(rsi)).unwrap();
+        a.add(rbx, rax).unwrap();
+        a.test(r12d, 15).unwrap();
+        a.jnz(skip).unwrap();
+        // The rare case: one pass in 16.
+        a.add(rbp, rbx).unwrap();
+        a.mov(qword_ptr(rsi + 8), rbp).unwrap();
+        a.set_label(&mut skip).unwrap();
+        a.mov(r8, qword_ptr(r14)).unwrap();
+        a.add(r14, 8).unwrap();
+        // Another: its block, too, is mostly left by its branch.
+        let mut skip2 = a.create_label();
+        a.cmp(r12d, 700).unwrap();
+        a.jne(skip2).unwrap();
+        a.add(r9, rbx).unwrap();
+        a.mov(qword_ptr(rsi + 24), r9).unwrap();
+        a.set_label(&mut skip2).unwrap();
+        a.add(rdi, r8).unwrap();
+        a.mov(qword_ptr(rsi + 16), rdi).unwrap();
+        a.dec(r12d).unwrap();
+        a.jnz(top).unwrap();
+        a.hlt().unwrap();
+    };
+    for fault in [false, true] {
+        let setup = || {
+            let cpu = paging_machine(prog);
+            if fault {
+                set_pte(&cpu, 6, 0);
+            } else {
+                for i in 4..16 {
+                    set_pte(&cpu, i, pa(4) | P | RW | US);
+                }
+                w64(&cpu, PD1 + 8, PT | P | RW | US);
+            }
+            w64(&cpu, pa(0), 5);
+            cpu
+        };
+        let (mut jit, mut int) = hot_pair(setup);
+        // Interpreted runs first, for the branch's profile.
+        jit.set_jit_threshold(8);
+        if fault {
+            same_page_fault(&mut jit, &mut int);
+            assert_eq!(jit.s.cr2, va(6));
+        } else {
+            lockstep(&mut jit, &mut int, 777, 100_000, 10);
+            assert_eq!(r64(&jit, pa(0) + 8), r64(&int, pa(0) + 8));
+            assert_eq!(r64(&jit, pa(0) + 16), r64(&int, pa(0) + 16));
+            assert_eq!(r64(&jit, pa(0) + 24), r64(&int, pa(0) + 24));
+        }
+        let stats = jit.jit_stats().cloned().expect("jit stats");
+        assert!(stats.traces > 0, "a trace was made: {stats:?}");
+    }
+}
+
 /// A lookup frees rcx for its own use by moving guest rcx to a keeper
 /// register; when the next instructions do not name rcx it stays there
 /// (one save and one restore for the run). Here a loop counts in rcx

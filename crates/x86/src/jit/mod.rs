@@ -119,6 +119,19 @@ const JC_EMPTY: JcEntry = JcEntry {
 /// through the dispatcher, per 1000 fork+exec).
 pub(crate) const JC_SIZE: usize = 65536;
 
+/// The most blocks a trace strings together (see [`Cpu::jit_trace`]).
+const TRACE_PARTS: usize = 4;
+
+/// A block queued for the translator. The `Rc`s keep it, and the trace
+/// translated in its place if there is one (see [`Cpu::jit_trace`]), alive
+/// until the job comes back.
+struct Queued {
+    block: Rc<Block>,
+    trace: Option<Rc<Block>>,
+    /// The epoch it was queued in (a flush makes its job stale).
+    epoch: u64,
+}
+
 /// Translator statistics (`--stats`).
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct JitStats {
@@ -142,6 +155,8 @@ pub struct JitStats {
     /// Groups whose check covers the passes of a loop while they stay in
     /// one page (see `translate::Stride`).
     pub strided_groups: u64,
+    /// Blocks translated as traces that follow a hot taken branch.
+    pub traces: u64,
 }
 
 pub struct Jit {
@@ -151,9 +166,8 @@ pub struct Jit {
     epoch: u64,
     /// The background translator (None: translate on the vCPU thread).
     worker: Option<Worker>,
-    /// Blocks queued for the translator: id -> (block, epoch queued in).
-    /// The `Rc` keeps each alive until its job comes back.
-    pending: FastMap<u64, (Rc<Block>, u64)>,
+    /// Blocks queued for the translator, by job id.
+    pending: FastMap<u64, Queued>,
     next_job: u64,
     stubs: Stubs,
     stub_len: usize,
@@ -328,7 +342,7 @@ impl Jit {
         for b in self
             .blocks
             .iter()
-            .chain(self.pending.values().map(|(b, _)| b))
+            .chain(self.pending.values().map(|q| &q.block))
         {
             b.jit_entry.set(0);
             b.heat.store(0, Ordering::Relaxed);
@@ -364,8 +378,8 @@ impl Jit {
     fn drain_worker(&mut self) {
         // Joins the thread: no block is in use after this.
         self.worker.take();
-        for (_, (b, _)) in self.pending.drain() {
-            b.jit_entry.set(0);
+        for (_, q) in self.pending.drain() {
+            q.block.jit_entry.set(0);
         }
     }
 }
@@ -584,12 +598,14 @@ impl Cpu {
             block.jit_entry.set(1);
             return None;
         };
+        let trace = self.jit_trace(block);
         let jit = self.jit.as_mut()?;
         let id = jit.next_job;
         jit.next_job += 1;
         let job = Job {
             id,
-            block: Rc::as_ptr(block),
+            block: Rc::as_ptr(trace.as_ref().unwrap_or(block)),
+            heat: &block.heat,
             gens,
             stubs: jit.stubs,
             opts: translate::Opts {
@@ -602,7 +618,12 @@ impl Cpu {
         };
         if let Some(w) = jit.worker.as_ref() {
             if w.send(job) {
-                jit.pending.insert(id, (block.clone(), jit.epoch));
+                let q = Queued {
+                    block: block.clone(),
+                    trace,
+                    epoch: jit.epoch,
+                };
+                jit.pending.insert(id, q);
                 block.jit_entry.set(PENDING);
                 return None;
             }
@@ -617,7 +638,73 @@ impl Cpu {
             f = worker::produce(&jit.code, &job);
         }
         jit.stats.translate_ms += f.ms;
-        jit.install(block, f.outcome)
+        jit.install(block, trace.as_ref(), f.outcome)
+    }
+
+    /// A trace for hot `block` when its interpreted runs mostly left it by
+    /// one taken conditional branch forward within its page: the block up
+    /// to that branch, then the block cached at its target (decoded from
+    /// the same page and generation), and so on while each of those is
+    /// mostly left the same way (up to [`TRACE_PARTS`] blocks), up to and
+    /// including a branch back to the block's start. Translated, those
+    /// branches go on when taken and leave when not: a loop whose hot path
+    /// skips rare cases (`if` without `else`) becomes one block that loops
+    /// on itself instead of blocks that chain through side exits every
+    /// pass.
+    fn jit_trace(&self, block: &Block) -> Option<Rc<Block>> {
+        use crate::cpu::{ExitProfile, MAX_BLOCK_INSNS, SIDE_EXIT_REGS};
+        let single = |b: &Block| b.pages[1].0 == u64::MAX;
+        if block.bitness != 64 || !single(block) {
+            return None;
+        }
+        // The branch `b`'s runs mostly take, and the block at its target.
+        let follow = |b: &Block| {
+            let k = b.exits.hot(b.heat.load(Ordering::Relaxed))?;
+            let j = &b.insns.get(k)?.insn;
+            let t = j.near_branch_target();
+            let ok = crate::exec::side_exit(j) && t > j.next_ip() && (t ^ block.lin_pc) >> 12 == 0;
+            let phys = (block.phys_pc & !0xfff) | (t & 0xfff);
+            let to = self.blocks.get(&(phys, t, 64)).filter(|_| ok)?;
+            (to.pages == block.pages && single(to)).then_some((k, to))
+        };
+        let back = |d: &DInsn| translate::direct_target(&d.insn) == Some(block.lin_pc);
+        let (k, mut next) = follow(block)?;
+        let mut insns: Vec<DInsn> = block.insns[..=k].to_vec();
+        for part in 2..=TRACE_PARTS {
+            let b = &next.insns;
+            let room = MAX_BLOCK_INSNS - 1 - insns.len();
+            // Up to the loop's back edge, if it has one.
+            let n = match b[..b.len().min(room)].iter().position(back) {
+                Some(e) => e + 1,
+                None => b.len().min(room),
+            };
+            match follow(next) {
+                Some((k, to)) if k + 1 < n && part < TRACE_PARTS => {
+                    insns.extend_from_slice(&b[..=k]);
+                    next = to;
+                }
+                _ => {
+                    insns.extend_from_slice(&b[..n]);
+                    break;
+                }
+            }
+        }
+        let named = insns
+            .iter()
+            .fold(0u16, |m, d| m | crate::exec::named_gprs(&d.insn));
+        if insns.len() == k + 1 || named.count_ones() > SIDE_EXIT_REGS {
+            return None;
+        }
+        Some(Rc::new(Block {
+            lin_pc: block.lin_pc,
+            phys_pc: block.phys_pc,
+            bitness: 64,
+            pages: block.pages,
+            insns: insns.into_boxed_slice(),
+            jit_entry: Default::default(),
+            heat: Default::default(),
+            exits: ExitProfile::default(),
+        }))
     }
 
     /// Install the translations the background translator has finished;
@@ -640,7 +727,12 @@ impl Cpu {
                 }
             };
             jit.stats.translate_ms += f.ms;
-            let Some((block, epoch)) = jit.pending.remove(&f.id) else {
+            let Some(Queued {
+                block,
+                trace,
+                epoch,
+            }) = jit.pending.remove(&f.id)
+            else {
                 continue;
             };
             if epoch != jit.epoch {
@@ -659,14 +751,21 @@ impl Cpu {
             if Rc::strong_count(&block) == 1 {
                 continue;
             }
-            jit.install(&block, f.outcome);
+            jit.install(&block, trace.as_ref(), f.outcome);
         }
     }
 }
 
 impl Jit {
     /// Make a finished translation of `block` runnable; the block's entry.
-    fn install(&mut self, block: &Rc<Block>, outcome: Outcome) -> Option<u64> {
+    /// `trace`: the trace translated in the block's place (its code points
+    /// at the trace's instructions).
+    fn install(
+        &mut self,
+        block: &Rc<Block>,
+        trace: Option<&Rc<Block>>,
+        outcome: Outcome,
+    ) -> Option<u64> {
         let t = match outcome {
             Outcome::Done(t) => t,
             Outcome::Full => {
@@ -712,6 +811,10 @@ impl Jit {
         self.stats.helper_insns += t.helpers as u64;
         self.stats.strided_groups += t.strided as u64;
         self.blocks.push(block.clone());
+        if let Some(tr) = trace {
+            self.blocks.push(tr.clone());
+            self.stats.traces += 1;
+        }
         block.jit_entry.set(t.entry);
         Some(t.entry)
     }

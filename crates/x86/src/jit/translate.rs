@@ -1431,7 +1431,7 @@ fn loops_on_itself(block: &Block) -> bool {
 }
 
 /// The target of a direct JMP or Jcc.
-fn direct_target(i: &Instruction) -> Option<u64> {
+pub(super) fn direct_target(i: &Instruction) -> Option<u64> {
     let direct = matches!(
         i.flow_control(),
         FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch
@@ -2787,12 +2787,18 @@ impl Tx<'_> {
             // The forms a decoded block may go on past (its side exits).
             FlowControl::ConditionalBranch if crate::exec::side_exit(i) => {
                 self.native += 1;
-                if self.cur_k + 1 < self.block.insns.len() {
-                    // A side exit: the block goes on when not taken.
+                if let Some(next) = self.block.insns.get(self.cur_k + 1) {
+                    // A side exit: the block goes on when not taken, or,
+                    // in a trace that follows the branch (see
+                    // `Cpu::jit_trace`), when taken.
+                    let (cc, exit) = match followed_taken(i, &next.insn) {
+                        false => (i.condition_code(), i.near_branch_target()),
+                        true => (negated(i.condition_code()), i.next_ip()),
+                    };
                     let taken = self.a.create_label();
-                    jcc(&mut self.a, i.condition_code(), taken)?;
+                    jcc(&mut self.a, cc, taken)?;
                     self.side_exits
-                        .push((taken, self.cur_k, i.near_branch_target(), self.rcx_out));
+                        .push((taken, self.cur_k, exit, self.rcx_out));
                     return Ok(false);
                 }
                 let start = self.block.insns[0].insn.ip();
@@ -5183,6 +5189,39 @@ fn encodable(i: &Instruction) -> bool {
     })
 }
 
+/// Conditional branch `i`, followed in its block by `next`, goes on
+/// there when taken: a trace made it so (a decoded block goes on past a
+/// conditional branch only when it is not taken). A branch to the next
+/// instruction goes on there either way, as a side exit.
+fn followed_taken(i: &Instruction, next: &Instruction) -> bool {
+    let t = i.near_branch_target();
+    next.ip() == t && t != i.next_ip()
+}
+
+/// The condition that holds exactly when `cc` does not.
+fn negated(cc: ConditionCode) -> ConditionCode {
+    use ConditionCode as C;
+    match cc {
+        C::o => C::no,
+        C::no => C::o,
+        C::b => C::ae,
+        C::ae => C::b,
+        C::e => C::ne,
+        C::ne => C::e,
+        C::be => C::a,
+        C::a => C::be,
+        C::s => C::ns,
+        C::ns => C::s,
+        C::p => C::np,
+        C::np => C::p,
+        C::l => C::ge,
+        C::ge => C::l,
+        C::le => C::g,
+        C::g => C::le,
+        C::None => C::None,
+    }
+}
+
 fn jcc(a: &mut CodeAssembler, cc: ConditionCode, l: CodeLabel) -> R<()> {
     match cc {
         ConditionCode::o => a.jo(l),
@@ -5262,6 +5301,7 @@ mod tests {
             insns: insns.into_boxed_slice(),
             jit_entry: Default::default(),
             heat: Default::default(),
+            exits: Default::default(),
         }
     }
 

@@ -37,18 +37,21 @@ pub(super) fn lock(c: &Mutex<Code>) -> MutexGuard<'_, Code> {
 /// One block to translate.
 pub(super) struct Job {
     pub id: u64,
+    /// The instructions to translate: the block's, or a trace's.
     pub block: *const Block,
+    /// The block's heat (a trace has none of its own).
+    pub heat: *const std::sync::atomic::AtomicU32,
     pub gens: Vec<(*const u32, u32)>,
     pub stubs: Stubs,
     pub opts: Opts,
 }
 
-// SAFETY: the vCPU thread keeps the block alive (an `Rc` in
-// `Jit::pending`) until the job's `Finished` comes back, so the pointer
-// stays valid while the translator uses it. The translator reads only the
-// fields that never change after decoding (pc, bitness, pages, insns) and
-// the atomic heat, not the `Cell` the vCPU thread updates, and never
-// touches the `Rc`'s count.
+// SAFETY: the vCPU thread keeps the block (and the trace, when `block`
+// is one) alive (`Rc`s in `Jit::pending`) until the job's `Finished`
+// comes back, so both pointers stay valid while the translator uses them.
+// The translator reads only the fields that never change after decoding
+// (pc, bitness, pages, insns) and the atomic heat, not the `Cell`s the
+// vCPU thread updates, and never touches the `Rc`s' counts.
 // The page-generation pointers are only embedded in the generated code.
 unsafe impl Send for Job {}
 
@@ -116,7 +119,7 @@ fn next_job(rx: &Receiver<Job>, queue: &mut Vec<Job>) -> Option<Job> {
         }
     }
     // SAFETY: see `Job`: each queued block outlives its job.
-    let heat = |j: &Job| unsafe { &*j.block }.heat.load(Ordering::Relaxed);
+    let heat = |j: &Job| unsafe { &*j.heat }.load(Ordering::Relaxed);
     let k = (0..queue.len()).max_by_key(|&k| (heat(&queue[k]), k))?;
     Some(queue.remove(k))
 }
@@ -215,6 +218,7 @@ mod tests {
             insns: Box::new([]),
             jit_entry: Default::default(),
             heat: heat.into(),
+            exits: Default::default(),
         }
     }
 
@@ -222,6 +226,7 @@ mod tests {
         Job {
             id,
             block: b,
+            heat: &b.heat,
             gens: Vec::new(),
             stubs: Stubs::default(),
             opts: Opts {
