@@ -606,6 +606,7 @@ impl Cpu {
             id,
             block: Rc::as_ptr(trace.as_ref().unwrap_or(block)),
             heat: &block.heat,
+            epoch: jit.epoch,
             gens,
             stubs: jit.stubs,
             opts: translate::Opts {
@@ -773,6 +774,9 @@ impl Jit {
                 block.jit_entry.set(1);
                 return None;
             }
+            // (Only from the translator thread, whose stale jobs are
+            // dropped before they get here.)
+            Outcome::Stale => return None,
             Outcome::Failed(e) => {
                 tracing::debug!(rip = format_args!("{:#x}", block.lin_pc), error = %e, "block not translated");
                 self.stats.translate_failures += 1;

@@ -41,6 +41,10 @@ pub(super) struct Job {
     pub block: *const Block,
     /// The block's heat (a trace has none of its own).
     pub heat: *const std::sync::atomic::AtomicU32,
+    /// The buffer's epoch when the job was queued: after a flush the vCPU
+    /// drops the job's result, so it is not translated at all (its code
+    /// would take room in the emptied buffer from current jobs).
+    pub epoch: u64,
     pub gens: Vec<(*const u32, u32)>,
     pub stubs: Stubs,
     pub opts: Opts,
@@ -62,6 +66,8 @@ pub(super) enum Outcome {
     Failed(String),
     /// The buffer has no room (the vCPU thread must flush it).
     Full,
+    /// Queued before a flush: not translated.
+    Stale,
 }
 
 pub(super) struct Finished {
@@ -82,6 +88,9 @@ pub(super) fn produce(code: &Mutex<Code>, job: &Job) -> Finished {
             let c = lock(code);
             (c.buf.next_addr(), c.epoch)
         };
+        if epoch != job.epoch {
+            break Outcome::Stale;
+        }
         let t = match translate::translate(block, &job.gens, job.stubs, at, job.opts) {
             Ok(t) => t,
             Err(e) => break Outcome::Failed(e.to_string()),
@@ -251,6 +260,7 @@ mod tests {
             id,
             block: b,
             heat: &b.heat,
+            epoch: 0,
             gens: Vec::new(),
             stubs: Stubs::default(),
             opts: Opts {
