@@ -673,7 +673,8 @@ impl Cpu {
         let mut insns: Vec<DInsn> = block.insns[..=k].to_vec();
         for part in 2..=TRACE_PARTS {
             let b = &next.insns;
-            let room = MAX_BLOCK_INSNS - 1 - insns.len();
+            // (A decoded block may already be that long.)
+            let room = MAX_BLOCK_INSNS.saturating_sub(1 + insns.len());
             // Up to the loop's back edge, if it has one.
             let n = match b[..b.len().min(room)].iter().position(back) {
                 Some(e) => e + 1,
