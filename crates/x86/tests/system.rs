@@ -2130,6 +2130,22 @@ fn lockstep(jit: &mut Cpu, int: &mut Cpu, budget: u64, limit: u64, min_exits: us
     assert!(stats.translations > 0 && stats.entries > 0, "{stats:?}");
 }
 
+/// A paging machine running `prog` whose window from va(4) on reads as
+/// page pa(4) throughout (and past its end, through a second page
+/// table); with `fault`, va(6) is not present instead.
+fn window_machine(prog: impl FnOnce(&mut CodeAssembler), fault: bool) -> Cpu {
+    let cpu = paging_machine(prog);
+    if fault {
+        set_pte(&cpu, 6, 0);
+    } else {
+        for i in 4..16 {
+            set_pte(&cpu, i, pa(4) | P | RW | US);
+        }
+        w64(&cpu, PD1 + 8, PT | P | RW | US);
+    }
+    cpu
+}
+
 /// 64-bit blocks go on past conditional branches (a taken one is a side
 /// exit) and follow direct jumps forward in their page. The loop's block
 /// has two side exits and a jump over a UD2, with memory accesses around;
@@ -2183,20 +2199,9 @@ fn side_exits_match_the_interpreter() {
         a.hlt().unwrap();
     };
     for fault in [false, true] {
-        let setup = || {
-            let cpu = paging_machine(prog);
-            // 32 pages of 64-byte strides: va(4).. are read every other
-            // round, past the end of the window without `fault`.
-            if fault {
-                set_pte(&cpu, 6, 0);
-            } else {
-                for i in 4..16 {
-                    set_pte(&cpu, i, pa(4) | P | RW | US);
-                }
-                w64(&cpu, PD1 + 8, PT | P | RW | US);
-            }
-            cpu
-        };
+        // 32 pages of 64-byte strides: va(4).. are read every other
+        // round, past the end of the window without `fault`.
+        let setup = || window_machine(prog, fault);
         let (mut jit, mut int) = hot_pair(setup);
         if fault {
             same_page_fault(&mut jit, &mut int);
@@ -2252,15 +2257,7 @@ fn traces_that_follow_a_hot_branch_match_the_interpreter() {
     };
     for fault in [false, true] {
         let setup = || {
-            let cpu = paging_machine(prog);
-            if fault {
-                set_pte(&cpu, 6, 0);
-            } else {
-                for i in 4..16 {
-                    set_pte(&cpu, i, pa(4) | P | RW | US);
-                }
-                w64(&cpu, PD1 + 8, PT | P | RW | US);
-            }
+            let cpu = window_machine(prog, fault);
             w64(&cpu, pa(0), 5);
             cpu
         };
