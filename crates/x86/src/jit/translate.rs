@@ -2793,7 +2793,11 @@ impl Tx<'_> {
                     // `Cpu::jit_trace`), when taken.
                     let (cc, exit) = match followed_taken(i, &next.insn) {
                         false => (i.condition_code(), i.near_branch_target()),
-                        true => (negated(i.condition_code()), i.next_ip()),
+                        true => {
+                            let mut n = *i;
+                            n.negate_condition_code();
+                            (n.condition_code(), i.next_ip())
+                        }
                     };
                     let taken = self.a.create_label();
                     jcc(&mut self.a, cc, taken)?;
@@ -5196,30 +5200,6 @@ fn encodable(i: &Instruction) -> bool {
 fn followed_taken(i: &Instruction, next: &Instruction) -> bool {
     let t = i.near_branch_target();
     next.ip() == t && t != i.next_ip()
-}
-
-/// The condition that holds exactly when `cc` does not.
-fn negated(cc: ConditionCode) -> ConditionCode {
-    use ConditionCode as C;
-    match cc {
-        C::o => C::no,
-        C::no => C::o,
-        C::b => C::ae,
-        C::ae => C::b,
-        C::e => C::ne,
-        C::ne => C::e,
-        C::be => C::a,
-        C::a => C::be,
-        C::s => C::ns,
-        C::ns => C::s,
-        C::p => C::np,
-        C::np => C::p,
-        C::l => C::ge,
-        C::ge => C::l,
-        C::le => C::g,
-        C::g => C::le,
-        C::None => C::None,
-    }
 }
 
 fn jcc(a: &mut CodeAssembler, cc: ConditionCode, l: CodeLabel) -> R<()> {
