@@ -663,9 +663,11 @@ impl Cpu {
             let k = b.exits.hot(b.heat.load(Ordering::Relaxed))?;
             let j = &b.insns.get(k)?.insn;
             let t = j.near_branch_target();
-            let ok = crate::exec::side_exit(j) && t > j.next_ip() && (t ^ block.lin_pc) >> 12 == 0;
+            if !(crate::exec::side_exit(j) && t > j.next_ip() && (t ^ block.lin_pc) >> 12 == 0) {
+                return None;
+            }
             let phys = (block.phys_pc & !0xfff) | (t & 0xfff);
-            let to = self.blocks.get(&(phys, t, 64)).filter(|_| ok)?;
+            let to = self.blocks.get(&(phys, t, 64))?;
             (to.pages == block.pages && single(to)).then_some((k, to))
         };
         let back = |d: &DInsn| translate::direct_target(&d.insn) == Some(block.lin_pc);
