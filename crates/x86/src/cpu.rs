@@ -822,7 +822,8 @@ impl Cpu {
                 }
             }
             // The taken conditional branch the run leaves by, if any (a
-            // vote in the block's `exits`).
+            // vote in the block's `exits`, which only the translator reads).
+            let voting = self.jit.is_some();
             let mut exit = None;
             for (k, di) in block.insns.iter().enumerate() {
                 self.next_rip = di.insn.next_ip();
@@ -845,14 +846,16 @@ impl Cpu {
                         .get(k + 1)
                         .is_none_or(|n| n.insn.ip() != self.s.rip);
                 if self.end_block || shadow || branched {
-                    if branched && exec::side_exit(&di.insn) {
+                    if voting && branched && exec::side_exit(&di.insn) {
                         exit = Some(k);
                     }
                     self.end_block = false;
                     break;
                 }
             }
-            block.exits.vote(exit);
+            if voting {
+                block.exits.vote(exit);
+            }
         }
     }
 
