@@ -23,6 +23,8 @@ pub struct GuestRam {
     /// Per 4 KiB page: bumped on every write that hits a code page; decoded
     /// blocks remember the generation they were built from.
     page_gen: Vec<AtomicU32>,
+    /// RAM allocated by [`GuestRam::anonymous`], freed with this object.
+    owned: Option<(*mut u8, std::alloc::Layout)>,
 }
 
 // SAFETY: the host pointers refer to mappings that the VMM keeps alive for
@@ -31,6 +33,16 @@ pub struct GuestRam {
 unsafe impl Send for GuestRam {}
 // SAFETY: see above.
 unsafe impl Sync for GuestRam {}
+
+impl Drop for GuestRam {
+    fn drop(&mut self) {
+        if let Some((host, layout)) = self.owned.take() {
+            // SAFETY: allocated with this layout by `anonymous`; the last
+            // user of the memory is gone with this object.
+            unsafe { std::alloc::dealloc(host, layout) };
+        }
+    }
+}
 
 impl GuestRam {
     /// # Safety
@@ -44,6 +56,7 @@ impl GuestRam {
             regions,
             code_pages: (0..pages).map(|_| AtomicU8::new(0)).collect(),
             page_gen: (0..pages).map(|_| AtomicU32::new(0)).collect(),
+            owned: None,
         }
     }
 
@@ -51,18 +64,20 @@ impl GuestRam {
     pub fn anonymous(size: u64) -> Self {
         let layout = std::alloc::Layout::from_size_align(size.max(4096) as usize, 4096)
             .expect("RAM size fits a layout");
-        // SAFETY: non-zero size layout; the allocation is intentionally leaked
-        // so it outlives every user of this GuestRam.
+        // SAFETY: non-zero size layout.
         let host = unsafe { std::alloc::alloc_zeroed(layout) };
         assert!(!host.is_null(), "out of memory allocating guest RAM");
-        // SAFETY: `host` points to `size` zeroed bytes that are never freed.
-        unsafe {
+        // SAFETY: `host` points to `size` zeroed bytes, freed only when the
+        // GuestRam goes (which everything using its pointers keeps alive).
+        let mut ram = unsafe {
             Self::new(vec![RamRegion {
                 gpa: 0,
                 len: size,
                 host,
             }])
-        }
+        };
+        ram.owned = Some((host, layout));
+        ram
     }
 
     pub fn regions(&self) -> &[RamRegion] {
