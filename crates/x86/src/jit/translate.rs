@@ -1178,6 +1178,12 @@ pub fn translate(
                 tx.a.set_label(label)?;
                 tx.a.zero_bytes()?;
                 if add_at == Some(k) {
+                    // The body check's exit is the first copy's: it takes
+                    // guest rcx from where that copy had it here.
+                    if tx.body_rcx_out {
+                        tx.save_rcx(SP_RCX)?;
+                        tx.rcx_out = true;
+                    }
                     tx.count_add(n)?;
                 }
                 tx.cur_k = k;
