@@ -46,11 +46,14 @@ pub struct JitCtx {
     pub(crate) spill: [u64; 29],
     /// Guest arithmetic flags as LAHF (bits 8..15) and SETO (bit 0).
     pub(crate) fl: u64,
-    /// Once the kick flag's address; kept so that the fields after it stay
-    /// where they were: without these 8 bytes `syscall` ran 13% slower (an
-    /// effect of where hot fields fall in `Cpu`, unchanged by aligning
-    /// this struct to a cache line).
-    _reserved: u64,
+    /// What to add to `left` if the helper about to be called leaves
+    /// translated code: the count then covers the instructions up to and
+    /// including the helper's (see `Tx::call_helper`; one less if it
+    /// faults). Once the kick flag's address, whose 8 bytes here `syscall`
+    /// missed: without them it ran 13% slower (an effect of where hot
+    /// fields fall in `Cpu`, unchanged by aligning this struct to a cache
+    /// line).
+    pub(crate) hfix: u64,
     /// Minus the instructions left in the budget (counts up; see exits).
     pub(crate) left: u64,
     /// Address of the patchable jmp of the exit taken (0: not chainable).
@@ -976,6 +979,7 @@ extern "C" fn jit_helper(cpu: *mut Cpu, di: *const DInsn) -> u64 {
     // An inline STI leaves its shadow set until the dispatcher next runs;
     // only a shadow this instruction starts is a reason to leave.
     let shadow0 = cpu.s.irq_shadow;
+    let mut faulted = false;
     let exit = match (di.handler)(cpu, &di.insn) {
         Ok(()) => {
             cpu.s.rip = cpu.next_rip;
@@ -994,9 +998,16 @@ extern "C" fn jit_helper(cpu: *mut Cpu, di: *const DInsn) -> u64 {
         }
         Err(f) => {
             cpu.raise(f);
+            faulted = true;
             true
         }
     };
+    if exit {
+        // The block's count covers instructions after this one (or none of
+        // them yet): make it cover exactly those that ran.
+        let ran = cpu.jctx.hfix.wrapping_sub(faulted as u64);
+        cpu.jctx.left = cpu.jctx.left.wrapping_add(ran);
+    }
     cpu.end_block = false;
     cpu.jctx.fl = fl_from(cpu.s.rflags);
     if cpu.s.fpu.mxcsr != mxcsr {

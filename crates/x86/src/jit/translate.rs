@@ -415,6 +415,8 @@ struct Slow {
     label: CodeLabel,
     back: CodeLabel,
     dn: *const DInsn,
+    /// The instruction's index in the block.
+    k: usize,
     restore: Vec<(Register, usize)>,
     /// Guest rcx is in this register (the keeper), not in rcx.
     rcx_from: Option<Register>,
@@ -722,6 +724,10 @@ struct Tx<'a> {
     body_check: Option<(usize, CodeLabel)>,
     /// Index of the instruction being translated.
     cur_k: usize,
+    /// The block's instruction count, and the instruction before which it
+    /// is added (at the start if none: see [`flags_dead_before`]).
+    count_n: usize,
+    count_at: Option<usize>,
     /// Taken side exits, emitted after the body: (their label, the index
     /// of the branch, its target, whether guest rcx is in the keeper).
     side_exits: Vec<(CodeLabel, usize, u64, bool)>,
@@ -851,6 +857,8 @@ pub fn translate(
         l_count: None,
         body_check: None,
         cur_k: 0,
+        count_n: block.insns.len(),
+        count_at: flags_dead_before(block),
         side_exits: Vec::new(),
         a,
         list,
@@ -1269,7 +1277,7 @@ pub fn translate(
         for &(r, k) in s.restore.iter() {
             tx.a.mov(r64(r), m(o_spill(k)))?;
         }
-        tx.call_helper(s.dn)?;
+        tx.call_helper(s.dn, s.k)?;
         if let Some(k) = s.keep_rcx {
             tx.a.mov(r64(k), rcx)?;
         }
@@ -3064,8 +3072,16 @@ impl Tx<'_> {
         k.and_then(|k| rcx_renamed(i, k)).unwrap_or(*i)
     }
 
-    fn call_helper(&mut self, dn: *const DInsn) -> R<()> {
+    /// Call the helper for instruction `k` of the block (`dn`).
+    fn call_helper(&mut self, dn: *const DInsn, k: usize) -> R<()> {
         self.count_sync()?;
+        // If the helper leaves, the count must cover instructions up to k
+        // (like a side exit's): what to add to it then.
+        let fix = match self.count_at {
+            Some(at) if k < at => k as i32 + 1,
+            _ => k as i32 + 1 - self.count_n as i32,
+        };
+        self.a.mov(qword_ptr(r15 + o_ctx!(hfix)), fix)?;
         // With registers parked, every site of the block shares one copy
         // of the reload, the call and the new parking (see `translate`):
         // helper sites are most of a block's cold code.
@@ -3269,7 +3285,7 @@ impl Tx<'_> {
         self.sync_rcx()?;
         self.helpers += 1;
         self.helper_codes.push(dn.insn.code());
-        self.call_helper(dn as *const DInsn)
+        self.call_helper(dn as *const DInsn, self.cur_k)
     }
 
     /// Leave translated code for the dispatcher, rip = target.
@@ -4044,6 +4060,7 @@ impl Tx<'_> {
             label: slow,
             back,
             dn: dn as *const DInsn,
+            k: self.cur_k,
             rcx_from,
             restore,
             flags_in_ax: false,
@@ -4261,6 +4278,7 @@ impl Tx<'_> {
             label: slow,
             back,
             dn: dn as *const DInsn,
+            k: self.cur_k,
             restore: restore_all,
             rcx_from: None,
             keep_rcx: None,
@@ -4465,6 +4483,7 @@ impl Tx<'_> {
             label: slow,
             back,
             dn: dn as *const DInsn,
+            k: self.cur_k,
             restore: vec![],
             rcx_from: None,
             keep_rcx: None,
