@@ -38,6 +38,74 @@ macro_rules! binop {
     };
 }
 
+/// Binary operation whose undefined flags may keep their incoming values
+/// (IMUL, BSF, BSR: AMD hosts leave SF ZF AF PF of IMUL as they were):
+/// the guest's status flags `fl` go in through SAHF, so the result is
+/// what the host makes of the guest's flags, as in translated code, not of
+/// whatever the host's flags happened to be.
+macro_rules! binop_f {
+    ($name:ident, $insn:literal, $t:ty, $cls:ident, $m:literal) => {
+        #[inline(always)]
+        pub fn $name(a: $t, b: $t, fl: u64) -> ($t, u64) {
+            let r: $t;
+            let mut ax: u16 = ((fl & 0xd5) as u16) << 8;
+            // SAFETY: pure register arithmetic; no memory or stack use.
+            unsafe {
+                core::arch::asm!(
+                    "sahf",
+                    concat!($insn, " {a", $m, "}, {b", $m, "}"),
+                    "lahf",
+                    "seto al",
+                    a = inout($cls) a => r,
+                    b = in($cls) b,
+                    inout("ax") ax,
+                    options(nomem, nostack)
+                )
+            }
+            (r, ax_to_flags(ax))
+        }
+    };
+}
+
+/// The status flags of a one-operand MUL or IMUL of `a` (the accumulator)
+/// by `b`, of `size` bytes, run by the host with the guest's flags `fl`
+/// going in: the undefined SF ZF AF PF come out as the host makes them
+/// (AMD hosts leave them as they were), as in translated code, which runs
+/// MUL itself. The caller computes the product.
+pub fn mul1_flags(signed: bool, size: usize, a: u64, b: u64, fl: u64) -> u64 {
+    let mut ax: u64 = (fl & 0xd5) << 8;
+    macro_rules! run {
+        ($insn:literal, $mov:literal) => {
+            // SAFETY: register arithmetic only (rax and rdx are declared).
+            unsafe {
+                core::arch::asm!(
+                    "sahf",
+                    $mov,
+                    $insn,
+                    "lahf",
+                    "seto al",
+                    a = in(reg) a,
+                    b = in(reg) b,
+                    inout("rax") ax,
+                    out("rdx") _,
+                    options(nomem, nostack)
+                )
+            }
+        };
+    }
+    match (signed, size) {
+        (false, 1) => run!("mul {b:l}", "mov al, {a:l}"),
+        (false, 2) => run!("mul {b:x}", "mov ax, {a:x}"),
+        (false, 4) => run!("mul {b:e}", "mov eax, {a:e}"),
+        (false, _) => run!("mul {b:r}", "mov rax, {a:r}"),
+        (true, 1) => run!("imul {b:l}", "mov al, {a:l}"),
+        (true, 2) => run!("imul {b:x}", "mov ax, {a:x}"),
+        (true, 4) => run!("imul {b:e}", "mov eax, {a:e}"),
+        (true, _) => run!("imul {b:r}", "mov rax, {a:r}"),
+    }
+    ax_to_flags(ax as u16)
+}
+
 /// Binary operation that consumes CF (ADC/SBB).
 macro_rules! binop_c {
     ($name:ident, $insn:literal, $t:ty, $cls:ident, $m:literal) => {
@@ -174,9 +242,9 @@ all_widths!(shiftop, "shr", shr8, shr16, shr32, shr64);
 all_widths!(shiftop, "sar", sar8, sar16, sar32, sar64);
 wide_widths!(dshiftop, "shld", shld16, shld32, shld64);
 wide_widths!(dshiftop, "shrd", shrd16, shrd32, shrd64);
-wide_widths!(binop, "bsf", bsf16, bsf32, bsf64);
-wide_widths!(binop, "bsr", bsr16, bsr32, bsr64);
-wide_widths!(binop, "imul", imul2_16, imul2_32, imul2_64);
+wide_widths!(binop_f, "bsf", bsf16, bsf32, bsf64);
+wide_widths!(binop_f, "bsr", bsr16, bsr32, bsr64);
+wide_widths!(binop_f, "imul", imul2_16, imul2_32, imul2_64);
 wide_widths!(binop, "bt", bt16, bt32, bt64);
 wide_widths!(binop, "bts", bts16, bts32, bts64);
 wide_widths!(binop, "btr", btr16, btr32, btr64);

@@ -318,25 +318,26 @@ fn bitscan(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
     let r = i.op0_register();
     let dst = cpu.gpr(r);
     let fwd = i.mnemonic() == Mnemonic::Bsf;
+    let fl_in = cpu.s.rflags;
     let (res, fl) = match (size, fwd) {
         (2, true) => {
-            let (r, f) = h::bsf16(dst as u16, src as u16);
+            let (r, f) = h::bsf16(dst as u16, src as u16, fl_in);
             (r as u64, f)
         }
         (2, false) => {
-            let (r, f) = h::bsr16(dst as u16, src as u16);
+            let (r, f) = h::bsr16(dst as u16, src as u16, fl_in);
             (r as u64, f)
         }
         (4, true) => {
-            let (r, f) = h::bsf32(dst as u32, src as u32);
+            let (r, f) = h::bsf32(dst as u32, src as u32, fl_in);
             (r as u64, f)
         }
         (4, false) => {
-            let (r, f) = h::bsr32(dst as u32, src as u32);
+            let (r, f) = h::bsr32(dst as u32, src as u32, fl_in);
             (r as u64, f)
         }
-        (_, true) => h::bsf64(dst, src),
-        (_, false) => h::bsr64(dst, src),
+        (_, true) => h::bsf64(dst, src, fl_in),
+        (_, false) => h::bsr64(dst, src, fl_in),
     };
     // A zero source leaves the whole destination unchanged on real CPUs
     // (even a 32-bit one is not zero-extended).
@@ -381,56 +382,41 @@ fn mul(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
     let size = cpu.op_size(i, 0);
     let src = cpu.read_op(i, 0)? & mask(size);
     let a = cpu.reg_sized(0, size);
-    let (lo, hi) = match size {
+    let fl = h::mul1_flags(false, size, a, src, cpu.s.rflags);
+    match size {
         1 => {
             let p = (a as u16) * (src as u16);
             cpu.set_reg_sized(0, 2, p as u64);
-            ((p & 0xff) as u64, (p >> 8) as u64)
         }
         _ => {
             let p = (a as u128) * (src as u128);
-            let lo = (p as u64) & mask(size);
-            let hi = ((p >> (size * 8)) as u64) & mask(size);
-            cpu.set_reg_sized(0, size, lo);
-            cpu.set_reg_sized(2, size, hi);
-            (lo, hi)
+            cpu.set_reg_sized(0, size, (p as u64) & mask(size));
+            cpu.set_reg_sized(2, size, ((p >> (size * 8)) as u64) & mask(size));
         }
-    };
-    let _ = lo;
-    mul_flags(cpu, hi != 0, size, lo);
-    Ok(())
-}
-
-/// CF=OF=overflow; SF ZF AF PF are undefined: produce what the host
-/// produces for the same MUL (SF from the low result, ZF/AF cleared,
-/// PF from the low byte) so the differential test can compare them.
-fn mul_flags(cpu: &mut Cpu, ovf: bool, size: usize, lo: u64) {
-    let mut fl = if ovf { CF | OF } else { 0 };
-    if (lo >> (size * 8 - 1)) & 1 != 0 {
-        fl |= SF;
     }
-    if (lo as u8).count_ones().is_multiple_of(2) {
-        fl |= PF;
-    }
+    // CF=OF=overflow; SF ZF AF PF are undefined: the host's MUL decides
+    // them from the guest's flags, as translated code's does.
     cpu.set_flags(STATUS, fl);
+    Ok(())
 }
 
 fn imul(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
     let size = cpu.op_size(i, 0);
     match i.op_count() {
         1 => {
-            let src = super::sext(cpu.read_op(i, 0)?, size) as i64 as i128;
-            let a = super::sext(cpu.reg_sized(0, size), size) as i64 as i128;
+            let (src, a) = (cpu.read_op(i, 0)?, cpu.reg_sized(0, size));
+            let fl = h::mul1_flags(true, size, a, src, cpu.s.rflags);
+            let src = super::sext(src, size) as i64 as i128;
+            let a = super::sext(a, size) as i64 as i128;
             let p = a * src;
             let lo = (p as u64) & mask(size);
-            let ovf = super::sext(lo, size) as i64 as i128 != p;
             if size == 1 {
                 cpu.set_reg_sized(0, 2, p as u64);
             } else {
                 cpu.set_reg_sized(0, size, lo);
                 cpu.set_reg_sized(2, size, ((p >> (size * 8)) as u64) & mask(size));
             }
-            mul_flags(cpu, ovf, size, lo);
+            cpu.set_flags(STATUS, fl);
         }
         _ => {
             let (a, b) = if i.op_count() == 2 {
@@ -438,16 +424,17 @@ fn imul(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
             } else {
                 (cpu.read_op(i, 1)?, cpu.read_op(i, 2)?)
             };
+            let fl_in = cpu.s.rflags;
             let (res, fl) = match size {
                 2 => {
-                    let (r, f) = h::imul2_16(a as u16, b as u16);
+                    let (r, f) = h::imul2_16(a as u16, b as u16, fl_in);
                     (r as u64, f)
                 }
                 4 => {
-                    let (r, f) = h::imul2_32(a as u32, b as u32);
+                    let (r, f) = h::imul2_32(a as u32, b as u32, fl_in);
                     (r as u64, f)
                 }
-                _ => h::imul2_64(a, b),
+                _ => h::imul2_64(a, b, fl_in),
             };
             cpu.set_gpr(i.op0_register(), res);
             cpu.set_flags(STATUS, fl);
