@@ -134,6 +134,13 @@ enum SelftestCmd {
         #[arg(long, value_enum, default_value_t = CpuEngine::Interp)]
         cpu_engine: CpuEngine,
     },
+    /// Random looping programs, translated and interpreted in lockstep.
+    Loops {
+        #[arg(long, default_value_t = 1000)]
+        programs: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -313,6 +320,13 @@ fn selftest_cpu(
     })
 }
 
+fn selftest_loops(programs: u64, seed: u64) -> anyhow::Result<i32> {
+    let report = x86::selftest::loops::run_programs(programs, seed);
+    // The report's last line is `programs=N mismatches=M`.
+    println!("{report}");
+    Ok(if report.mismatches == 0 { 0 } else { 1 })
+}
+
 fn bench_cpu(insns: u64, engine: CpuEngine) -> anyhow::Result<i32> {
     for (name, r) in x86::bench::run_all(insns, engine.into()) {
         println!("{name:<12} {:>8.1} M instructions/s", r);
@@ -375,6 +389,9 @@ fn main() -> ExitCode {
                     cpu_engine,
                 },
         } => selftest_cpu(cases, seed, class, cpu_engine),
+        Cmd::Selftest {
+            what: SelftestCmd::Loops { programs, seed },
+        } => selftest_loops(programs, seed),
         Cmd::Bench {
             what: BenchCmd::Cpu { insns, cpu_engine },
         } => bench_cpu(insns, cpu_engine),

@@ -15,6 +15,7 @@
 #![allow(clippy::needless_range_loop)]
 
 pub mod gen;
+pub mod loops;
 pub mod native;
 
 use std::collections::BTreeMap;
