@@ -49,11 +49,13 @@ pub struct JitCtx {
     /// What to add to `left` if the helper about to be called leaves
     /// translated code: the count then covers the instructions up to and
     /// including the helper's (see `Tx::call_helper`; one less if it
-    /// faults). Once the kick flag's address, whose 8 bytes here `syscall`
+    /// faults). Blocks have at most 64 instructions; zero after each
+    /// helper, so that sites whose fix is zero store nothing. Once the kick flag's address, whose 8 bytes here `syscall`
     /// missed: without them it ran 13% slower (an effect of where hot
     /// fields fall in `Cpu`, unchanged by aligning this struct to a cache
     /// line).
-    pub(crate) hfix: u64,
+    pub(crate) hfix: i8,
+    _pad: [u8; 7],
     /// Minus the instructions left in the budget (counts up; see exits).
     pub(crate) left: u64,
     /// Address of the patchable jmp of the exit taken (0: not chainable).
@@ -1005,9 +1007,11 @@ extern "C" fn jit_helper(cpu: *mut Cpu, di: *const DInsn) -> u64 {
     if exit {
         // The block's count covers instructions after this one (or none of
         // them yet): make it cover exactly those that ran.
-        let ran = cpu.jctx.hfix.wrapping_sub(faulted as u64);
-        cpu.jctx.left = cpu.jctx.left.wrapping_add(ran);
+        let ran = cpu.jctx.hfix as i64 - faulted as i64;
+        cpu.jctx.left = cpu.jctx.left.wrapping_add(ran as u64);
     }
+    // Sites whose fix is zero store nothing.
+    cpu.jctx.hfix = 0;
     cpu.end_block = false;
     cpu.jctx.fl = fl_from(cpu.s.rflags);
     if cpu.s.fpu.mxcsr != mxcsr {

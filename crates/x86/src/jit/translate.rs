@@ -3081,7 +3081,10 @@ impl Tx<'_> {
             Some(at) if k < at => k as i32 + 1,
             _ => k as i32 + 1 - self.count_n as i32,
         };
-        self.a.mov(qword_ptr(r15 + o_ctx!(hfix)), fix)?;
+        if fix != 0 {
+            const _: () = assert!(crate::cpu::MAX_BLOCK_INSNS <= i8::MAX as usize);
+            self.a.mov(byte_ptr(r15 + o_ctx!(hfix)), fix)?;
+        }
         // With registers parked, every site of the block shares one copy
         // of the reload, the call and the new parking (see `translate`):
         // helper sites are most of a block's cold code.
