@@ -28,7 +28,7 @@
 use std::fmt::{self, Write as _};
 
 use iced_x86::code_asm::*;
-use iced_x86::{Formatter, IntelFormatter};
+use iced_x86::{BlockEncoderOptions, Formatter, IntelFormatter};
 
 use super::gen::Rng;
 use crate::cpu::{Cpu, Exit};
@@ -156,6 +156,9 @@ struct Gen<'r> {
     a: CodeAssembler,
     rng: &'r mut Rng,
     sub: Option<CodeLabel>,
+    /// Where the immediate of the loop's last instruction before its back
+    /// edge is (see [`Program::assemble`]).
+    late: u64,
 }
 
 impl Gen<'_> {
@@ -171,6 +174,10 @@ impl Gen<'_> {
     /// `[base + index * scale + disp]`, mostly within a page or two of
     /// the base; the index (r13) stays small.
     fn mem(&mut self) -> AsmMemoryOperand {
+        if self.rng.chance(5) {
+            // The stack: below rsp and above (return addresses included).
+            return rsp + self.rng.range_i64(-64, 64) as i32;
+        }
         let b = self.rng.pick(&BASES);
         let disp = match self.rng.below(10) {
             0 => self.rng.range_i64(4080, 4100) as i32,
@@ -192,7 +199,10 @@ impl Gen<'_> {
         let v = self.rng.next_u64();
         let a = &mut self.a;
         match v % 6 {
-            // The immediate of the loop's first instruction (`assemble`).
+            // The immediate of the loop's first instruction, or of its
+            // last one before the back edge, ahead in the same block
+            // (see `assemble`).
+            0 if v & 1 << 40 != 0 => a.mov(dword_ptr(self.late), (v >> 32) as u32),
             0 => a.mov(dword_ptr(CODE + 2), (v >> 32) as u32),
             1 => a.add(dword_ptr(CODE + 2), DATA32[d]),
             // A window page mapped elsewhere, read only or not at all.
@@ -279,6 +289,26 @@ impl Gen<'_> {
                 6 => a.cmovb(DATA[d], DATA[s]),
                 _ => a.setne(DATA8[d]),
             },
+            34..=35 if !ctx.rcx_busy && !ctx.flat => {
+                // rcx in the address, small enough to stay near the base;
+                // or r15 (guest r15 lives in memory in translated code).
+                let b = BASES[op as usize % BASES.len()];
+                if imm64 & 1 == 0 {
+                    a.movzx(ecx, cl)?;
+                    a.mov(DATA[d], qword_ptr(b + rcx * 4 + (imm & 0xff)))
+                } else {
+                    a.lea(r15, qword_ptr(b + (imm & 0x7ff)))?;
+                    a.add(qword_ptr(r15 + 8), DATA[s])
+                }
+            }
+            36..=37 if !ctx.flat => {
+                // Atomic read-modify-writes.
+                match op % 3 {
+                    0 => a.lock().add(qword_ptr(m), DATA[s]),
+                    1 => a.xchg(dword_ptr(m), DATA32[d]),
+                    _ => a.lock().cmpxchg(qword_ptr(m), DATA[s]),
+                }
+            }
             34..=49 => match op % 7 {
                 0 => a.mov(DATA[d], qword_ptr(m)),
                 1 => a.mov(DATA32[d], dword_ptr(m)),
@@ -418,7 +448,11 @@ impl Program {
         for c in data.chunks_mut(8) {
             c.copy_from_slice(&rng.next_u64().to_le_bytes());
         }
-        let code = Self::assemble(rng, counted, passes).expect("generated programs assemble");
+        let again = rng.clone();
+        let (_, late) = Self::assemble(rng, counted, passes, CODE + 2).expect("programs assemble");
+        *rng = again;
+        let (code, at) = Self::assemble(rng, counted, passes, late).expect("programs assemble");
+        assert_eq!(at, late, "the second assembly keeps the first one's layout");
         Program {
             code,
             gpr,
@@ -432,11 +466,22 @@ impl Program {
     /// `counted`, up from zero with a compare at the back edge (the
     /// translator's counted loops, where groups of accesses may move by a
     /// constant stride from pass to pass).
-    fn assemble(rng: &mut Rng, counted: bool, passes: u64) -> Result<Vec<u8>, IcedError> {
+    ///
+    /// `late` is where the immediate of the loop's last instruction before
+    /// its back edge goes: it is returned, so that a first assembly with a
+    /// stand-in (whose stores encode to the same length) tells a second,
+    /// from the same generator state, where it is.
+    fn assemble(
+        rng: &mut Rng,
+        counted: bool,
+        passes: u64,
+        late: u64,
+    ) -> Result<(Vec<u8>, u64), IcedError> {
         let mut g = Gen {
             a: CodeAssembler::new(64)?,
             rng,
             sub: None,
+            late,
         };
         let mut top = g.a.create_label();
         g.a.set_label(&mut top)?;
@@ -451,6 +496,9 @@ impl Program {
         for _ in 0..g.rng.range_i64(3, 40) {
             g.element(ctx)?;
         }
+        let mut last = g.a.create_label();
+        g.a.set_label(&mut last)?;
+        g.a.mov(r10d, g.rng.next_u64() as u32)?;
         if counted {
             g.a.add(r12, 1)?;
             g.a.cmp(r12, passes as i32)?;
@@ -471,7 +519,11 @@ impl Program {
             }
             g.a.ret()?;
         }
-        g.a.assemble(CODE)
+        let r =
+            g.a.assemble_options(CODE, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)?;
+        // mov r10d, imm32: REX, opcode, then the immediate.
+        let late = r.label_ip(&last)? + 2;
+        Ok((r.inner.code_buffer, late))
     }
 
     fn machine(&self, jit: bool) -> Cpu {
