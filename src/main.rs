@@ -140,6 +140,10 @@ enum SelftestCmd {
         programs: u64,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Translate on a second thread (runs then differ in timing, and
+        /// a mismatch may not repeat).
+        #[arg(long)]
+        background: bool,
     },
 }
 
@@ -320,8 +324,8 @@ fn selftest_cpu(
     })
 }
 
-fn selftest_loops(programs: u64, seed: u64) -> anyhow::Result<i32> {
-    let report = x86::selftest::loops::run_programs(programs, seed);
+fn selftest_loops(programs: u64, seed: u64, background: bool) -> anyhow::Result<i32> {
+    let report = x86::selftest::loops::run_programs(programs, seed, background);
     // The report's last line is `programs=N mismatches=M`.
     println!("{report}");
     Ok(if report.mismatches == 0 { 0 } else { 1 })
@@ -390,8 +394,13 @@ fn main() -> ExitCode {
                 },
         } => selftest_cpu(cases, seed, class, cpu_engine),
         Cmd::Selftest {
-            what: SelftestCmd::Loops { programs, seed },
-        } => selftest_loops(programs, seed),
+            what:
+                SelftestCmd::Loops {
+                    programs,
+                    seed,
+                    background,
+                },
+        } => selftest_loops(programs, seed, background),
         Cmd::Bench {
             what: BenchCmd::Cpu { insns, cpu_engine },
         } => bench_cpu(insns, cpu_engine),
