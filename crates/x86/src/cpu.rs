@@ -815,6 +815,10 @@ impl Cpu {
                     let before = self.stats.instructions;
                     chain = self.jit_run(entry, stop_at - self.stats.instructions);
                     self.stats.translated += self.stats.instructions - before;
+                    if !crate::mmu::canonical(self.s.rip) {
+                        self.jit_wild_branch();
+                        chain = None;
+                    }
                     if shadow && self.stats.instructions == before {
                         self.s.irq_shadow = true;
                     }

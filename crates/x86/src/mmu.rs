@@ -19,6 +19,13 @@ pub const TLB_BITS: usize = 12;
 pub const TLB_SIZE: usize = 1 << TLB_BITS;
 const NO_TAG: u64 = u64::MAX;
 
+/// A 64-bit linear address is canonical: bits 47..63 all equal.
+#[inline]
+pub fn canonical(v: u64) -> bool {
+    let top = (v as i64) >> 47;
+    top == 0 || top == -1
+}
+
 /// Physical address bits advertised in CPUID 0x80000008.
 pub const PHYS_ADDR_BITS: u32 = 40;
 const PHYS_MASK: u64 = ((1u64 << PHYS_ADDR_BITS) - 1) & !0xfff;
@@ -378,8 +385,7 @@ impl Cpu {
 
         if s.long_mode() {
             // Canonical check (48-bit linear addresses).
-            let top = (lin as i64) >> 47;
-            if top != 0 && top != -1 {
+            if !canonical(lin) {
                 return Err(Fault::gp0());
             }
             let rsvd_common = !PHYS_MASK & 0x000f_ffff_ffff_f000 | if nxe { 0 } else { PTE_NX };

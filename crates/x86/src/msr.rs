@@ -4,6 +4,7 @@
 
 use crate::cpu::Cpu;
 use crate::exception::{Fault, XResult};
+use crate::mmu::canonical;
 use crate::state::{efer, FS, GS};
 
 pub const TSC: u32 = 0x10;
@@ -34,11 +35,6 @@ pub const TSC_AUX: u32 = 0xc000_0103;
 const FIXED_MTRRS: [u32; 11] = [
     0x250, 0x258, 0x259, 0x268, 0x269, 0x26a, 0x26b, 0x26c, 0x26d, 0x26e, 0x26f,
 ];
-
-fn canonical(v: u64) -> bool {
-    let top = (v as i64) >> 47;
-    top == 0 || top == -1
-}
 
 pub fn read(cpu: &mut Cpu, msr: u32) -> XResult<u64> {
     let s = &cpu.s;

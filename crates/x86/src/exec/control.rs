@@ -5,6 +5,7 @@ use iced_x86::{Instruction, Mnemonic, OpKind};
 use super::{mask, Handler};
 use crate::cpu::Cpu;
 use crate::exception::{Fault, XResult};
+use crate::mmu::canonical;
 use crate::state::flags::*;
 
 pub fn lookup(i: &Instruction) -> Option<Handler> {
@@ -61,11 +62,8 @@ fn branch_size(cpu: &Cpu, i: &Instruction) -> usize {
 #[inline(always)]
 fn branch_to(cpu: &mut Cpu, target: u64, size: usize) -> XResult<()> {
     let t = target & mask(size);
-    if cpu.s.mode64() {
-        let top = (t as i64) >> 47;
-        if top != 0 && top != -1 {
-            return Err(Fault::gp0());
-        }
+    if cpu.s.mode64() && !canonical(t) {
+        return Err(Fault::gp0());
     }
     cpu.next_rip = t;
     Ok(())
@@ -98,11 +96,8 @@ fn call(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
     let t = target(cpu, i)?;
     let ret = cpu.next_rip;
     // Check the target before pushing so a bad target leaves RSP intact.
-    if cpu.s.mode64() {
-        let top = ((t & mask(size)) as i64) >> 47;
-        if top != 0 && top != -1 {
-            return Err(Fault::gp0());
-        }
+    if cpu.s.mode64() && !canonical(t & mask(size)) {
+        return Err(Fault::gp0());
     }
     cpu.push(size, ret)?;
     branch_to(cpu, t, size)
@@ -111,11 +106,8 @@ fn call(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
 fn ret(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
     let size = cpu.stack_op_size(i);
     let t = cpu.peek(size, 0)?;
-    if cpu.s.mode64() {
-        let top = (t as i64) >> 47;
-        if top != 0 && top != -1 {
-            return Err(Fault::gp0());
-        }
+    if cpu.s.mode64() && !canonical(t) {
+        return Err(Fault::gp0());
     }
     cpu.pop(size)?;
     if i.op_count() > 0 {

@@ -2875,6 +2875,7 @@ impl Tx<'_> {
                 if i.code() == Code::Call_rm64 {
                     self.push(dn, PushSrc::Imm(i.next_ip()))?;
                 }
+                self.note_branch(i.ip())?;
                 self.exit_to(ExitTarget::Stored, None)?;
                 return Ok(true);
             }
@@ -3289,6 +3290,21 @@ impl Tx<'_> {
         self.helpers += 1;
         self.helper_codes.push(dn.insn.code());
         self.call_helper(dn as *const DInsn, self.cur_k)
+    }
+
+    /// Note the indirect branch at `rip`, about to go through the jump
+    /// cache with its target in `s.rip`: a miss leaves it in `target` for
+    /// `Cpu::jit_wild_branch` (a hit overwrites it).
+    fn note_branch(&mut self, rip: u64) -> R<()> {
+        let at = o_ctx!(target);
+        match i32::try_from(rip as i64) {
+            // Sign-extended: user code low, kernel code in the top 2 GiB.
+            Ok(v) => self.a.mov(qword_ptr(r15 + at), v),
+            Err(_) => {
+                self.a.mov(dword_ptr(r15 + at), rip as u32)?;
+                self.a.mov(dword_ptr(r15 + at + 4), (rip >> 32) as u32)
+            }
+        }
     }
 
     /// Leave translated code for the dispatcher, rip = target.
@@ -4452,6 +4468,7 @@ impl Tx<'_> {
             self.helper_insn(dn)?;
             return self.exit_to(ExitTarget::Imm(dn.insn.next_ip()), None);
         };
+        self.note_branch(dn.insn.ip())?;
         self.exit_to(ExitTarget::Stored, None)?;
         // Slow path: the helper runs the whole RET; it only comes back if
         // the return address happens to be the next instruction.
@@ -4663,6 +4680,7 @@ impl Tx<'_> {
         if i.code() == Code::Call_rm64 {
             self.push(dn, PushSrc::Imm(i.next_ip()))?;
         }
+        self.note_branch(i.ip())?;
         self.exit_to(ExitTarget::Stored, None)?;
         // The helper ran the whole instruction; it only comes back when
         // the target is the next instruction.

@@ -709,7 +709,7 @@ mod tests {
     /// Programs that fail without a fix, kept: (seed, program, the bug).
     /// A change to the generator changes the programs: find new ones
     /// then (undo the fix, run `selftest loops` on seeds 2 and 3).
-    const FOUND: [(u64, u64, &str); 6] = [
+    const FOUND: [(u64, u64, &str); 8] = [
         (2, 9, "the count after a helper that leaves mid-block"),
         (3, 1, "the count after a helper that leaves mid-block"),
         (2, 324, "IMUL's undefined flags in the interpreter"),
@@ -724,6 +724,8 @@ mod tests {
             361,
             "guest rcx lost at a body check's exit from the plain copy",
         ),
+        (8, 22, "a RET to a non-canonical address faulted after it"),
+        (10, 126, "a RET to a non-canonical address faulted after it"),
     ];
 
     #[test]
