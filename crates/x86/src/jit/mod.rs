@@ -49,11 +49,13 @@ pub struct JitCtx {
     /// What to add to `left` if the helper about to be called leaves
     /// translated code: the count then covers the instructions up to and
     /// including the helper's (see `Tx::call_helper`; one less if it
-    /// faults). Blocks have at most 64 instructions; zero after each
-    /// helper, so that sites whose fix is zero store nothing. Once the kick flag's address, whose 8 bytes here `syscall`
-    /// missed: without them it ran 13% slower (an effect of where hot
-    /// fields fall in `Cpu`, unchanged by aligning this struct to a cache
-    /// line).
+    /// faults). Blocks have at most 64 instructions. Zero after each
+    /// helper, so that sites whose fix is zero store nothing.
+    ///
+    /// With its padding, the 8 bytes that once held the kick flag's
+    /// address: without them `syscall` ran 13% slower (an effect of where
+    /// hot fields fall in `Cpu`, unchanged by aligning this struct to a
+    /// cache line).
     pub(crate) hfix: i8,
     _pad: [u8; 7],
     /// Minus the instructions left in the budget (counts up; see exits).
@@ -1006,7 +1008,7 @@ impl Cpu {
             (self.s.rip, self.s.gpr[4]) = (target, rsp);
             return;
         }
-        self.stats.instructions -= 1;
+        self.stats.instructions = self.stats.instructions.saturating_sub(1);
         if let Some(f) = self.step() {
             self.raise(f);
         }
