@@ -901,7 +901,7 @@ pub fn translate(
     let loops = loops_on_itself(block);
     // Where the guest flags are dead, one flag-clobbering ADD counts;
     // otherwise a flag-free load, LEA and store at the block's start.
-    let add_at = flags_dead_before(block);
+    let add_at = tx.count_at;
     if opts.groups && tx.free3().is_some() {
         let free = unnamed(block, &mut tx.info, &tx.parked);
         // Up to 8 parked registers: each costs a store and a load around
@@ -1001,7 +1001,7 @@ pub fn translate(
     }
     tx.counter_load()?;
     tx.counter_live = true;
-    let n = block.insns.len();
+    let n = tx.count_n;
     // With groups the block is emitted twice: first the copy whose group
     // members skip their lookups, then, from the first group's head on,
     // the plain copy. The first copy goes on in the plain one at the
