@@ -968,9 +968,7 @@ impl Cpu {
         }
         None
     }
-}
 
-impl Cpu {
     /// Translated code took an indirect branch to a non-canonical address
     /// (`s.rip`): it left through the jump cache with the branch done
     /// (RSP popped or pushed, the instruction counted), but the branch must
