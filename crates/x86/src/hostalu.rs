@@ -67,13 +67,15 @@ macro_rules! binop_f {
     };
 }
 
-/// The status flags of a one-operand MUL or IMUL of `a` (the accumulator)
-/// by `b`, of `size` bytes, run by the host with the guest's flags `fl`
-/// going in: the undefined SF ZF AF PF come out as the host makes them
-/// (AMD hosts leave them as they were), as in translated code, which runs
-/// MUL itself. The caller computes the product.
-pub fn mul1_flags(signed: bool, size: usize, a: u64, b: u64, fl: u64) -> u64 {
+/// One-operand MUL or IMUL (`signed`) of `a` (the accumulator) by `b`,
+/// of `size` bytes, run by the host with the guest's flags `fl` going in
+/// → (rAX, rDX, status flags): the product (in AX for bytes, else low half
+/// in rAX and high half in rDX) and the flags, whose undefined SF ZF AF PF
+/// come out as the host makes them (AMD hosts leave them as they were), as
+/// in translated code, which runs MUL itself.
+pub fn mul1(signed: bool, size: usize, a: u64, b: u64, fl: u64) -> (u64, u64, u64) {
     let mut ax: u64 = (fl & 0xd5) << 8;
+    let (lo, hi): (u64, u64);
     macro_rules! run {
         ($insn:literal, $mov:literal) => {
             // SAFETY: register arithmetic only (rax and rdx are declared).
@@ -82,12 +84,14 @@ pub fn mul1_flags(signed: bool, size: usize, a: u64, b: u64, fl: u64) -> u64 {
                     "sahf",
                     $mov,
                     $insn,
+                    "mov {lo}, rax",
                     "lahf",
                     "seto al",
                     a = in(reg) a,
                     b = in(reg) b,
+                    lo = out(reg) lo,
                     inout("rax") ax,
-                    out("rdx") _,
+                    out("rdx") hi,
                     options(nomem, nostack)
                 )
             }
@@ -103,7 +107,7 @@ pub fn mul1_flags(signed: bool, size: usize, a: u64, b: u64, fl: u64) -> u64 {
         (true, 4) => run!("imul {b:e}", "mov eax, {a:e}"),
         (true, _) => run!("imul {b:r}", "mov rax, {a:r}"),
     }
-    ax_to_flags(ax as u16)
+    (lo, hi, ax_to_flags(ax as u16))
 }
 
 /// Binary operation that consumes CF (ADC/SBB).

@@ -382,22 +382,22 @@ fn mul(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
     let size = cpu.op_size(i, 0);
     let src = cpu.read_op(i, 0)? & mask(size);
     let a = cpu.reg_sized(0, size);
-    let fl = h::mul1_flags(false, size, a, src, cpu.s.rflags);
-    match size {
-        1 => {
-            let p = (a as u16) * (src as u16);
-            cpu.set_reg_sized(0, 2, p as u64);
-        }
-        _ => {
-            let p = (a as u128) * (src as u128);
-            cpu.set_reg_sized(0, size, (p as u64) & mask(size));
-            cpu.set_reg_sized(2, size, ((p >> (size * 8)) as u64) & mask(size));
-        }
-    }
-    // CF=OF=overflow; SF ZF AF PF are undefined: the host's MUL decides
-    // them from the guest's flags, as translated code's does.
-    cpu.set_flags(STATUS, fl);
+    mul_on_host(cpu, false, size, a, src);
     Ok(())
+}
+
+/// One-operand MUL/IMUL by the host (see [`h::mul1`]): CF=OF=overflow;
+/// SF ZF AF PF are undefined, and the host decides them from the guest's
+/// flags, as translated code's MUL does.
+fn mul_on_host(cpu: &mut Cpu, signed: bool, size: usize, a: u64, b: u64) {
+    let (lo, hi, fl) = h::mul1(signed, size, a, b, cpu.s.rflags);
+    if size == 1 {
+        cpu.set_reg_sized(0, 2, lo);
+    } else {
+        cpu.set_reg_sized(0, size, lo & mask(size));
+        cpu.set_reg_sized(2, size, hi & mask(size));
+    }
+    cpu.set_flags(STATUS, fl);
 }
 
 fn imul(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
@@ -405,18 +405,7 @@ fn imul(cpu: &mut Cpu, i: &Instruction) -> XResult<()> {
     match i.op_count() {
         1 => {
             let (src, a) = (cpu.read_op(i, 0)?, cpu.reg_sized(0, size));
-            let fl = h::mul1_flags(true, size, a, src, cpu.s.rflags);
-            let src = super::sext(src, size) as i64 as i128;
-            let a = super::sext(a, size) as i64 as i128;
-            let p = a * src;
-            let lo = (p as u64) & mask(size);
-            if size == 1 {
-                cpu.set_reg_sized(0, 2, p as u64);
-            } else {
-                cpu.set_reg_sized(0, size, lo);
-                cpu.set_reg_sized(2, size, ((p >> (size * 8)) as u64) & mask(size));
-            }
-            cpu.set_flags(STATUS, fl);
+            mul_on_host(cpu, true, size, a, src);
         }
         _ => {
             let (a, b) = if i.op_count() == 2 {
