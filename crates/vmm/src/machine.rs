@@ -463,7 +463,7 @@ fn print_stats(cpu: &Cpu, elapsed: Duration, halted: Duration) {
     );
     if let Some(j) = cpu.jit_stats() {
         eprintln!(
-            "[matryoshka] jit: {} translations ({} failed, {:.1} ms, {} KiB code; {} native / {} helper insns; {} strided groups, {} traces), {} dispatcher entries, {} chain patches ({} through stubs, {} to other pages), {} helper calls ({} exits), {} flushes\r",
+            "[matryoshka] jit: {} translations ({} failed, {:.1} ms, {} KiB code; {} native / {} helper insns; {} strided groups, {} in 32-bit loops, {} traces), {} dispatcher entries, {} chain patches ({} through stubs, {} to other pages), {} helper calls ({} exits), {} flushes\r",
             j.translations,
             j.translate_failures,
             j.translate_ms,
@@ -471,6 +471,7 @@ fn print_stats(cpu: &Cpu, elapsed: Duration, halted: Duration) {
             j.native_insns,
             j.helper_insns,
             j.strided_groups,
+            j.z32_loops,
             j.traces,
             j.entries,
             j.chain_patches,

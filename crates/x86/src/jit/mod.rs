@@ -166,6 +166,9 @@ pub struct JitStats {
     /// Groups whose check covers the passes of a loop while they stay in
     /// one page (see `translate::Stride`).
     pub strided_groups: u64,
+    /// Loops counted in a 32-bit register whose 32-bit sums the
+    /// translator followed (see `translate::Z32`).
+    pub z32_loops: u64,
     /// Blocks translated as traces that follow a hot taken branch.
     pub traces: u64,
 }
@@ -828,6 +831,7 @@ impl Jit {
         self.stats.native_insns += t.native as u64;
         self.stats.helper_insns += t.helpers as u64;
         self.stats.strided_groups += t.strided as u64;
+        self.stats.z32_loops += t.z32 as u64;
         self.blocks.push(block.clone());
         if let Some(tr) = trace {
             self.blocks.push(tr.clone());

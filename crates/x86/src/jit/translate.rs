@@ -406,6 +406,9 @@ pub struct Translation {
     pub helpers: u32,
     /// Strided groups (see `Stride`).
     pub strided: u32,
+    /// Whether this is a loop counted in a 32-bit register whose 32-bit
+    /// sums were followed (see `Z32`).
+    pub z32: bool,
     /// Instructions left to helpers (diagnostics).
     #[allow(dead_code)]
     pub helper_codes: Vec<Code>,
@@ -738,6 +741,9 @@ struct Tx<'a> {
     /// The block's groups (see [`Group`]); empty while the plain copy is
     /// emitted.
     groups: Vec<Group>,
+    /// The entry checks of a loop counted in a 32-bit register (see
+    /// [`plan_groups`]).
+    z32: Vec<(Register, u32)>,
     /// The group register of the instruction being translated when it is
     /// a group member (fast copy only), and for a stack group's member its
     /// access's offset from that register (see [`Group::rel`]).
@@ -878,6 +884,7 @@ pub fn translate(
         cur_rip: 0,
         cur_lookups: 0,
         groups: Vec::new(),
+        z32: Vec::new(),
         member: None,
         cache: Vec::new(),
         cache_owner: Vec::new(),
@@ -907,7 +914,7 @@ pub fn translate(
         // Up to 8 parked registers: each costs a store and a load around
         // every exit and helper call.
         let room = 8usize.saturating_sub(tx.parked.len());
-        tx.groups = plan_groups(
+        (tx.groups, tx.z32) = plan_groups(
             block,
             &mut tx.info,
             opts.sse,
@@ -1024,11 +1031,17 @@ pub fn translate(
     // (Strided groups are hoisted: both are set below or stay empty.)
     let mut strided: Vec<(Register, Stride)> = Vec::new();
     let mut budget_free = false;
+    let mut z32_loop = false;
     if hoisted {
         // (Keeps l_hoist off l_count.)
         tx.a.zero_bytes()?;
         tx.a.set_label(&mut l_hoist)?;
         tx.a.zero_bytes()?;
+        let z32 = std::mem::take(&mut tx.z32);
+        z32_loop = !z32.is_empty();
+        if !z32.is_empty() {
+            tx.z32_check(&z32, plain[0])?;
+        }
         // Their own lookups (the cache pairs were just cleared), but a
         // strided group's check runs again whenever the loop moves to
         // another page: its pair, preloaded at the count, often hits.
@@ -1044,10 +1057,10 @@ pub fn translate(
         // the block would step no register and check no limit.)
         for g in groups.iter() {
             if let Some(st) = g.stride {
-                let (Home::Reg(r), Some((sa, _, _))) = (g.home, tx.free3()) else {
+                let (Home::Reg(r), Some((sa, sb, _))) = (g.home, tx.free3()) else {
                     return Err(TranslateError::Strided);
                 };
-                stride_limit(&mut tx.a, g, st, r, sa)?;
+                stride_limit(&mut tx.a, g, st, r, (sa, sb))?;
                 strided.push((r, st));
             }
         }
@@ -1055,7 +1068,7 @@ pub fn translate(
         // Strided groups that move in step: one limit, the tightest, in
         // the first one's slot, and one compare a pass.
         if let [(lead, st), rest @ ..] = &strided[..] {
-            if !rest.is_empty() && rest.iter().all(|(_, s)| s.step == st.step) {
+            if !rest.is_empty() && rest.iter().all(|(_, s)| s.same_step(st)) {
                 let t = tx.free3().ok_or(TranslateError::Strided)?;
                 for &g in rest {
                     merge_limit(&mut tx.a, (*lead, *st), g, t)?;
@@ -1067,7 +1080,9 @@ pub fn translate(
         // + 1 passes before the plain copy (whose back edge comes back
         // here): with room for that many in the budget, the first copy's
         // passes need not check it.
+        // (Not known for a register's step.)
         let widest = strided.iter().map(|(_, s)| s.step.unsigned_abs()).max();
+        let widest = widest.filter(|_| strided.iter().all(|(_, s)| s.by == Register::None));
         if let (Some(w), true) = (widest, body_check) {
             let passes = 0x1000 / w as usize + 2;
             budget_free = tx.budget_room(passes * n, plain[0])?;
@@ -1115,7 +1130,7 @@ pub fn translate(
             for &(r, st) in tx.strided[..tx.stride_checks].iter() {
                 let a = &mut tx.a;
                 a.cmp(r64(r), m(o_spill(st.limit)))?;
-                if st.step > 0 {
+                if st.step > 0 || st.by != Register::None {
                     a.ja(plain[k])?;
                 } else {
                     a.jb(plain[k])?;
@@ -1349,6 +1364,7 @@ pub fn translate(
         native: tx.native,
         helpers: tx.helpers,
         strided: strided_groups,
+        z32: z32_loop,
         helper_codes: std::mem::take(&mut tx.helper_codes),
     })
 }
@@ -1507,6 +1523,10 @@ struct Group {
     /// `Register::None` for `[base + disp]`.
     index: Register,
     scale: u32,
+    /// A hoisted group's third register (`Register::None` if none), times
+    /// `scale2`.
+    index2: Register,
+    scale2: u32,
     lo: i64,
     end: i64,
     write: bool,
@@ -1551,10 +1571,23 @@ struct Group {
 /// plain copy, whose back edge checks the group again. Not at the loop's
 /// start: a fault there (when the check fails, in the plain copy) would
 /// show the guest flags the compare left.
-#[derive(Clone, Copy, Debug)]
+///
+/// Under [`Z32`], the step may also name a register the loop leaves
+/// alone and the entry checked below 2^24 (`by`, times `by_scale`): the
+/// step is then `step` plus that, upward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Stride {
     step: i32,
+    by: Register,
+    by_scale: u32,
     limit: usize,
+}
+
+impl Stride {
+    /// Both move their registers by the same amount.
+    fn same_step(&self, o: &Stride) -> bool {
+        (self.step, self.by, self.by_scale) == (o.step, o.by, o.by_scale)
+    }
 }
 
 /// Where a group keeps its base plus scaled index plus host addend: a
@@ -1847,6 +1880,42 @@ impl Lin {
 struct Regs {
     r: [Lin; 16],
     fresh: u32,
+    /// Planning a loop counted in a 32-bit register (see [`Z32`]).
+    z: Option<Z32>,
+}
+
+/// A loop whose back edge is `cmp r32, C` and JB or JBE (C < 2^31), as
+/// compilers emit for an unsigned 32-bit index (a sieve's inner loop):
+/// while it is planned, 32-bit operations on its registers are followed
+/// as if 64-bit, where that is exact. Symbol `ind` (the compared
+/// register) is below 2^31 at the start of each pass: checked before the
+/// first, and C bounds it at the others. The other symbols in `bounded`
+/// are below 2^[`Z32_SHIFT`] (checked before the first pass) and the loop
+/// leaves them alone. A 32-bit result is followed only when it is a sum
+/// of those, with coefficients 1 to 8 and a positive offset, that cannot
+/// reach 2^32: then it equals its 64-bit sum (no wrap, and the high
+/// halves are zero). The checks also bound a strided group's step by a
+/// register (see [`Stride`]), which keeps its host address in its page.
+#[derive(Clone, Copy, Debug)]
+struct Z32 {
+    ind: u32,
+    bounded: u16,
+    /// Registers whose value is such a followed 32-bit result.
+    zw: u16,
+    /// Whether any 32-bit result was followed.
+    used: bool,
+}
+
+/// The bound [`Z32`] checks on the symbols it adds to its sums besides
+/// the induction, as a power of two: such sums can name a few of them and
+/// stay below 2^32.
+const Z32_SHIFT: u32 = 24;
+
+/// Symbols [`Z32`] may follow: guest rcx, rsp and r15 do not live in
+/// their own host registers in translated code, where the checks read
+/// them.
+fn z32_symbol(s: u32) -> bool {
+    s < 16 && !matches!(s, 1 | 4 | 15)
 }
 
 impl Regs {
@@ -1854,7 +1923,67 @@ impl Regs {
         Regs {
             r: std::array::from_fn(|s| Lin::sym(s as u32)),
             fresh: 16,
+            z: None,
         }
+    }
+
+    /// The 32-bit operation `i` writing `d` (a GPR64), under [`Z32`]: the
+    /// sum it leaves (zero-extended), when that is followed.
+    fn step32(&mut self, i: &Instruction, d: Register) -> Option<Lin> {
+        let z = self.z?;
+        let reg = |n: u32| {
+            (i.op_count() > n && i.op_kind(n) == OpKind::Register).then(|| i.op_register(n))
+        };
+        // A source is its own start value, a followed 32-bit result, or
+        // nothing else: the low half of a 64-bit sum is not its value.
+        let clean = |r: Register| -> Option<Lin> {
+            let r = r.full_register();
+            let s = gidx(r);
+            let v = self.r[s];
+            let own = v.terms[..] == [(s as u32, 1)] && v.k == 0;
+            (r.is_gpr64() && (own || z.zw & 1 << s != 0)).then_some(v)
+        };
+        let dst = || clean(d);
+        let src = || reg(1).filter(|r| r.is_gpr32()).and_then(clean);
+        let imm = || Lin::konst(i.immediate(1) as u32 as i32 as i64);
+        let v = match i.code() {
+            Code::Mov_r32_rm32 | Code::Mov_rm32_r32 => src()?,
+            Code::Mov_r32_imm32 => Lin::konst(i.immediate(1) as u32 as i64),
+            Code::Add_r32_rm32 | Code::Add_rm32_r32 => dst()?.plus(&src()?, 1)?,
+            Code::Add_rm32_imm8 | Code::Add_rm32_imm32 | Code::Add_EAX_imm32 => {
+                dst()?.plus(&imm(), 1)?
+            }
+            Code::Inc_rm32 => dst()?.plus(&Lin::konst(1), 1)?,
+            Code::Lea_r32_m if is64addr(i) => {
+                let (b, x) = (i.memory_base(), i.memory_index());
+                let ok = |r: Register| r == Register::None || clean(r).is_some();
+                if !(ok(b) && ok(x)) || b == Register::RIP {
+                    return None;
+                }
+                let disp = i.memory_displacement64() as i64;
+                self.addr(b, x, i.memory_index_scale(), disp)?
+            }
+            _ => return None,
+        };
+        // Its largest value, from the symbols' bounds.
+        let mut top = u128::try_from(v.k).ok()?;
+        let mut bounded = z.bounded;
+        for &(s, c) in v.terms.iter() {
+            if !z32_symbol(s) || !(1..=8).contains(&c) {
+                return None;
+            }
+            let shift = if s == z.ind { 31 } else { Z32_SHIFT };
+            bounded |= 1 << s;
+            top += (c as u128) << shift;
+        }
+        (top < 1 << 32).then(|| {
+            self.z = Some(Z32 {
+                bounded,
+                used: true,
+                ..z
+            });
+            v
+        })
     }
 
     /// `base` (None: 0, RIP: `disp` is the address) plus `index` times
@@ -1915,13 +2044,36 @@ impl Regs {
             }?;
             Some((d, nv))
         });
+        let new32 = reg(0)
+            .filter(|d| d.is_gpr32())
+            .map(|d| d.full_register())
+            .and_then(|d| Some((d, self.step32(i, d)?)));
         for &w in written.iter().filter(|w| w.is_gpr64()) {
             self.r[gidx(w)] = Lin::sym(self.fresh);
             self.fresh += 1;
+            if let Some(z) = self.z.as_mut() {
+                z.zw &= !(1 << gidx(w));
+            }
         }
         if let Some((d, v)) = new {
             self.r[gidx(d)] = v;
         }
+        if let Some((d, v)) = new32 {
+            self.r[gidx(d)] = v;
+            if let Some(z) = self.z.as_mut() {
+                z.zw |= 1 << gidx(d);
+            }
+        }
+    }
+
+    /// How GPR symbol `s` moved since the block's start when that is a
+    /// sum of symbols the block leaves alone plus a constant (the block's
+    /// registers at its back edge).
+    fn movement(&self, s: u32) -> Option<Lin> {
+        let v = self.r.get(s as usize)?;
+        let d = v.plus(&Lin::sym(s), -1)?;
+        let still = |&(t, _): &(u32, i64)| self.moved(t) == Some(0);
+        d.terms.iter().all(still).then_some(d)
     }
 }
 
@@ -1958,6 +2110,11 @@ impl Group {
 /// block loops on itself and counts at an instruction inside), groups
 /// whose addresses stay the same from pass to pass are hoisted (see
 /// [`Group::hoist`]), even with a single member.
+///
+/// A loop counted in a 32-bit register (see [`Z32`]) is planned with its
+/// 32-bit sums followed where that hoists a group; the checks its entry
+/// must then make come back with the groups: registers, each to be below
+/// 2^shift.
 fn plan_groups(
     block: &Block,
     info: &mut InstructionInfoFactory,
@@ -1965,11 +2122,78 @@ fn plan_groups(
     fp: bool,
     free: &[Register],
     hoist_ok: bool,
-) -> Vec<Group> {
+) -> (Vec<Group>, Vec<(Register, u32)>) {
+    let (plain, _) = plan_with(block, info, sse, fp, free, hoist_ok, None);
+    if let Some(ind) = z32_loop(block).filter(|_| hoist_ok) {
+        let (groups, lin) = plan_with(block, info, sse, fp, free, true, Some(ind));
+        // Only where that hoists more: its checks may fail where the
+        // other plan's would not.
+        let hoisted = |v: &[Group]| v.iter().filter(|g| g.hoist).count();
+        if let Some(z) = lin
+            .z
+            .filter(|z| z.used && hoisted(&groups) > hoisted(&plain))
+        {
+            let bounded = (0..16u32).filter(|&s| z.bounded & 1 << s != 0);
+            let still = bounded.clone().all(|s| s == ind || lin.moved(s) == Some(0));
+            let ind_ok = lin.moved(ind) == Some(0) || z.zw & 1 << ind != 0;
+            if still && ind_ok {
+                let shift = |s: u32| if s == ind { 31 } else { Z32_SHIFT };
+                let checks = bounded.map(|s| (GPR64[s as usize], shift(s))).collect();
+                return (groups, checks);
+            }
+        }
+    }
+    (plain, Vec::new())
+}
+
+/// The induction symbol of a loop counted in a 32-bit register (see
+/// [`Z32`]): its back edge compares that register with a constant below
+/// 2^31 and loops while below (or equal).
+fn z32_loop(block: &Block) -> Option<u32> {
+    let [.., c, j] = &block.insns[..] else {
+        return None;
+    };
+    let (c, j) = (&c.insn, &j.insn);
+    let cmp = matches!(
+        c.code(),
+        Code::Cmp_rm32_imm8 | Code::Cmp_rm32_imm32 | Code::Cmp_EAX_imm32
+    );
+    if !cmp || c.op0_kind() != OpKind::Register {
+        return None;
+    }
+    let bound = c.immediate(1) as u32;
+    let below = matches!(j.condition_code(), ConditionCode::b | ConditionCode::be);
+    let back = direct_target(j) == Some(block.insns[0].insn.ip());
+    let s = gidx(c.op0_register().full_register()) as u32;
+    (j.flow_control() == FlowControl::ConditionalBranch
+        && below
+        && back
+        && bound < 1 << 31
+        && z32_symbol(s))
+    .then_some(s)
+}
+
+/// [`plan_groups`] for one way of following the registers: `z`, the
+/// induction symbol of a [`Z32`] loop, or none.
+fn plan_with(
+    block: &Block,
+    info: &mut InstructionInfoFactory,
+    sse: bool,
+    fp: bool,
+    free: &[Register],
+    hoist_ok: bool,
+    z: Option<u32>,
+) -> (Vec<Group>, Regs) {
     let mut done: Vec<Group> = Vec::new();
     let mut open: Vec<Group> = Vec::new();
     let mut stack: Option<Group> = None;
     let mut lin = Regs::new();
+    lin.z = z.map(|ind| Z32 {
+        ind,
+        bounded: 0,
+        zw: 0,
+        used: false,
+    });
     let mut helper_before_end = false;
     // rsp before this instruction minus rsp before the stack group's head.
     let mut delta = 0i64;
@@ -1999,6 +2223,8 @@ fn plan_groups(
                         base: Register::RSP,
                         index: Register::None,
                         scale: 1,
+                        index2: Register::None,
+                        scale2: 1,
                         lo: x.off,
                         end: x.off + x.size,
                         write: x.write,
@@ -2046,6 +2272,8 @@ fn plan_groups(
                     base: x.base,
                     index: x.index,
                     scale: x.scale,
+                    index2: Register::None,
+                    scale2: 1,
                     lo: disp,
                     end: disp + size,
                     write: x.write,
@@ -2097,7 +2325,11 @@ fn plan_groups(
     done.append(&mut open);
     done.extend(stack);
     let hoist_ok = hoist_ok && !helper_before_end;
-    place_groups(block, done, &lin, free, hoist_ok, counted(block, &lin))
+    let strided = counted(block, &lin);
+    (
+        place_groups(block, done, &lin, free, hoist_ok, strided),
+        lin,
+    )
 }
 
 /// The block's back edge is a loop's count: its last two instructions
@@ -2112,11 +2344,24 @@ fn counted(block: &Block, lin: &Regs) -> bool {
     };
     let (c, j) = (&c.insn, &j.insn);
     let moved = |r: Register| lin.moved(gidx(r) as u32).filter(|_| r.is_gpr64());
-    let stepped = |r: Register| moved(r).is_some_and(|k| k != 0);
+    // (Under `Z32`, by a sum of registers the loop leaves alone.)
+    let stepped = |r: Register| {
+        let s = gidx(r) as u32;
+        moved(r).is_some_and(|k| k != 0)
+            || lin.z.is_some_and(|z| z.ind == s)
+                && lin
+                    .movement(s)
+                    .is_some_and(|d| !d.terms.is_empty() || d.k != 0)
+    };
     let still = |r: Register| moved(r) == Some(0);
     let ops = match c.code() {
         Code::Cmp_rm64_imm8 | Code::Cmp_rm64_imm32 if c.op0_kind() == OpKind::Register => {
             Some((c.op0_register(), None))
+        }
+        Code::Cmp_rm32_imm8 | Code::Cmp_rm32_imm32 | Code::Cmp_EAX_imm32
+            if c.op0_kind() == OpKind::Register && lin.z.is_some() =>
+        {
+            Some((c.op0_register().full_register(), None))
         }
         Code::Cmp_rm64_r64 | Code::Cmp_r64_rm64
             if c.op0_kind() == OpKind::Register && c.op1_kind() == OpKind::Register =>
@@ -2204,15 +2449,31 @@ fn place_groups(
 /// first, moving down) from which the next pass's range still lies in
 /// the same page. Flag-free (a failed check before it goes on in the plain
 /// copy with the guest flags), through `t`.
-fn stride_limit(x: &mut CodeAssembler, g: &Group, st: Stride, r: Register, t: Register) -> R<()> {
-    let (r, t) = (r64(r), r64(t));
+fn stride_limit(
+    x: &mut CodeAssembler,
+    g: &Group,
+    st: Stride,
+    r: Register,
+    (t, t2): (Register, Register),
+) -> R<()> {
+    let (r, t, t2) = (r64(r), r64(t), r64(t2));
     let page = m(o_ctx!(m_page));
     x.lea(t, qword_ptr(r + g.lo as i32))?;
     x.pext(t, t, page)?;
     x.pdep(t, t, page)?;
     // Checked before the register moves on: the limit for it before.
-    let off = if st.step > 0 { 0x1000 - g.end } else { -g.lo } - st.step as i64;
+    let off = if st.step > 0 || st.by != Register::None {
+        0x1000 - g.end
+    } else {
+        -g.lo
+    } - st.step as i64;
     x.lea(t, qword_ptr(t + off as i32))?;
+    if st.by != Register::None {
+        // Minus the register's part (NOT: -x - 1).
+        x.lea(t2, qword_ptr(r64(st.by) * st.by_scale))?;
+        x.not(t2)?;
+        x.lea(t, qword_ptr(t + t2 + 1))?;
+    }
     x.mov(m(o_spill(st.limit)), t)
 }
 
@@ -2275,35 +2536,57 @@ fn hoist(g: &mut Group, lin: &Regs, strided: bool) {
     if !named {
         return;
     }
-    // Each register that moves from pass to pass moves by a constant.
-    let (mut step, mut moved) = (0i64, false);
+    // Each register that moves from pass to pass moves by a constant
+    // (under `Z32`, plus a multiple of a register checked at entry).
+    let (mut step, mut moved) = (Lin::konst(0), false);
     for &(s, c) in g.terms.iter() {
-        let Some(k) = lin.moved(s) else {
+        let Some(d) = lin.movement(s) else {
             return;
         };
-        step = step.wrapping_add(c.wrapping_mul(k));
-        moved |= k != 0;
+        moved |= d != Lin::konst(0);
+        let Some(sum) = step.plus(&d, c) else {
+            return;
+        };
+        step = sum;
     }
-    let stride = match step {
+    let bounded = |r: u32| lin.z.is_some_and(|z| z.bounded & 1 << r != 0 && z.ind != r);
+    let (by, by_scale) = match step.terms[..] {
+        [] => (Register::None, 1),
+        [(r, c)] if bounded(r) && matches!(c, 1 | 2 | 4 | 8) && step.k >= 0 => {
+            (GPR64[r as usize], c as u32)
+        }
+        _ => return,
+    };
+    let k = step.k;
+    let stride = match k {
         0 if !moved => None,
         _ if !strided => return,
         // Aligned members stay aligned only if the step keeps them.
-        _ if g.align16.is_some() && step % 16 != 0 => return,
-        -2048..=2048 if step != 0 => Some(Stride {
-            step: step as i32,
+        _ if g.align16.is_some() && (k % 16 != 0 || by != Register::None) => return,
+        -2048..=2048 if k != 0 || by != Register::None => Some(Stride {
+            step: k as i32,
+            by,
+            by_scale,
             limit: 0,
         }),
         _ => return,
     };
     let reg = |s: u32| GPR64[s as usize];
-    let form = match g.terms[..] {
-        [(s, 1)] => Some((reg(s), Register::None, 1)),
-        [(s, 1), (t, c)] | [(t, c), (s, 1)] if matches!(c, 1 | 2 | 4 | 8) => {
-            Some((reg(s), reg(t), c as u32))
-        }
-        _ => None,
-    };
-    let Some((base, index, scale)) = form else {
+    let scaled = |c: i64| matches!(c, 1 | 2 | 4 | 8);
+    // The base is a register counted once; the others are scaled.
+    let form = g.terms.iter().position(|&(_, c)| c == 1).and_then(|b| {
+        let (base, mut rest) = (reg(g.terms[b].0), g.terms.iter().enumerate());
+        let mut next = || rest.find(|&(n, _)| n != b).map(|(_, &t)| t);
+        let (x, y) = (next(), next());
+        let one = |t: Option<(u32, i64)>| match t {
+            None => Some((Register::None, 1)),
+            Some((s, c)) if scaled(c) => Some((reg(s), c as u32)),
+            _ => None,
+        };
+        let ((index, scale), (index2, scale2)) = (one(x)?, one(y)?);
+        Some((base, index, scale, index2, scale2))
+    });
+    let Some((base, index, scale, index2, scale2)) = form else {
         return;
     };
     let x0 = g.x0;
@@ -2318,6 +2601,7 @@ fn hoist(g: &mut Group, lin: &Regs, strided: bool) {
         *r += x0;
     }
     (g.base, g.index, g.scale, g.x0, g.hoist) = (base, index, scale, 0, true);
+    (g.index2, g.scale2) = (index2, scale2);
     g.stride = stride;
 }
 
@@ -3441,6 +3725,38 @@ impl Tx<'_> {
         Ok(true)
     }
 
+    /// Before the first pass of a loop counted in a 32-bit register (see
+    /// [`Z32`]): each register in `checks` is below 2^shift, or the pass
+    /// goes on in the plain copy (flag-free).
+    fn z32_check(&mut self, checks: &[(Register, u32)], plain: CodeLabel) -> R<()> {
+        let Some((sa, sb, sc)) = self.free3() else {
+            self.sync_rcx()?;
+            return self.a.jmp(plain);
+        };
+        let (sa, sb, sc) = (r64(sa), r64(sb), r64(sc));
+        // The sum of what each has at or above its bound: zero if all
+        // are below.
+        for (n, &(r, shift)) in checks.iter().enumerate() {
+            let a = &mut self.a;
+            a.mov(sc, shift as u64)?;
+            if n == 0 {
+                a.shrx(sa, r64(r), sc)?;
+            } else {
+                a.shrx(sb, r64(r), sc)?;
+                a.lea(sa, qword_ptr(sa + sb))?;
+            }
+        }
+        self.save_rcx(SP_RCX)?;
+        let a = &mut self.a;
+        let mut below = a.create_label();
+        a.mov(rcx, sa)?;
+        a.jrcxz(below)?;
+        self.restore_rcx(SP_RCX)?;
+        self.a.jmp(plain)?;
+        self.a.set_label(&mut below)?;
+        self.restore_rcx(SP_RCX)
+    }
+
     /// The body check, when this pass through the block has passed it
     /// (the instruction being translated comes at or after it).
     fn checked(&self) -> Option<(usize, CodeLabel)> {
@@ -3829,6 +4145,11 @@ impl Tx<'_> {
                 qword_ptr(r64(base) + r64(index) * g.scale + g.lo as i32)
             };
             self.a.lea(r64(sa), x)?;
+            if g.index2 != Register::None {
+                let index2 = rcx_home(g.index2, rcx_in);
+                self.a
+                    .lea(r64(sa), qword_ptr(r64(sa) + r64(index2) * g.scale2))?;
+            }
         }
         self.save_rcx(SP_RCX)?;
         // Its own entry slot and cache pair: keyed apart from the head's
@@ -3880,7 +4201,11 @@ impl Tx<'_> {
     /// group's register moves on to the next pass (flag-free).
     fn stride_on(&mut self) -> R<()> {
         for &(r, st) in self.strided.iter() {
-            self.a.lea(r64(r), qword_ptr(r64(r) + st.step))?;
+            let to = match st.by {
+                Register::None => qword_ptr(r64(r) + st.step),
+                by => qword_ptr(r64(r) + r64(by) * st.by_scale + st.step),
+            };
+            self.a.lea(r64(r), to)?;
         }
         Ok(())
     }
@@ -5447,6 +5772,7 @@ mod tests {
         let homes = |free: &[Register]| -> Vec<(usize, Home)> {
             let mut info = InstructionInfoFactory::new();
             plan_groups(&block, &mut info, true, true, free, false)
+                .0
                 .iter()
                 .map(|g| (g.head(), g.home))
                 .collect()

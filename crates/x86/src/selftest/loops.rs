@@ -45,6 +45,11 @@ const FRAMES: u64 = 0x20_0000;
 const PDPT: u64 = 0x2000;
 const PD1: u64 = 0x10_0000;
 const PT: u64 = 0x10_1000;
+/// The window's frames again, in reverse order, 4 GiB above it: where an
+/// address a 32-bit sum wrongly taken as 64-bit reaches (see [`Z32Loop`]).
+const ALIAS: u64 = WIN + (1 << 32);
+const PD2: u64 = 0x10_2000;
+const PT2: u64 = 0x10_3000;
 /// Stop comparing a program that runs longer than this.
 const MAX_INSNS: u64 = 400_000;
 /// Arithmetic flags and DF.
@@ -67,6 +72,7 @@ pub struct Report {
     pub translations: u64,
     pub traces: u64,
     pub strided_groups: u64,
+    pub z32_loops: u64,
     pub chains: u64,
     pub invalidations: u64,
     /// The first mismatch: the program and what differed.
@@ -85,8 +91,13 @@ impl fmt::Display for Report {
         )?;
         writeln!(
             f,
-            "translator: {} translations ({} traces, {} strided groups), {} chains, {} blocks invalidated",
-            self.translations, self.traces, self.strided_groups, self.chains, self.invalidations
+            "translator: {} translations ({} traces, {} strided groups, {} loops counted in 32 bits), {} chains, {} blocks invalidated",
+            self.translations,
+            self.traces,
+            self.strided_groups,
+            self.z32_loops,
+            self.chains,
+            self.invalidations
         )?;
         write!(
             f,
@@ -162,6 +173,66 @@ struct Gen<'r> {
     /// Where the immediate of the loop's last instruction before its back
     /// edge is (see [`Program::assemble`]).
     late: u64,
+    /// A loop counted in r12d (see [`Z32Loop`]), and the label after it.
+    z32: Option<(Z32Loop, CodeLabel)>,
+}
+
+/// A loop that counts up in r12d by r13d to `bound` (JB, or JBE with
+/// `or_equal`), as a sieve's inner loop does: the translator then follows
+/// 32-bit sums (its `Z32`) on conditions it checks at the loop's entry.
+/// Its elements copy r12d (plus r13d) to 32-bit registers and address
+/// memory with them, or step r12d mid-loop with an exit of their own.
+/// Mostly small values; sometimes r12 starts with its high half set or at
+/// 2^31 and more, or r13 with its high half set or at 2^24 and more (the
+/// entry checks fail), or the bound at 2^31 and more (not such a loop).
+/// It runs [`Z32_ENTRIES`] times, from the same r12 and r13.
+#[derive(Clone, Copy, Default)]
+struct Z32Loop {
+    bound: u32,
+    or_equal: bool,
+    r12: u64,
+    r13: u64,
+}
+
+/// Where a [`Z32Loop`] counts its entries down (identity mapped).
+const OUTER: u64 = 0x9_0000;
+const Z32_ENTRIES: u32 = 3;
+
+impl Z32Loop {
+    /// Set r12 and r13 from values `gpr` already has.
+    fn new(gpr: &mut [u64; 16], passes: u64) -> Z32Loop {
+        let (h, v) = (
+            gpr[9] ^ gpr[10].rotate_left(17),
+            gpr[11] ^ gpr[0].rotate_left(29),
+        );
+        let start = h % 64;
+        let stride = 1 + (h >> 8) % 40;
+        // (A high half of 1 reaches the window's alias.)
+        gpr[12] = match (h >> 16) % 16 {
+            0 => start | 1 << 32,
+            1 => start | (v & !0xffff_ffff),
+            2 => 0x8000_0000 | (v >> 40),
+            3 => 0xffff_ffe0 | (v & 0x1f),
+            _ => start,
+        };
+        gpr[13] = match (h >> 24) % 16 {
+            0 => stride | 1 << 32,
+            1 => stride | (v & !0xffff_ffff),
+            2 => (1 << 24) + (v >> 50),
+            _ => stride,
+        };
+        let bound = start + passes * stride;
+        Z32Loop {
+            bound: if (h >> 32) % 16 == 0 {
+                bound as u32 | 1 << 31
+            } else {
+                bound as u32
+            },
+            or_equal: h >> 40 & 1 != 0,
+            r12: gpr[12],
+            r13: gpr[13],
+        }
+    }
 }
 
 impl Gen<'_> {
@@ -233,9 +304,50 @@ impl Gen<'_> {
         }
     }
 
+    /// An element of a loop counted in r12d (see [`Z32Loop`]).
+    fn z32_element(&mut self, ctx: Ctx, z: Z32Loop, out: CodeLabel) -> Result<(), IcedError> {
+        let d = self.data_reg(ctx);
+        let s = self.data_reg(ctx);
+        let b = self.rng.pick(&BASES);
+        let disp = self.rng.range_i64(-8, 64) as i32;
+        let v = self.rng.next_u64();
+        let a = &mut self.a;
+        match v % 6 {
+            0 | 1 => a.mov(DATA32[d], r12d)?,
+            2 => a.lea(
+                DATA32[d],
+                qword_ptr(r12 + r13 * [1u32, 2][(v >> 3) as usize % 2] + (v >> 4) as i32 % 16),
+            )?,
+            3 => {
+                a.mov(DATA32[d], r12d)?;
+                a.add(DATA32[d], r13d)?;
+            }
+            4 => {
+                // A step of an unrolled loop, with its own way out.
+                a.add(r12d, r13d)?;
+                a.cmp(r12d, z.bound as i32)?;
+                return if z.or_equal { a.ja(out) } else { a.jae(out) };
+            }
+            _ => a.add(DATA32[d], (v >> 8) as i32 % 8)?,
+        }
+        let x = DATA[d];
+        match (v >> 20) % 5 {
+            0 => a.mov(byte_ptr(b + x + disp), DATA8[s]),
+            1 => a.mov(DATA32[s], dword_ptr(b + x + disp)),
+            2 => a.mov(qword_ptr(b + x * 2 + disp), DATA[s]),
+            3 => a.add(dword_ptr(b + x + disp), disp),
+            _ => a.movzx(DATA32[s], byte_ptr(b + x * 1 + disp)),
+        }
+    }
+
     fn element(&mut self, ctx: Ctx) -> Result<(), IcedError> {
         if self.rng.chance(2) {
             return self.rare(ctx);
+        }
+        if let Some((z, out)) = self.z32.filter(|_| !ctx.nested) {
+            if self.rng.chance(40) {
+                return self.z32_element(ctx, z, out);
+            }
         }
         let pick = self.rng.below(100);
         let op = self.rng.below(9);
@@ -418,6 +530,9 @@ impl Program {
         let passes = rng.range_i64(20, 300) as u64;
         let counted = rng.chance(40);
         gpr[12] = if counted { 0 } else { passes };
+        // A quarter of the others count up in r12d by r13d (no draw of
+        // their own: earlier programs stay as they were).
+        let z32 = (!counted && passes.is_multiple_of(4)).then(|| Z32Loop::new(&mut gpr, passes));
         gpr[13] = rng.below(16);
         for (k, b) in [6usize, 7, 5, 14].into_iter().enumerate() {
             // rsi, rdi, rbp, r14: pages 0..3 are always present.
@@ -452,9 +567,11 @@ impl Program {
             c.copy_from_slice(&rng.next_u64().to_le_bytes());
         }
         let again = rng.clone();
-        let (_, late) = Self::assemble(rng, counted, passes, CODE + 2).expect("programs assemble");
+        let (_, late) =
+            Self::assemble(rng, counted, z32, passes, CODE + 2).expect("programs assemble");
         *rng = again;
-        let (code, at) = Self::assemble(rng, counted, passes, late).expect("programs assemble");
+        let (code, at) =
+            Self::assemble(rng, counted, z32, passes, late).expect("programs assemble");
         assert_eq!(at, late, "the second assembly keeps the first one's layout");
         Program {
             code,
@@ -477,38 +594,67 @@ impl Program {
     fn assemble(
         rng: &mut Rng,
         counted: bool,
+        z32: Option<Z32Loop>,
         passes: u64,
         late: u64,
     ) -> Result<(Vec<u8>, u64), IcedError> {
+        let mut a = CodeAssembler::new(64)?;
+        let out = a.create_label();
         let mut g = Gen {
-            a: CodeAssembler::new(64)?,
+            a,
             rng,
             sub: None,
             late,
+            z32: z32.map(|z| (z, out)),
         };
         let mut top = g.a.create_label();
         g.a.set_label(&mut top)?;
         // The target of the code that writes itself (its immediate is at
         // CODE + 2).
         g.a.mov(r11d, g.rng.next_u64() as u32)?;
+        // A loop counted in r12d stays short and leaves rcx alone, so
+        // that it fits one block (past a side exit, blocks stop before
+        // naming rcx or many registers).
         let ctx = Ctx {
-            rcx_busy: false,
+            rcx_busy: z32.is_some(),
             nested: false,
-            flat: counted,
+            flat: counted || z32.is_some(),
         };
-        for _ in 0..g.rng.range_i64(3, 40) {
+        let most = if z32.is_some() { 12 } else { 40 };
+        for _ in 0..g.rng.range_i64(3, most) {
             g.element(ctx)?;
         }
         let mut last = g.a.create_label();
         g.a.set_label(&mut last)?;
         g.a.mov(r10d, g.rng.next_u64() as u32)?;
-        if counted {
+        if let Some(z) = z32 {
+            g.a.add(r12d, r13d)?;
+            g.a.cmp(r12d, z.bound as i32)?;
+            if z.or_equal {
+                g.a.jbe(top)?;
+            } else {
+                g.a.jb(top)?;
+            }
+        } else if counted {
             g.a.add(r12, 1)?;
             g.a.cmp(r12, passes as i32)?;
             g.a.jb(top)?;
         } else {
             g.a.dec(r12)?;
             g.a.jnz(top)?;
+        }
+        let (_, mut out) = g.z32.unwrap_or((Z32Loop::default(), out));
+        g.a.set_label(&mut out)?;
+        if let Some(z) = z32 {
+            // Enter the loop again, with the registers it started with:
+            // now translated, with what its entry checks.
+            let mut done = g.a.create_label();
+            g.a.dec(dword_ptr(OUTER))?;
+            g.a.jz(done)?;
+            g.a.mov(r12, z.r12)?;
+            g.a.mov(r13, z.r13)?;
+            g.a.jmp(top)?;
+            g.a.set_label(&mut done)?;
         }
         g.a.hlt()?;
         if let Some(mut sub) = g.sub {
@@ -538,7 +684,13 @@ impl Program {
         for (i, &p) in self.ptes.iter().enumerate() {
             w(PT + 8 * i as u64, p);
         }
+        w(PDPT + 8 * (ALIAS >> 30), PD2 | 7);
+        w(PD2, PT2 | 7);
+        for (i, &p) in self.ptes.iter().rev().enumerate() {
+            w(PT2 + 8 * i as u64, p);
+        }
         ram.write(FRAMES, &self.data);
+        ram.write(OUTER, &Z32_ENTRIES.to_le_bytes());
         cpu.s.gpr = self.gpr;
         cpu.s.fpu.xmm = self.xmm;
         if jit {
@@ -625,6 +777,7 @@ impl Program {
             report.translations += st.translations;
             report.traces += st.traces;
             report.strided_groups += st.strided_groups;
+            report.z32_loops += st.z32_loops;
             report.chains += st.chain_patches;
         }
         for i in 0..PAGES {
@@ -709,7 +862,7 @@ mod tests {
     /// Programs that fail without a fix, kept: (seed, program, the bug).
     /// A change to the generator changes the programs: find new ones
     /// then (undo the fix, run `selftest loops` on seeds 2 and 3).
-    const FOUND: [(u64, u64, &str); 8] = [
+    const FOUND: [(u64, u64, &str); 10] = [
         (2, 9, "the count after a helper that leaves mid-block"),
         (3, 1, "the count after a helper that leaves mid-block"),
         (2, 324, "IMUL's undefined flags in the interpreter"),
@@ -726,6 +879,16 @@ mod tests {
         ),
         (8, 22, "a RET to a non-canonical address faulted after it"),
         (10, 126, "a RET to a non-canonical address faulted after it"),
+        (
+            4,
+            2002,
+            "a loop counted in 32 bits entered with r12's high half set",
+        ),
+        (
+            6,
+            3145,
+            "a loop counted in 32 bits entered with r12's high half set",
+        ),
     ];
 
     #[test]
