@@ -1831,6 +1831,100 @@ fn a_sieve_counted_in_32_bits_matches_the_interpreter() {
     assert_eq!(sieve.iter().filter(|&&b| b == 1).count(), 1900 + 2);
 }
 
+/// The conditions under which the translator takes a loop's 32-bit sums
+/// as 64-bit ones (its `Z32`) are checked at the loop's entry: the
+/// counter below 2^31, and so is a bound in a register, which keeps the
+/// counter below it at the later passes. The loop has two accesses,
+/// `[r14 + rsi]` and `[r14 + rdi]` where rsi is the counter and edi the
+/// counter plus 0x40, which wraps when the counter is just below 2^32
+/// (the tables map the page 4 GiB above the window's first to another
+/// frame, where a sum wrongly taken as 64-bit reaches). It is entered
+/// twice: with plain values (and translated), then
+/// - with an immediate bound, at a counter of 2^32 - 0x20: the check must
+///   send the pass to the plain copy, else the second access goes 4 GiB
+///   up;
+/// - with a bound in ebx of 2^32 - 16: its check fails. (Without it, the
+///   counter could pass 2^31 only after millions of passes through
+///   mapped pages, which this test does not run.)
+///
+/// The translator must write where the interpreter does.
+#[test]
+fn loops_counted_in_32_bits_check_their_counter_and_bound() {
+    let (pd, pt) = (0x105000u64, 0x106000u64);
+    for register_bound in [false, true] {
+        let run = |engine| {
+            let mut cpu = paging_machine(|a| {
+                let (mut outer, mut top) = (a.create_label(), a.create_label());
+                let (mut out, mut done) = (a.create_label(), a.create_label());
+                // First entry: plain values (translated there); second:
+                // the ones that break a condition.
+                a.mov(r14, va(0) + 0x100).unwrap();
+                a.mov(r9d, 2).unwrap();
+                a.mov(eax, 0x10).unwrap();
+                a.mov(ebx, 0x100).unwrap();
+                a.set_label(&mut outer).unwrap();
+                a.xor(r8d, r8d).unwrap();
+                // (Indirect: the loop's block starts at its start.)
+                a.lea(r10, ptr(top)).unwrap();
+                a.jmp(r10).unwrap();
+                a.set_label(&mut top).unwrap();
+                a.mov(esi, eax).unwrap();
+                a.mov(byte_ptr(r14 + rsi), 1).unwrap();
+                a.lea(edi, qword_ptr(rax + 0x40)).unwrap();
+                a.mov(byte_ptr(r14 + rdi), 2).unwrap();
+                // (Three passes: the second loop's counter never reaches
+                // its bound again once it has wrapped.)
+                a.add(r8, 1).unwrap();
+                a.cmp(r8, 3).unwrap();
+                a.jae(out).unwrap();
+                if register_bound {
+                    a.add(eax, 8).unwrap();
+                    a.cmp(eax, ebx).unwrap();
+                } else {
+                    a.add(eax, 8).unwrap();
+                    a.cmp(eax, 0x1000).unwrap();
+                }
+                a.jb(top).unwrap();
+                a.set_label(&mut out).unwrap();
+                a.dec(r9d).unwrap();
+                a.jz(done).unwrap();
+                if register_bound {
+                    a.mov(eax, 0x10).unwrap();
+                    a.mov(ebx, 0xffff_fff0u32).unwrap();
+                } else {
+                    a.mov(eax, 0xffff_ffe0u32).unwrap();
+                    // (The TLB then has the page the first access
+                    // reaches, for writing: the group check can pass.)
+                    a.mov(r11, va(0) + (1 << 32)).unwrap();
+                    a.mov(byte_ptr(r11 + 0xe0), 1).unwrap();
+                }
+                a.jmp(outer).unwrap();
+                a.set_label(&mut done).unwrap();
+                a.hlt().unwrap();
+            });
+            // 4 GiB above va(0) (P3[5]): another frame.
+            cpu.ram.write(pd, &[0u8; 4096]);
+            cpu.ram.write(pt, &[0u8; 4096]);
+            w64(&cpu, P3 + 8 * 5, pd | P | RW | US);
+            w64(&cpu, pd, pt | P | RW | US);
+            w64(&cpu, pt, pa(20) | P | RW | US);
+            hot_engine(&mut cpu, engine);
+            expect_clean_halt(&mut cpu);
+            let mem: Vec<u8> = [pa(0), pa(20)]
+                .iter()
+                .flat_map(|&a| read_bytes(&cpu, a, 4096))
+                .collect();
+            (cpu.s.gpr, mem, cpu.jit_stats().cloned())
+        };
+        let (_, mem, stats) = jit_agrees(run);
+        assert!(stats.z32_loops >= 1, "loops counted in 32 bits: {stats:?}");
+        if !register_bound {
+            // The wrapped access wrote into the window's own page.
+            assert_eq!(mem[0x120], 2);
+        }
+    }
+}
+
 /// A strided group's loop that runs into a page that is not present: the
 /// pass that reaches it leaves for its check, which fails, and the plain
 /// copy raises the #PF with the same frame, registers and CR2 as the

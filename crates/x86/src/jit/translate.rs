@@ -1884,17 +1884,19 @@ struct Regs {
     z: Option<Z32>,
 }
 
-/// A loop whose back edge is `cmp r32, C` and JB or JBE (C < 2^31), as
-/// compilers emit for an unsigned 32-bit index (a sieve's inner loop):
+/// A loop whose back edge is `cmp r32, C` (C < 2^31) or `cmp r32, r32`
+/// (the bound register left alone by the loop, and checked below 2^31
+/// before the first pass) and JB or JBE, as compilers emit for an
+/// unsigned 32-bit index (a sieve's inner loop, `i < n` with `i += step`):
 /// while it is planned, 32-bit operations on its registers are followed
 /// as if 64-bit, where that is exact. Symbol `ind` (the compared
 /// register) is below 2^31 at the start of each pass: checked before the
-/// first, and C bounds it at the others. The other symbols in `bounded`
-/// are below 2^[`Z32_SHIFT`] (checked before the first pass) and the loop
-/// leaves them alone. A 32-bit result is followed only when it is a sum
-/// of those, with coefficients 1 to 8 and a positive offset, that cannot
-/// reach 2^32: then it equals its 64-bit sum (no wrap, and the high
-/// halves are zero). The checks also bound a strided group's step by a
+/// first, and the bound keeps it there at the others. The other symbols
+/// in `bounded` are below 2^[`Z32_SHIFT`] (checked before the first pass)
+/// and the loop leaves them alone. A 32-bit result is followed only when
+/// it is a sum of those, with coefficients 1 to 8 and a positive offset,
+/// that cannot reach 2^32: then it equals its 64-bit sum (no wrap, and
+/// the high halves are zero). The checks also bound a strided group's step by a
 /// register (see [`Stride`]), which keeps its host address in its page.
 #[derive(Clone, Copy, Debug)]
 struct Z32 {
@@ -2124,7 +2126,7 @@ fn plan_groups(
     hoist_ok: bool,
 ) -> (Vec<Group>, Vec<(Register, u32)>) {
     let (plain, _) = plan_with(block, info, sse, fp, free, hoist_ok, None);
-    if let Some(ind) = z32_loop(block).filter(|_| hoist_ok) {
+    if let Some((ind, limit)) = z32_loop(block).filter(|_| hoist_ok) {
         let (groups, lin) = plan_with(block, info, sse, fp, free, true, Some(ind));
         // Only where that hoists more: its checks may fail where the
         // other plan's would not.
@@ -2136,9 +2138,13 @@ fn plan_groups(
             let bounded = (0..16u32).filter(|&s| z.bounded & 1 << s != 0);
             let still = bounded.clone().all(|s| s == ind || lin.moved(s) == Some(0));
             let ind_ok = lin.moved(ind) == Some(0) || z.zw & 1 << ind != 0;
-            if still && ind_ok {
+            // A register bound must stay the same too.
+            let limit_ok = limit.is_none_or(|b| lin.moved(b) == Some(0));
+            if still && ind_ok && limit_ok {
                 let shift = |s: u32| if s == ind { 31 } else { Z32_SHIFT };
-                let checks = bounded.map(|s| (GPR64[s as usize], shift(s))).collect();
+                let mut checks: Vec<(Register, u32)> =
+                    bounded.map(|s| (GPR64[s as usize], shift(s))).collect();
+                checks.extend(limit.map(|b| (GPR64[b as usize], 31)));
                 return (groups, checks);
             }
         }
@@ -2147,30 +2153,39 @@ fn plan_groups(
 }
 
 /// The induction symbol of a loop counted in a 32-bit register (see
-/// [`Z32`]): its back edge compares that register with a constant below
-/// 2^31 and loops while below (or equal).
-fn z32_loop(block: &Block) -> Option<u32> {
+/// [`Z32`]), and the symbol of its bound when that is a register: its back
+/// edge compares that register with a constant below 2^31 or with a
+/// register (checked below 2^31 with the others, and left alone by the
+/// loop), and loops while below (or equal).
+fn z32_loop(block: &Block) -> Option<(u32, Option<u32>)> {
     let [.., c, j] = &block.insns[..] else {
         return None;
     };
     let (c, j) = (&c.insn, &j.insn);
-    let cmp = matches!(
-        c.code(),
-        Code::Cmp_rm32_imm8 | Code::Cmp_rm32_imm32 | Code::Cmp_EAX_imm32
-    );
-    if !cmp || c.op0_kind() != OpKind::Register {
+    if c.op0_kind() != OpKind::Register {
         return None;
     }
-    let bound = c.immediate(1) as u32;
-    let below = matches!(j.condition_code(), ConditionCode::b | ConditionCode::be);
-    let back = direct_target(j) == Some(block.insns[0].insn.ip());
-    let s = gidx(c.op0_register().full_register()) as u32;
-    (j.flow_control() == FlowControl::ConditionalBranch
-        && below
-        && back
-        && bound < 1 << 31
-        && z32_symbol(s))
-    .then_some(s)
+    let sym = |r: Register| gidx(r.full_register()) as u32;
+    let s = sym(c.op0_register());
+    let bound = match c.code() {
+        Code::Cmp_rm32_imm8 | Code::Cmp_rm32_imm32 | Code::Cmp_EAX_imm32 => {
+            (c.immediate(1) as u32) < 1 << 31
+        }
+        Code::Cmp_rm32_r32 | Code::Cmp_r32_rm32 if c.op1_kind() == OpKind::Register => {
+            let b = sym(c.op1_register());
+            return (z32_symbol(b) && b != s && z32_loop_branch(block, j) && z32_symbol(s))
+                .then_some((s, Some(b)));
+        }
+        _ => false,
+    };
+    (bound && z32_loop_branch(block, j) && z32_symbol(s)).then_some((s, None))
+}
+
+/// `j` loops back to `block`'s start while below (or equal).
+fn z32_loop_branch(block: &Block, j: &Instruction) -> bool {
+    j.flow_control() == FlowControl::ConditionalBranch
+        && matches!(j.condition_code(), ConditionCode::b | ConditionCode::be)
+        && direct_target(j) == Some(block.insns[0].insn.ip())
 }
 
 /// [`plan_groups`] for one way of following the registers: `z`, the
@@ -2358,8 +2373,10 @@ fn counted(block: &Block, lin: &Regs) -> bool {
         Code::Cmp_rm64_imm8 | Code::Cmp_rm64_imm32 if c.op0_kind() == OpKind::Register => {
             Some((c.op0_register(), None))
         }
+        // (A 32-bit compare of registers the loop steps as 64-bit ones
+        // counts just the same.)
         Code::Cmp_rm32_imm8 | Code::Cmp_rm32_imm32 | Code::Cmp_EAX_imm32
-            if c.op0_kind() == OpKind::Register && lin.z.is_some() =>
+            if c.op0_kind() == OpKind::Register =>
         {
             Some((c.op0_register().full_register(), None))
         }
@@ -2367,6 +2384,12 @@ fn counted(block: &Block, lin: &Regs) -> bool {
             if c.op0_kind() == OpKind::Register && c.op1_kind() == OpKind::Register =>
         {
             Some((c.op0_register(), Some(c.op1_register())))
+        }
+        Code::Cmp_rm32_r32 | Code::Cmp_r32_rm32
+            if c.op0_kind() == OpKind::Register && c.op1_kind() == OpKind::Register =>
+        {
+            let full = |r: Register| r.full_register();
+            Some((full(c.op0_register()), Some(full(c.op1_register()))))
         }
         _ => None,
     };
