@@ -1896,8 +1896,9 @@ struct Regs {
 /// and the loop leaves them alone. A 32-bit result is followed only when
 /// it is a sum of those, with coefficients 1 to 8 and a positive offset,
 /// that cannot reach 2^32: then it equals its 64-bit sum (no wrap, and
-/// the high halves are zero). The checks also bound a strided group's step by a
-/// register (see [`Stride`]), which keeps its host address in its page.
+/// the high halves are zero). The checks also bound a strided group's
+/// step by a register (see [`Stride`]), which keeps its host address in
+/// its page.
 #[derive(Clone, Copy, Debug)]
 struct Z32 {
     ind: u32,

@@ -7,11 +7,13 @@
 //! of the loop, strided groups), superblocks and traces with side exits,
 //! chains between blocks, guest rcx moved aside for the lookups, accesses
 //! that cross pages or fault halfway through a loop, code that writes
-//! itself. Each program here is a loop (counted down in r12, or up with a
-//! compare at its back edge) over random integer, memory, branch and SSE
-//! instructions, with bases that walk through a window of 4 KiB pages
-//! (some absent, one read only, one mapping the frame of another, frames
-//! out of order), an inner loop on rcx, calls, pushes, and rarely a store
+//! itself. Each program here is a loop (counted down in r12, up with a
+//! compare at its back edge, or up in r12d as compilers count an unsigned
+//! 32-bit index, entered again with hostile values: see `Z32Loop`) over
+//! random integer, memory, branch and SSE instructions, with bases that
+//! walk through a window of 4 KiB pages (some absent, one read only, one
+//! mapping the frame of another, frames out of order, an alias 4 GiB up),
+//! an inner loop on rcx, calls, pushes, and rarely a store
 //! into the loop's own first instruction, a page table entry changed
 //! under the loop (then INVLPG or a CR3 reload) or a REP string
 //! instruction. The translated machine runs in slices of random budgets;
