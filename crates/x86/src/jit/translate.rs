@@ -1575,7 +1575,7 @@ struct Group {
 /// Under [`Z32`], the step may also name a register the loop leaves
 /// alone and the entry checked below 2^24 (`by`, times `by_scale`): the
 /// step is then `step` plus that, upward.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug)]
 struct Stride {
     step: i32,
     by: Register,
@@ -3737,16 +3737,22 @@ impl Tx<'_> {
         // `left` counts up from -budget: room while it stays negative.
         a.not(t)?;
         self.save_rcx(SP_RCX)?;
-        let a = &mut self.a;
-        let mut room = a.create_label();
-        a.mov(rcx, 1u64 << 63)?;
-        a.pext(rcx, t, rcx)?;
-        a.jrcxz(room)?;
-        self.restore_rcx(SP_RCX)?;
-        self.a.jmp(plain)?;
-        self.a.set_label(&mut room)?;
-        self.restore_rcx(SP_RCX)?;
+        self.a.mov(rcx, 1u64 << 63)?;
+        self.a.pext(rcx, t, rcx)?;
+        self.on_if_rcx_zero(plain)?;
         Ok(true)
+    }
+
+    /// After [`Self::save_rcx`] and a flag-free test that leaves rcx zero
+    /// when it passes: go on if it did, else to `fail`; guest rcx back
+    /// either way.
+    fn on_if_rcx_zero(&mut self, fail: CodeLabel) -> R<()> {
+        let mut on = self.a.create_label();
+        self.a.jrcxz(on)?;
+        self.restore_rcx(SP_RCX)?;
+        self.a.jmp(fail)?;
+        self.a.set_label(&mut on)?;
+        self.restore_rcx(SP_RCX)
     }
 
     /// Before the first pass of a loop counted in a 32-bit register (see
@@ -3771,14 +3777,8 @@ impl Tx<'_> {
             }
         }
         self.save_rcx(SP_RCX)?;
-        let a = &mut self.a;
-        let mut below = a.create_label();
-        a.mov(rcx, sa)?;
-        a.jrcxz(below)?;
-        self.restore_rcx(SP_RCX)?;
-        self.a.jmp(plain)?;
-        self.a.set_label(&mut below)?;
-        self.restore_rcx(SP_RCX)
+        self.a.mov(rcx, sa)?;
+        self.on_if_rcx_zero(plain)
     }
 
     /// The body check, when this pass through the block has passed it
