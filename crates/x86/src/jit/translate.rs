@@ -2159,34 +2159,29 @@ fn plan_groups(
 /// register (checked below 2^31 with the others, and left alone by the
 /// loop), and loops while below (or equal).
 fn z32_loop(block: &Block) -> Option<(u32, Option<u32>)> {
-    let [.., c, j] = &block.insns[..] else {
-        return None;
-    };
-    let (c, j) = (&c.insn, &j.insn);
-    if c.op0_kind() != OpKind::Register {
+    let (c, j) = back_edge(block)?;
+    let below = matches!(j.condition_code(), ConditionCode::b | ConditionCode::be);
+    if !below || c.op0_kind() != OpKind::Register {
         return None;
     }
     let sym = |r: Register| gidx(r.full_register()) as u32;
     let s = sym(c.op0_register());
-    let bound = match c.code() {
-        Code::Cmp_rm32_imm8 | Code::Cmp_rm32_imm32 | Code::Cmp_EAX_imm32 => {
-            (c.immediate(1) as u32) < 1 << 31
+    let limit = match c.code() {
+        Code::Cmp_rm32_imm8 | Code::Cmp_rm32_imm32 | Code::Cmp_EAX_imm32
+            if (c.immediate(1) as u32) < 1 << 31 =>
+        {
+            None
         }
         Code::Cmp_rm32_r32 | Code::Cmp_r32_rm32 if c.op1_kind() == OpKind::Register => {
             let b = sym(c.op1_register());
-            return (z32_symbol(b) && b != s && z32_loop_branch(block, j) && z32_symbol(s))
-                .then_some((s, Some(b)));
+            if !z32_symbol(b) || b == s {
+                return None;
+            }
+            Some(b)
         }
-        _ => false,
+        _ => return None,
     };
-    (bound && z32_loop_branch(block, j) && z32_symbol(s)).then_some((s, None))
-}
-
-/// `j` loops back to `block`'s start while below (or equal).
-fn z32_loop_branch(block: &Block, j: &Instruction) -> bool {
-    j.flow_control() == FlowControl::ConditionalBranch
-        && matches!(j.condition_code(), ConditionCode::b | ConditionCode::be)
-        && direct_target(j) == Some(block.insns[0].insn.ip())
+    z32_symbol(s).then_some((s, limit))
 }
 
 /// [`plan_groups`] for one way of following the registers: `z`, the
@@ -2355,10 +2350,9 @@ fn plan_with(
 /// a loop that stops on the data it reads (quicksort's scans) often runs
 /// one or two, for which a strided group's setup costs more than it saves.
 fn counted(block: &Block, lin: &Regs) -> bool {
-    let [.., c, j] = &block.insns[..] else {
+    let Some((c, _)) = back_edge(block) else {
         return false;
     };
-    let (c, j) = (&c.insn, &j.insn);
     let moved = |r: Register| lin.moved(gidx(r) as u32).filter(|_| r.is_gpr64());
     // (Under `Z32`, by a sum of registers the loop leaves alone.)
     let stepped = |r: Register| {
@@ -2398,9 +2392,19 @@ fn counted(block: &Block, lin: &Regs) -> bool {
         return false;
     };
     let other_still = |o: Option<Register>| o.is_none_or(still);
-    j.flow_control() == FlowControl::ConditionalBranch
-        && direct_target(j) == Some(block.insns[0].insn.ip())
-        && (stepped(a) && other_still(b) || b.is_some_and(stepped) && still(a))
+    stepped(a) && other_still(b) || b.is_some_and(stepped) && still(a)
+}
+
+/// The block's last two instructions when the last is a conditional
+/// branch back to its start (and the one before, the loop's compare).
+fn back_edge(block: &Block) -> Option<(&Instruction, &Instruction)> {
+    let [.., c, j] = &block.insns[..] else {
+        return None;
+    };
+    let (c, j) = (&c.insn, &j.insn);
+    (j.flow_control() == FlowControl::ConditionalBranch
+        && direct_target(j) == Some(block.insns[0].insn.ip()))
+    .then_some((c, j))
 }
 
 /// The rest of [`plan_groups`] for the groups `done` it found: hoist
