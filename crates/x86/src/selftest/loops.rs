@@ -189,7 +189,7 @@ struct Gen<'r> {
 /// more, or r13 with its high half set or beyond its check's bound (the
 /// entry checks fail), or the bound at 2^31 and more (not such a loop).
 /// It runs [`Z32_ENTRIES`] times, from the same r12 and r13.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy)]
 struct Z32Loop {
     bound: u32,
     or_equal: bool,
@@ -621,7 +621,7 @@ impl Program {
         late: u64,
     ) -> Result<(Vec<u8>, u64), IcedError> {
         let mut a = CodeAssembler::new(64)?;
-        let out = a.create_label();
+        let mut out = a.create_label();
         let mut g = Gen {
             a,
             rng,
@@ -664,7 +664,6 @@ impl Program {
             g.a.dec(r12)?;
             g.a.jnz(top)?;
         }
-        let (_, mut out) = g.z32.unwrap_or((Z32Loop::default(), out));
         g.a.set_label(&mut out)?;
         if let Some(z) = z32 {
             // Enter the loop again, with the registers it started with:
